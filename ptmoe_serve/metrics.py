@@ -1,0 +1,53 @@
+"""Prometheus collectors, in a registry of their own, labelled by adapter where it matters.
+
+Requests for a model that does not exist are counted under the adapter label "unknown", so a
+client cannot grow the label set with made-up names."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+ROUTING_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+UNKNOWN_ADAPTER = "unknown"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "ptmoe_requests", "Requests finished, by adapter, endpoint and HTTP status.",
+            ["adapter", "endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter(
+            "ptmoe_prompt_tokens", "Prompt tokens processed (soft-prompt positions not included).",
+            ["adapter"], registry=r)
+        self.generation_tokens = Counter(
+            "ptmoe_generation_tokens", "Tokens generated.", ["adapter"], registry=r)
+        self.errors = Counter(
+            "ptmoe_request_errors", "Requests answered with an error, by adapter and error type.",
+            ["adapter", "type"], registry=r)
+        self.e2e_latency = Histogram(
+            "ptmoe_e2e_request_latency_seconds", "Time from request to last token.",
+            ["adapter"], buckets=LATENCY_BUCKETS, registry=r)
+        self.time_to_first_token = Histogram(
+            "ptmoe_time_to_first_token_seconds", "Time from request to first generated token.",
+            ["adapter"], buckets=LATENCY_BUCKETS, registry=r)
+        self.routing_step = Histogram(
+            "ptmoe_routing_step_seconds", "Time of one batched routing step.",
+            buckets=ROUTING_BUCKETS, registry=r)
+        self.routing_batch_size = Histogram(
+            "ptmoe_routing_batch_size", "Prompts routed together in one step.",
+            buckets=BATCH_BUCKETS, registry=r)
+        self.adapters_loaded = Gauge(
+            "ptmoe_adapters_loaded", "Adapters resident on the routing device.", registry=r)
+        self.requests_running = Gauge(
+            "ptmoe_requests_running", "Requests accepted and not yet finished.", registry=r)
+
+    def observe_routing_step(self, batch_size: int, seconds: float) -> None:
+        self.routing_step.observe(seconds)
+        self.routing_batch_size.observe(batch_size)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,207 @@
+"""Adapters resident on the routing device: names -> slots in per-shape banks.
+
+All adapters of one shape (experts, prompt length, rank) live in one `AdapterBank`: a few stacked
+tensors with a slot per adapter, so a routing step gathers its rows in one indexing op. Banks grow
+by doubling. A slot still referenced by a queued routing step is freed only once that step is
+done, so replacing or unloading an adapter never changes a request already accepted."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ptmoe_serve.adapter import AdapterError, PtMoeAdapter, validate_name
+from ptmoe_serve.routing import Routing, route_batch
+
+INITIAL_CAPACITY = 4
+
+
+class AdapterExists(AdapterError):
+    """The name is taken and replacing was not asked for."""
+
+
+class AdapterNotFound(KeyError):
+    pass
+
+
+@dataclass(frozen=True)
+class BankShape:
+    num_experts: int
+    prompt_length: int
+    rank: int
+
+
+class AdapterBank:
+    """Stacked float32 tensors of all resident adapters of one shape, one slot each."""
+
+    def __init__(self, shape: BankShape, hidden_size: int, device: torch.device):
+        self.shape = shape
+        self.hidden_size = hidden_size
+        self.device = device
+        self._free: list[int] = []
+        self._tensors = self._allocate(0)
+
+    def _allocate(self, capacity: int) -> dict[str, torch.Tensor]:
+        n, t, r, h = self.shape.num_experts, self.shape.prompt_length, self.shape.rank, self.hidden_size
+        f32 = {"dtype": torch.float32, "device": self.device}
+        return {
+            "experts_a": torch.zeros(capacity, n, t, r, **f32),
+            "shared_b": torch.zeros(capacity, r, h, **f32),
+            "router_weight": torch.zeros(capacity, n, h, **f32),
+            "router_bias": torch.zeros(capacity, n, **f32),
+            "top_k": torch.ones(capacity, dtype=torch.long, device=self.device),
+            "scale_by_probability": torch.zeros(capacity, dtype=torch.bool, device=self.device),
+        }
+
+    @property
+    def capacity(self) -> int:
+        return self._tensors["top_k"].shape[0]
+
+    @property
+    def bytes_per_slot(self) -> int:
+        return sum(t[0].numel() * t.element_size() for t in self._tensors.values())
+
+    def _grow(self) -> None:
+        old, old_capacity = self._tensors, self.capacity
+        self._tensors = self._allocate(max(INITIAL_CAPACITY, 2 * old_capacity))
+        for key, tensor in old.items():
+            self._tensors[key][:old_capacity] = tensor
+        self._free.extend(range(self.capacity - 1, old_capacity - 1, -1))
+
+    def put(self, adapter: PtMoeAdapter) -> int:
+        if not self._free:
+            self._grow()
+        slot = self._free.pop()
+        t = self._tensors
+        t["experts_a"][slot] = adapter.experts_a
+        t["shared_b"][slot] = adapter.shared_b
+        t["router_weight"][slot] = adapter.router_weight
+        t["router_bias"][slot] = adapter.router_bias
+        t["top_k"][slot] = adapter.config.top_k
+        t["scale_by_probability"][slot] = adapter.config.router_scaling == "probability"
+        return slot
+
+    def free(self, slot: int) -> None:
+        self._free.append(slot)
+
+    def route(self, slots: torch.Tensor, mean_embeddings: torch.Tensor) -> Routing:
+        """Soft prompts for a batch of requests, each naming its adapter by slot."""
+        rows = {key: tensor.index_select(0, slots) for key, tensor in self._tensors.items()}
+        return route_batch(mean_embeddings=mean_embeddings, **rows)
+
+
+@dataclass(eq=False)
+class AdapterEntry:
+    """A loaded adapter as requests see it. A replaced adapter gets a new entry."""
+
+    name: str
+    adapter: PtMoeAdapter
+    bank: AdapterBank
+    slot: int
+    version: int
+    source: Path | None
+    loaded_at: float = field(default_factory=time.time)
+    requests_served: int = 0
+    pending: int = 0  # routing steps queued that still read this slot
+    retired: bool = False
+
+    def describe(self) -> dict:
+        config = self.adapter.config
+        return {
+            "name": self.name,
+            "version": self.version,
+            "num_experts": config.num_experts,
+            "prompt_length": config.prompt_length,
+            "rank": config.rank,
+            "top_k": config.top_k,
+            "router_scaling": config.router_scaling,
+            "hidden_size": config.hidden_size,
+            "base_model_name_or_path": config.base_model_name_or_path,
+            "num_parameters": self.adapter.num_parameters,
+            "bytes_on_device": self.bank.bytes_per_slot,
+            "loaded_at": int(self.loaded_at),
+            "requests_served": self.requests_served,
+        }
+
+
+class AdapterRegistry:
+    def __init__(self, hidden_size: int, max_model_len: int, device: torch.device,
+                 reserved_names: frozenset[str] | set[str] = frozenset()):
+        self.hidden_size = hidden_size
+        self.reserved_names = frozenset(reserved_names)
+        self.max_model_len = max_model_len
+        self.device = device
+        self._entries: dict[str, AdapterEntry] = {}
+        self._banks: dict[BankShape, AdapterBank] = {}
+        self._versions = 0
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def entries(self) -> list[AdapterEntry]:
+        return sorted(self._entries.values(), key=lambda e: e.name)
+
+    def get(self, name: str) -> AdapterEntry:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise AdapterNotFound(name) from None
+
+    def check_compatible(self, adapter: PtMoeAdapter) -> None:
+        config = adapter.config
+        if config.hidden_size != self.hidden_size:
+            raise AdapterError(
+                f"adapter hidden_size is {config.hidden_size}; the base model's is {self.hidden_size}"
+            )
+        if config.prompt_length >= self.max_model_len:
+            raise AdapterError(
+                f"prompt_length {config.prompt_length} leaves no room in the context of "
+                f"{self.max_model_len} tokens"
+            )
+
+    def add(self, name: str, adapter: PtMoeAdapter, *, replace: bool = False,
+            source: Path | None = None) -> AdapterEntry:
+        validate_name(name)
+        if name in self.reserved_names:
+            raise AdapterExists(f"{name!r} is the base model's name; choose another adapter name")
+        self.check_compatible(adapter)
+        old = self._entries.get(name)
+        if old is not None and not replace:
+            raise AdapterExists(f"adapter {name!r} is already loaded; pass replace to swap it")
+        config = adapter.config
+        shape = BankShape(config.num_experts, config.prompt_length, config.rank)
+        bank = self._banks.get(shape)
+        if bank is None:
+            bank = self._banks[shape] = AdapterBank(shape, self.hidden_size, self.device)
+        self._versions += 1
+        entry = AdapterEntry(name, adapter, bank, bank.put(adapter), self._versions, source)
+        self._entries[name] = entry
+        if old is not None:
+            self._retire(old)
+        return entry
+
+    def remove(self, name: str) -> AdapterEntry:
+        entry = self._entries.pop(name, None)
+        if entry is None:
+            raise AdapterNotFound(name)
+        self._retire(entry)
+        return entry
+
+    def _retire(self, entry: AdapterEntry) -> None:
+        entry.retired = True
+        if entry.pending == 0:
+            entry.bank.free(entry.slot)
+
+    def acquire(self, entry: AdapterEntry) -> None:
+        entry.pending += 1
+
+    def release(self, entry: AdapterEntry) -> None:
+        entry.pending -= 1
+        if entry.retired and entry.pending == 0:
+            entry.bank.free(entry.slot)

@@ -1,0 +1,71 @@
+"""The PT-MoE routing math: from a prompt's mean token embedding to its soft prompt.
+
+`route_reference` is the plain one-request version, written to be read; `route_batch` does the
+same for a batch of requests over different adapters of one shape in a few batched tensor ops.
+Tests hold the two equal. Everything is computed in float32."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ptmoe_serve.adapter import PtMoeAdapter
+
+
+@dataclass(frozen=True)
+class Routing:
+    soft_prompt: torch.Tensor  # [T, H] (or [B, T, H] from route_batch)
+    weights: torch.Tensor  # [N]: the kept experts' weights, zero elsewhere
+    probabilities: torch.Tensor  # [N]: the router's softmax
+
+
+def route_reference(adapter: PtMoeAdapter, token_embeddings: torch.Tensor) -> Routing:
+    """One prompt: x = mean embedding, p = softmax(Wx + b), keep top-k, P = (sum w_i A_i) B."""
+    config = adapter.config
+    x = token_embeddings.to(torch.float32).mean(dim=0)
+    probabilities = torch.softmax(adapter.router_weight @ x + adapter.router_bias, dim=0)
+    # Highest probability first; on a tie the lower expert index wins.
+    ranked = sorted(range(config.num_experts), key=lambda i: -probabilities[i].item())
+    weights = torch.zeros_like(probabilities)
+    for i in ranked[: config.top_k]:
+        weights[i] = probabilities[i] if config.router_scaling == "probability" else 1.0
+    mixed_a = sum(weights[i] * adapter.experts_a[i] for i in range(config.num_experts))
+    return Routing(mixed_a @ adapter.shared_b, weights, probabilities)
+
+
+def expert_weights(
+    logits: torch.Tensor, top_k: torch.Tensor, scale_by_probability: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched top-k gating with a k and a scaling per row. Returns (weights, probabilities)."""
+    probabilities = torch.softmax(logits, dim=-1)
+    order = torch.argsort(probabilities, dim=-1, descending=True, stable=True)
+    positions = torch.arange(logits.shape[-1], device=logits.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(-1, order, positions)
+    keep = rank < top_k.unsqueeze(-1)
+    kept = torch.where(scale_by_probability.unsqueeze(-1), probabilities, torch.ones_like(probabilities))
+    return kept * keep, probabilities
+
+
+def route_batch(
+    experts_a: torch.Tensor,  # [B, N, T, R]
+    shared_b: torch.Tensor,  # [B, R, H]
+    router_weight: torch.Tensor,  # [B, N, H]
+    router_bias: torch.Tensor,  # [B, N]
+    top_k: torch.Tensor,  # [B] int
+    scale_by_probability: torch.Tensor,  # [B] bool
+    mean_embeddings: torch.Tensor,  # [B, H] float32
+) -> Routing:
+    """Each row of the batch may use a different adapter (the tensors are gathered per row)."""
+    logits = torch.einsum("bnh,bh->bn", router_weight, mean_embeddings) + router_bias
+    weights, probabilities = expert_weights(logits, top_k, scale_by_probability)
+    mixed_a = torch.einsum("bn,bntr->btr", weights, experts_a)
+    return Routing(torch.bmm(mixed_a, shared_b), weights, probabilities)
+
+
+def segment_means(embeddings: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Mean of each consecutive run of rows: embeddings [sum(lengths), H] -> [len(lengths), H]."""
+    segment = torch.repeat_interleave(torch.arange(len(lengths), device=embeddings.device), lengths)
+    sums = torch.zeros(len(lengths), embeddings.shape[-1], dtype=torch.float32, device=embeddings.device)
+    sums.index_add_(0, segment, embeddings.to(torch.float32))
+    return sums / lengths.to(torch.float32).unsqueeze(-1)

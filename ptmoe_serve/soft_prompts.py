@@ -1,0 +1,134 @@
+"""The routing step of the serving path: requests that arrive together get their prompt
+embeddings, [soft prompt; token embeddings], from one batched computation.
+
+Each request awaits `build`; a background task takes everything queued since its last step and
+computes it at once: one embedding gather over all tokens, one segment mean, and one
+`AdapterBank.route` call per adapter shape, whatever adapters the requests name."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+
+from ptmoe_serve.registry import AdapterEntry, AdapterRegistry
+from ptmoe_serve.routing import segment_means
+
+# Names of the input embedding matrix in common Hugging Face architectures.
+EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
+
+
+def load_input_embeddings(model_dir: Path) -> torch.Tensor:
+    """Read only the input embedding matrix [vocab, H] from a model's safetensors files."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        candidates = [(key, model_dir / file) for key, file in weight_map.items()]
+    else:
+        candidates = []
+        for file in sorted(model_dir.glob("*.safetensors")):
+            with safe_open(file, "pt") as f:
+                candidates += [(key, file) for key in f.keys()]
+    for key, file in candidates:
+        if key.endswith(EMBEDDING_SUFFIXES):
+            with safe_open(file, "pt") as f:
+                return f.get_tensor(key)
+    raise ValueError(f"no input embedding matrix ({', '.join(EMBEDDING_SUFFIXES)}) in {model_dir}")
+
+
+@dataclass(frozen=True)
+class PromptEmbeds:
+    embeds: torch.Tensor  # [T + L, H] in the model dtype, on the CPU, ready for the engine
+    expert_weights: list[float]
+    expert_probabilities: list[float]
+
+
+@dataclass
+class _Pending:
+    entry: AdapterEntry
+    token_ids: list[int]
+    future: asyncio.Future
+
+
+class SoftPromptBatcher:
+    def __init__(
+        self,
+        registry: AdapterRegistry,
+        embedding_table: torch.Tensor,
+        model_dtype: torch.dtype,
+        on_step: Callable[[int, float], None] = lambda batch_size, seconds: None,
+    ):
+        self.registry = registry
+        self.table = embedding_table.to(registry.device)
+        self.model_dtype = model_dtype
+        self.on_step = on_step
+        self._queue: list[_Pending] = []
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def build(self, entry: AdapterEntry, token_ids: list[int]) -> PromptEmbeds:
+        future = asyncio.get_running_loop().create_future()
+        self.registry.acquire(entry)
+        self._queue.append(_Pending(entry, token_ids, future))
+        self._wakeup.set()
+        return await future
+
+    async def _run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            batch, self._queue = self._queue, []
+            started = time.perf_counter()
+            try:
+                results = self.compute(batch)
+            except Exception as e:  # hand the failure to the requests rather than kill the loop
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(e)
+            else:
+                for item, result in zip(batch, results):
+                    if not item.future.done():
+                        item.future.set_result(result)
+            finally:
+                for item in batch:
+                    self.registry.release(item.entry)
+            self.on_step(len(batch), time.perf_counter() - started)
+
+    @torch.inference_mode()
+    def compute(self, batch: list[_Pending]) -> list[PromptEmbeds]:
+        device = self.registry.device
+        lengths = torch.tensor([len(item.token_ids) for item in batch], device=device)
+        flat_ids = torch.tensor([t for item in batch for t in item.token_ids], device=device)
+        token_embeds = self.table.index_select(0, flat_ids)
+        means = segment_means(token_embeds, lengths)
+        per_request = token_embeds.split(lengths.tolist())
+
+        by_bank: dict[int, list[int]] = defaultdict(list)
+        for i, item in enumerate(batch):
+            by_bank[id(item.entry.bank)].append(i)
+        results: list[PromptEmbeds | None] = [None] * len(batch)
+        for rows in by_bank.values():
+            bank = batch[rows[0]].entry.bank
+            slots = torch.tensor([batch[i].entry.slot for i in rows], device=device)
+            routing = bank.route(slots, means[rows])
+            soft_prompts = routing.soft_prompt.to(self.model_dtype)
+            weights, probabilities = routing.weights.tolist(), routing.probabilities.tolist()
+            for j, i in enumerate(rows):
+                embeds = torch.cat([soft_prompts[j], per_request[i].to(self.model_dtype)]).cpu()
+                results[i] = PromptEmbeds(embeds, weights[j], probabilities[j])
+        return results
