@@ -71,6 +71,10 @@ class Engine:
         return self._llm.generate({"prompt_token_ids": prompt}, params, request_id)
 
     @property
+    def num_unfinished_requests(self) -> int:
+        return self._llm.output_processor.get_num_unfinished_requests()
+
+    @property
     def is_running(self) -> bool:
         return not self._llm.errored
 

@@ -42,6 +42,9 @@ class Metrics:
             buckets=BATCH_BUCKETS, registry=r)
         self.adapters_loaded = Gauge(
             "ptmoe_adapters_loaded", "Adapters resident on the routing device.", registry=r)
+        self.engine_requests = Gauge(
+            "ptmoe_engine_requests_unfinished", "Requests the vLLM engine holds (per prompt).",
+            registry=r)
         self.requests_running = Gauge(
             "ptmoe_requests_running", "Requests accepted and not yet finished.", registry=r)
 

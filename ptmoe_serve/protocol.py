@@ -56,6 +56,8 @@ class SamplingFields(BaseModel):
     ignore_eos: bool = False
     repetition_penalty: float | None = Field(None, gt=0.0)
     stop_token_ids: list[int] | None = None
+    # as vLLM's server: return the prompt's and the output's token ids
+    return_token_ids: bool = False
     # ptmoe_serve's extra: report each prompt's expert weights
     return_routing: bool = False
 
@@ -115,6 +117,8 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    prompt_token_ids: list[int] | None = None
+    token_ids: list[int] | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -151,6 +155,7 @@ class ChatChoice(BaseModel):
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    token_ids: list[int] | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -160,6 +165,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage | None = None
+    prompt_token_ids: list[int] | None = None
     routing: list[Routing] | None = None
 
 

@@ -154,6 +154,7 @@ def _add_routes(app: FastAPI) -> None:
     async def metrics(request: Request):
         services = _services(request)
         services.metrics.adapters_loaded.set(len(services.registry))
+        services.metrics.engine_requests.set(services.engine.num_unfinished_requests)
         return Response(services.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
@@ -198,13 +199,15 @@ def _add_routes(app: FastAPI) -> None:
         choices = [
             protocol.ChatChoice(index=o.index, message=protocol.AssistantMessage(content=o.text),
                                 logprobs=serving.chat_logprobs(prepared, o),
-                                finish_reason=o.finish_reason)
+                                finish_reason=o.finish_reason,
+                                token_ids=list(o.token_ids) if body.return_token_ids else None)
             for o in sorted(output.outputs, key=lambda o: o.index)
         ]
         generated = sum(len(o.token_ids) for o in output.outputs)
         return protocol.ChatCompletionResponse(
             id=prepared.request_id, model=body.model, choices=choices,
-            usage=serving.usage(prepared, generated), routing=prepared.routing)
+            usage=serving.usage(prepared, generated), routing=prepared.routing,
+            prompt_token_ids=token_ids[0] if body.return_token_ids else None)
 
 
 def _label(serving: Serving, model: str) -> str:

@@ -52,6 +52,7 @@ class Prepared:
     engine_prompts: list
     params: SamplingParams
     routing: list[protocol.Routing] | None
+    return_token_ids: bool = False
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -132,7 +133,7 @@ class Serving:
                 for i, r in enumerate(results)
             ]
         return Prepared(request_id, request.model, entry, token_ids, engine_prompts, params,
-                        routing if request.return_routing else None)
+                        routing if request.return_routing else None, request.return_token_ids)
 
     def _check_prompt(self, ids: list[int], soft: int, max_tokens: int | None,
                       entry: AdapterEntry | None) -> None:
@@ -229,11 +230,14 @@ class Serving:
         logprobs = None
         if prepared.params.logprobs is not None and output.logprobs is not None:
             logprobs = completion_logprobs(output, prepared.params.logprobs, len(prefix))
+        with_ids = prepared.return_token_ids
         return protocol.CompletionChoice(
             index=prompt_index * prepared.params.n + output.index,
             text=prefix + output.text,
             logprobs=logprobs,
             finish_reason=output.finish_reason,
+            prompt_token_ids=prepared.token_ids[prompt_index] if with_ids else None,
+            token_ids=list(output.token_ids) if with_ids else None,
         )
 
     def chat_logprobs(self, prepared: Prepared, output: CompletionOutput) -> protocol.ChatLogprobs | None:

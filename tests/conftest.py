@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ptmoe_serve.base_model import default_cache_dir, ensure_default_model
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    return ensure_default_model(default_cache_dir())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RunningServer:
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def start_server(args: list[str], log: Path, timeout: float = 600) -> RunningServer:
+    """Start `ptmoe-serve serve` as users do and wait until /health answers 200."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "ptmoe_serve.cli", "serve", "--port", str(port), *args]
+    process = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    server = RunningServer(f"http://127.0.0.1:{port}", process, log)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log_tail()}")
+        try:
+            if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(1)
+    stop_server(server)
+    raise RuntimeError(f"server did not become healthy in {timeout} s:\n{server.log_tail()}")
+
+
+def stop_server(server: RunningServer) -> None:
+    if server.process.poll() is None:
+        os.killpg(server.process.pid, signal.SIGTERM)
+        try:
+            server.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.process.pid, signal.SIGKILL)
+            server.process.wait()
+
+
+# -- the real server, shared by the end-to-end tests ----------------------------------------
+
+REPO_ADAPTERS = Path(__file__).resolve().parent.parent / "adapters"
+BASE = "SmolLM2-135M-Instruct"
+MAX_MODEL_LEN = 1024
+TEXTS = ["Answer in French, s'il vous plait.", "Talk like a pirate, arr matey!",
+         "Reply with a short rhyming poem."]
+# name -> shape and routing; together they cover top-1 and dense, both scalings.
+E2E_ADAPTERS = {
+    "top1": dict(num_texts=2, prompt_length=12, rank=8, top_k=1, router_scaling="probability"),
+    "dense": dict(num_texts=3, prompt_length=8, rank=6, top_k=3, router_scaling="none"),
+    "dense-prob": dict(num_texts=2, prompt_length=20, rank=12, top_k=2,
+                       router_scaling="probability"),
+}
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="session")
+def adapters_dir(tmp_path_factory, model_dir, tokenizer) -> Path:
+    import shutil
+
+    from helpers import text_experts_adapter
+    from ptmoe_serve.adapter import write_adapter
+    from ptmoe_serve.soft_prompts import load_input_embeddings
+
+    folder = tmp_path_factory.mktemp("adapters")
+    table = load_input_embeddings(model_dir)
+    for seed, (name, spec) in enumerate(E2E_ADAPTERS.items()):
+        spec = dict(spec)
+        texts = [tokenizer.encode(t) for t in TEXTS[: spec.pop("num_texts")]]
+        write_adapter(text_experts_adapter(table, texts, seed, **spec), folder / name)
+    for shipped in REPO_ADAPTERS.iterdir():
+        if shipped.is_dir():
+            shutil.copytree(shipped, folder / shipped.name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def server(model_dir, adapters_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    running = start_server(["--model", str(model_dir), "--dtype", "float32",
+                            "--adapters", str(adapters_dir),
+                            "--max-model-len", str(MAX_MODEL_LEN)], log)
+    yield running
+    stop_server(running)

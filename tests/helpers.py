@@ -1,0 +1,60 @@
+"""Adapters built in code for the tests, and an independent reference of the routing math."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from ptmoe_serve.adapter import AdapterConfig, PtMoeAdapter
+
+
+def make_config(hidden_size=16, num_experts=2, prompt_length=4, rank=3, top_k=1,
+                router_scaling="probability") -> AdapterConfig:
+    return AdapterConfig(peft_type="PT_MOE", format_version=1, base_model_name_or_path="test",
+                         hidden_size=hidden_size, num_experts=num_experts,
+                         prompt_length=prompt_length, rank=rank, top_k=top_k,
+                         router_scaling=router_scaling)
+
+
+def random_adapter(seed: int = 0, **config) -> PtMoeAdapter:
+    cfg = make_config(**config)
+    g = torch.Generator().manual_seed(seed)
+    n, t, r, h = cfg.num_experts, cfg.prompt_length, cfg.rank, cfg.hidden_size
+    return PtMoeAdapter(cfg, torch.randn(n, t, r, generator=g), torch.randn(r, h, generator=g),
+                        torch.randn(n, h, generator=g), torch.randn(n, generator=g))
+
+
+def text_experts_adapter(table: torch.Tensor, text_ids: list[list[int]], seed: int,
+                         **config) -> PtMoeAdapter:
+    """Expert i reproduces (at rank R) the embeddings of text i; the router is random, so
+    different prompts pick different experts. Soft prompts that read like text keep the model's
+    answers confident, which makes greedy comparisons meaningful."""
+    cfg = make_config(hidden_size=table.shape[1], num_experts=len(text_ids), **config)
+    t = cfg.prompt_length
+    rows = [table[torch.tensor([ids[i % len(ids)] for i in range(t)])] for ids in text_ids]
+    u, s, vh = torch.linalg.svd(torch.cat(rows), full_matrices=False)
+    root = s[: cfg.rank].sqrt()
+    experts_a = (u[:, : cfg.rank] * root).reshape(cfg.num_experts, t, cfg.rank)
+    g = torch.Generator().manual_seed(seed)
+    # Mean prompt embeddings have a norm near 1 here: logits of order 1 spread the router.
+    router_weight = torch.randn(cfg.num_experts, cfg.hidden_size, generator=g) * 1.5
+    router_bias = torch.randn(cfg.num_experts, generator=g) * 0.1
+    return PtMoeAdapter(cfg, experts_a.contiguous(), (root[:, None] * vh[: cfg.rank]).contiguous(),
+                        router_weight, router_bias)
+
+
+def reference_soft_prompt(adapter_dir: Path, token_embeddings: torch.Tensor) -> torch.Tensor:
+    """The paper's forward pass, straight from the files, one prompt at a time."""
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    w = load_file(adapter_dir / "adapter_model.safetensors")
+    x = token_embeddings.double().mean(dim=0)
+    p = torch.softmax(w["router.weight"].double() @ x + w["router.bias"].double(), dim=0)
+    kept = torch.topk(p, config["top_k"]).indices
+    mixed = torch.zeros_like(w["experts.A"][0], dtype=torch.float64)
+    for i in kept.tolist():
+        weight = p[i] if config["router_scaling"] == "probability" else 1.0
+        mixed += weight * w["experts.A"][i].double()
+    return (mixed @ w["shared.B"].double()).float()

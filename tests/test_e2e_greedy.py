@@ -1,0 +1,75 @@
+"""The server's greedy output equals Hugging Face transformers' for the same adapter, token for
+token, in float32: transformers generates from inputs_embeds = [P; token embeddings], with P
+computed by the test's own reference of the paper's routing, straight from the adapter files."""
+
+import httpx
+import pytest
+import torch
+
+from conftest import BASE, E2E_ADAPTERS
+from helpers import reference_soft_prompt
+
+MAX_TOKENS = 20
+PROMPTS = ["The capital of France is", "def fibonacci(n):",
+           "Once upon a time, there was a little", "My favourite food is"]
+QUESTIONS = ["What is the capital of Germany?", "Give me three tips for sleeping well."]
+MODELS = [*E2E_ADAPTERS, "french", BASE]
+
+
+@pytest.fixture(scope="module")
+def hf_model(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+@torch.inference_mode()
+def transformers_greedy(hf_model, adapters_dir, model: str, ids: list[int]) -> list[int]:
+    embeds = hf_model.get_input_embeddings()(torch.tensor(ids))
+    if model != BASE:
+        embeds = torch.cat([reference_soft_prompt(adapters_dir / model, embeds), embeds])
+    out = hf_model.generate(inputs_embeds=embeds[None], attention_mask=torch.ones(1, len(embeds),
+                            dtype=torch.long), max_new_tokens=MAX_TOKENS, do_sample=False)
+    return out[0].tolist()
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_completions_with_token_ids_equal_transformers(server, hf_model, tokenizer,
+                                                       adapters_dir, model):
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    response = httpx.post(f"{server.url}/v1/completions", timeout=300, json={
+        "model": model, "prompt": prompts, "max_tokens": MAX_TOKENS, "temperature": 0,
+        "return_token_ids": True})
+    assert response.status_code == 200, response.text
+    choices = response.json()["choices"]
+    assert [c["index"] for c in choices] == list(range(len(prompts)))
+    for ids, choice in zip(prompts, choices):
+        expected = transformers_greedy(hf_model, adapters_dir, model, ids)
+        assert choice["token_ids"] == expected, (model, tokenizer.decode(ids))
+        assert choice["text"] == tokenizer.decode(expected, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_chat_equals_transformers(server, hf_model, tokenizer, adapters_dir, model):
+    for question in QUESTIONS:
+        messages = [{"role": "user", "content": question}]
+        response = httpx.post(f"{server.url}/v1/chat/completions", timeout=300, json={
+            "model": model, "messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0,
+            "return_token_ids": True})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        chat_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                 tokenize=True)["input_ids"]
+        assert body["prompt_token_ids"] == chat_ids
+        expected = transformers_greedy(hf_model, adapters_dir, model, chat_ids)
+        assert body["choices"][0]["token_ids"] == expected, (model, question)
+
+
+def test_adapters_change_the_answer(server):
+    """Guards the comparisons above against adapters too weak to matter."""
+    texts = {}
+    for model in MODELS:
+        response = httpx.post(f"{server.url}/v1/completions", timeout=300, json={
+            "model": model, "prompt": PROMPTS[2], "max_tokens": MAX_TOKENS, "temperature": 0})
+        texts[model] = response.json()["choices"][0]["text"]
+    assert len(set(texts.values())) == len(MODELS), texts

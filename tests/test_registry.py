@@ -1,0 +1,88 @@
+import pytest
+import torch
+
+from helpers import random_adapter
+from ptmoe_serve.adapter import AdapterError
+from ptmoe_serve.registry import AdapterExists, AdapterNotFound, AdapterRegistry
+from ptmoe_serve.routing import route_reference
+
+
+def registry(**kwargs) -> AdapterRegistry:
+    return AdapterRegistry(16, 64, torch.device("cpu"), **kwargs)
+
+
+def soft_prompt(entry, x):
+    return entry.bank.route(torch.tensor([entry.slot]), x[None]).soft_prompt[0]
+
+
+def test_add_get_and_route_from_the_bank():
+    reg = registry()
+    adapter = random_adapter(seed=1)
+    entry = reg.add("a", adapter)
+    assert reg.get("a") is entry and "a" in reg and len(reg) == 1
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(soft_prompt(entry, x.mean(0)), route_reference(adapter, x).soft_prompt)
+
+
+def test_bank_grows_and_keeps_every_adapter():
+    reg = registry()
+    adapters = [random_adapter(seed=i) for i in range(20)]
+    entries = [reg.add(f"a{i}", a) for i, a in enumerate(adapters)]
+    bank = entries[0].bank
+    assert all(e.bank is bank for e in entries) and bank.capacity == 32
+    assert len({e.slot for e in entries}) == 20
+    x = torch.randn(16)
+    for entry, adapter in zip(entries, adapters):
+        torch.testing.assert_close(soft_prompt(entry, x),
+                                   route_reference(adapter, x[None]).soft_prompt)
+
+
+def test_shapes_get_separate_banks():
+    reg = registry()
+    a = reg.add("a", random_adapter(prompt_length=4))
+    b = reg.add("b", random_adapter(prompt_length=6))
+    assert a.bank is not b.bank
+
+
+def test_taken_name_needs_replace_and_replace_gives_a_new_version():
+    reg = registry()
+    first = reg.add("a", random_adapter(seed=1))
+    with pytest.raises(AdapterExists):
+        reg.add("a", random_adapter(seed=2))
+    assert reg.get("a") is first
+    second = reg.add("a", random_adapter(seed=2), replace=True)
+    assert reg.get("a") is second and second.version > first.version and first.retired
+
+
+def test_unload_frees_the_slot_for_reuse():
+    reg = registry()
+    entry = reg.add("a", random_adapter(seed=1))
+    reg.remove("a")
+    assert "a" not in reg
+    with pytest.raises(AdapterNotFound):
+        reg.get("a")
+    assert reg.add("b", random_adapter(seed=2)).slot == entry.slot
+
+
+def test_a_slot_in_use_is_freed_only_after_its_step():
+    reg = registry()
+    old = reg.add("a", random_adapter(seed=1))
+    reg.acquire(old)  # a routing step has queued a request for it
+    reg.remove("a")
+    other = reg.add("b", random_adapter(seed=2))
+    assert other.slot != old.slot
+    reg.release(old)
+    assert reg.add("c", random_adapter(seed=3)).slot == old.slot
+
+
+def test_incompatible_adapters_are_refused():
+    reg = registry(reserved_names={"base"})
+    with pytest.raises(AdapterError, match="hidden_size is 8; the base model's is 16"):
+        reg.add("a", random_adapter(hidden_size=8))
+    with pytest.raises(AdapterError, match="leaves no room"):
+        reg.add("a", random_adapter(prompt_length=64, rank=3))
+    with pytest.raises(AdapterError, match="base model's name"):
+        reg.add("base", random_adapter())
+    with pytest.raises(AdapterError, match="invalid adapter name"):
+        reg.add("../a", random_adapter())
+    assert len(reg) == 0

@@ -1,0 +1,89 @@
+import asyncio
+
+import torch
+
+from helpers import random_adapter
+from ptmoe_serve.registry import AdapterRegistry
+from ptmoe_serve.routing import route_reference
+from ptmoe_serve.soft_prompts import SoftPromptBatcher, load_input_embeddings
+
+VOCAB, HIDDEN = 50, 16
+
+
+def build_all(batcher_args, requests):
+    """Submit all requests at once; return the results and the sizes of the steps taken."""
+    steps = []
+
+    async def run():
+        batcher = SoftPromptBatcher(*batcher_args, on_step=lambda n, s: steps.append(n))
+        batcher.start()
+        try:
+            return await asyncio.gather(*(batcher.build(e, ids) for e, ids in requests))
+        finally:
+            await batcher.stop()
+
+    return asyncio.run(run()), steps
+
+
+def test_requests_arriving_together_share_one_step_and_match_the_reference():
+    table = torch.randn(VOCAB, HIDDEN)
+    reg = AdapterRegistry(HIDDEN, 128, torch.device("cpu"))
+    adapters = {
+        "top1": random_adapter(seed=1),
+        "dense": random_adapter(seed=2, num_experts=3, top_k=3, router_scaling="none"),
+        "long": random_adapter(seed=3, prompt_length=9, rank=5, top_k=2),
+    }
+    entries = {name: reg.add(name, a) for name, a in adapters.items()}
+    g = torch.Generator().manual_seed(0)
+    requests = [(entries[name], torch.randint(0, VOCAB, (length,), generator=g).tolist())
+                for name, length in [("top1", 3), ("dense", 7), ("long", 1), ("top1", 12),
+                                     ("long", 5), ("dense", 2)]]
+    results, steps = build_all((reg, table, torch.float32), requests)
+    assert steps == [len(requests)]
+    for (entry, ids), result in zip(requests, results):
+        tokens = table[torch.tensor(ids)]
+        reference = route_reference(adapters[entry.name], tokens)
+        t = entry.adapter.config.prompt_length
+        assert result.embeds.shape == (t + len(ids), HIDDEN)
+        torch.testing.assert_close(result.embeds[:t], reference.soft_prompt, rtol=1e-5, atol=1e-5)
+        assert torch.equal(result.embeds[t:], tokens)
+        torch.testing.assert_close(torch.tensor(result.expert_weights), reference.weights)
+
+
+def test_output_is_cast_to_the_model_dtype():
+    table = torch.randn(VOCAB, HIDDEN)
+    reg = AdapterRegistry(HIDDEN, 128, torch.device("cpu"))
+    entry = reg.add("a", random_adapter())
+    (result,), _ = build_all((reg, table, torch.bfloat16), [(entry, [1, 2, 3])])
+    assert result.embeds.dtype == torch.bfloat16
+
+
+def test_unloading_while_queued_still_serves_the_queued_request():
+    table = torch.randn(VOCAB, HIDDEN)
+    reg = AdapterRegistry(HIDDEN, 128, torch.device("cpu"))
+    adapter = random_adapter(seed=7)
+    entry = reg.add("a", adapter)
+
+    async def run():
+        batcher = SoftPromptBatcher(reg, table, torch.float32)
+        batcher.start()
+        pending = asyncio.ensure_future(batcher.build(entry, [4, 5]))
+        await asyncio.sleep(0)  # queued, step not run yet
+        reg.remove("a")
+        reg.add("b", random_adapter(seed=8))  # must not take the queued slot
+        result = await pending
+        await batcher.stop()
+        return result
+
+    result = asyncio.run(run())
+    expected = route_reference(adapter, table[torch.tensor([4, 5])]).soft_prompt
+    torch.testing.assert_close(result.embeds[:4], expected)
+
+
+def test_input_embeddings_are_read_from_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    table = torch.randn(VOCAB, HIDDEN)
+    save_file({"model.embed_tokens.weight": table, "lm_head.weight": torch.zeros(2)},
+              tmp_path / "model.safetensors")
+    assert torch.equal(load_input_embeddings(tmp_path), table)
