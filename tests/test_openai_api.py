@@ -1,0 +1,229 @@
+"""The HTTP API through the official `openai` client and plain HTTP, against the real server."""
+
+import json
+import time
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import BASE, E2E_ADAPTERS, MAX_MODEL_LEN
+
+PROMPT = "Once upon a time, there was a little"
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=300,
+                         max_retries=0)
+
+
+def metric_samples(server) -> list:
+    text = httpx.get(f"{server.url}/metrics").text
+    return [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+
+def metric_value(server, name: str, **labels) -> float:
+    return sum(s.value for s in metric_samples(server)
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def test_models_lists_the_base_model_and_every_adapter(client):
+    models = {m.id: m for m in client.models.list().data}
+    assert set(models) == {BASE, "french", *E2E_ADAPTERS}
+    card = models["dense"].model_dump()
+    assert card["parent"] == BASE and card["owned_by"] == "ptmoe_serve"
+    assert card["adapter"]["num_experts"] == 3 and card["adapter"]["top_k"] == 3
+    assert card["adapter"]["prompt_length"] == 8 and card["adapter"]["router_scaling"] == "none"
+    assert models[BASE].model_dump()["adapter"] is None
+
+
+def test_completion_usage_counts(client, tokenizer):
+    result = client.completions.create(model="top1", prompt=PROMPT, max_tokens=7,
+                                       temperature=0, extra_body={"ignore_eos": True})
+    assert result.usage.prompt_tokens == len(tokenizer.encode(PROMPT))
+    assert result.usage.completion_tokens == 7
+    assert result.usage.total_tokens == result.usage.prompt_tokens + 7
+    assert result.model_dump()["usage"]["soft_prompt_tokens"] == 12
+    assert result.choices[0].finish_reason == "length"
+
+
+def test_batched_prompts_answer_as_single_prompts(client):
+    prompts = [PROMPT, "The capital of France is", "def add(a, b):"]
+    batched = client.completions.create(model="top1", prompt=prompts, max_tokens=8, temperature=0)
+    assert [c.index for c in batched.choices] == [0, 1, 2]
+    for prompt, choice in zip(prompts, batched.choices):
+        single = client.completions.create(model="top1", prompt=prompt, max_tokens=8,
+                                           temperature=0)
+        assert choice.text == single.choices[0].text
+
+
+def test_chat(client):
+    result = client.chat.completions.create(
+        model="dense", max_tokens=12, temperature=0,
+        messages=[{"role": "system", "content": "You are terse."},
+                  {"role": "user", "content": "Name a colour."}])
+    assert result.choices[0].message.role == "assistant"
+    assert result.choices[0].message.content
+    assert result.usage.completion_tokens <= 12
+
+
+@pytest.mark.parametrize("model", ["dense-prob", BASE])
+def test_streaming_equals_non_streaming(client, model):
+    full = client.completions.create(model=model, prompt=PROMPT, max_tokens=16, temperature=0)
+    chunks = list(client.completions.create(model=model, prompt=PROMPT, max_tokens=16,
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == full.choices[0].text
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+    messages = [{"role": "user", "content": "Tell me about cats."}]
+    full = client.chat.completions.create(model=model, messages=messages, max_tokens=16,
+                                          temperature=0)
+    stream = client.chat.completions.create(model=model, messages=messages, max_tokens=16,
+                                            temperature=0, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == full.choices[0].message.content
+
+
+def test_n_greater_than_one(client):
+    result = client.completions.create(model="top1", prompt=[PROMPT, "Hello"], n=3,
+                                       max_tokens=6, temperature=1.0, seed=7, extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in result.choices) == list(range(6))
+    assert result.usage.completion_tokens == 36
+    assert len({c.text for c in result.choices[:3]}) > 1
+    chat = client.chat.completions.create(model="french", n=2, max_tokens=5, temperature=1.0,
+                                          messages=[{"role": "user", "content": "Hi"}])
+    assert [c.index for c in chat.choices] == [0, 1]
+
+
+def test_stop_seed_logprobs_echo(client):
+    stopped = client.completions.create(model="top1", prompt="Count: 1, 2, 3,", max_tokens=30,
+                                        temperature=0, stop=[","])
+    assert stopped.choices[0].finish_reason == "stop" and "," not in stopped.choices[0].text
+    a, b = (client.completions.create(model="top1", prompt=PROMPT, max_tokens=10, temperature=1.0,
+                                      seed=123) for _ in range(2))
+    assert a.choices[0].text == b.choices[0].text
+    scored = client.completions.create(model="top1", prompt=PROMPT, max_tokens=5, temperature=0,
+                                       logprobs=2, extra_body={"ignore_eos": True})
+    logprobs = scored.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == 5
+    assert "".join(logprobs.tokens) == scored.choices[0].text
+    assert all(len(top) == 2 and max(top.values()) == lp
+               for top, lp in zip(logprobs.top_logprobs, logprobs.token_logprobs))
+    echoed = client.completions.create(model="top1", prompt=PROMPT, max_tokens=4, temperature=0,
+                                       echo=True)
+    assert echoed.choices[0].text.startswith(PROMPT)
+    chat = client.chat.completions.create(model="dense", max_tokens=4, temperature=0,
+                                          logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True},
+                                          messages=[{"role": "user", "content": "Hi"}])
+    assert len(chat.choices[0].logprobs.content) == 4
+    assert all(len(t.top_logprobs) == 3 for t in chat.choices[0].logprobs.content)
+
+
+def test_return_routing_shows_the_experts_that_fired(client):
+    result = client.completions.create(model="top1", prompt=[PROMPT, "2 + 2 ="], max_tokens=2,
+                                       extra_body={"return_routing": True})
+    routing = result.model_dump()["routing"]
+    assert [r["prompt_index"] for r in routing] == [0, 1]
+    for r in routing:
+        p, w = r["expert_probabilities"], r["expert_weights"]
+        assert sum(p) == pytest.approx(1.0)
+        best = max(range(2), key=lambda i: p[i])
+        assert w[best] == pytest.approx(p[best]) and w[1 - best] == 0.0
+    dense = client.completions.create(model="dense", prompt=PROMPT, max_tokens=2,
+                                      extra_body={"return_routing": True})
+    assert dense.model_dump()["routing"][0]["expert_weights"] == [1.0, 1.0, 1.0]
+    plain = client.completions.create(model="dense", prompt=PROMPT, max_tokens=2)
+    assert plain.model_dump().get("routing") is None
+
+
+def test_unknown_model_is_404(client, server):
+    with pytest.raises(openai.NotFoundError) as error:
+        client.completions.create(model="no-such-adapter", prompt="x")
+    assert error.value.body["message"] == "The model 'no-such-adapter' does not exist."
+    response = httpx.post(f"{server.url}/v1/chat/completions", json={
+        "model": "nope", "messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == 404
+    assert set(response.json()["error"]) >= {"message", "type", "code"}
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"model": "top1", "prompt": "x", "temperature": 5}, 400, "temperature"),
+    ({"model": "top1", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "top1", "prompt": "x", "n": "three"}, 400, "n"),
+    ({"model": "top1", "prompt": "x", "top_p": 0}, 400, "top_p"),
+    ({"model": "top1", "prompt": 42}, 400, "prompt"),
+    ({"model": "top1"}, 400, "prompt: Field required"),
+    ({"model": "top1", "prompt": ""}, 400, "prompt is empty"),
+    ({"model": "top1", "prompt": [[1, 2], []]}, 400, "prompt is empty"),
+    ({"model": "top1", "prompt": [5, 10**9]}, 400, "token id 1000000000 is out of range"),
+    ({"model": "top1", "prompt": "x", "echo": True, "logprobs": 1}, 400, "echo"),
+    ({"model": "top1", "prompt": "x", "max_tokens": 5000}, 400,
+     f"maximum context length is {MAX_MODEL_LEN} tokens. However, you requested 5013 tokens "
+     "(1 in the prompt and 12 soft-prompt positions of adapter 'top1', 5000 in the completion)"),
+    ({"model": "top1", "prompt": [7] * 1015}, 400, "your prompt has 1015 tokens and 12 "
+     "soft-prompt positions of adapter 'top1' (1027 in all)"),
+])
+def test_bad_requests_are_400_with_a_useful_message(server, body, status, words):
+    response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert words in error["message"] and error["type"] == "BadRequestError"
+
+
+def test_malformed_json_is_400(server):
+    response = httpx.post(f"{server.url}/v1/completions", content=b'{"model": "top1", "prompt"',
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert "malformed JSON" in response.json()["error"]["message"]
+    chat = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "top1", "messages": []})
+    assert chat.status_code == 400 and "messages" in chat.json()["error"]["message"]
+
+
+def wait_for_engine_idle(server, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if metric_value(server, "ptmoe_engine_requests_unfinished") == 0:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_client_disconnect_aborts_the_generation(server):
+    long_request = {"model": "top1", "prompt": PROMPT, "max_tokens": 900, "ignore_eos": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", timeout=60,
+                      json={**long_request, "stream": True}) as response:
+        lines = response.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))
+        assert metric_value(server, "ptmoe_engine_requests_unfinished") == 1
+    # 900 tokens take far longer than this on a CPU: only an abort empties the engine so soon.
+    assert wait_for_engine_idle(server, 5)
+
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/completions", json=long_request, timeout=1.5)
+    assert wait_for_engine_idle(server, 5)
+
+
+def test_metrics_are_prometheus_text_labelled_by_adapter(client, server):
+    client.completions.create(model="dense", prompt=[PROMPT, "Hi", "Yo", "Hey"], max_tokens=3)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="missing", prompt="x")
+    assert metric_value(server, "ptmoe_requests_total", adapter="dense", status="200") >= 1
+    assert metric_value(server, "ptmoe_generation_tokens_total", adapter="dense") >= 12
+    assert metric_value(server, "ptmoe_prompt_tokens_total", adapter="dense") >= 4
+    assert metric_value(server, "ptmoe_request_errors_total", adapter="unknown",
+                        type="model_not_found") >= 1
+    assert metric_value(server, "ptmoe_e2e_request_latency_seconds_count", adapter="dense") >= 1
+    assert metric_value(server, "ptmoe_time_to_first_token_seconds_count", adapter="dense") >= 1
+    assert metric_value(server, "ptmoe_routing_step_seconds_count") >= 1
+    # The four prompts of one request were routed in one step.
+    assert metric_value(server, "ptmoe_routing_batch_size_bucket", le="2.0") < \
+        metric_value(server, "ptmoe_routing_batch_size_count")
+    assert metric_value(server, "ptmoe_adapters_loaded") == len(E2E_ADAPTERS) + 1
+
+
+def test_health(server):
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    assert httpx.get(f"{server.url}/no/such/path").json()["error"]["type"] == "NotFoundError"
