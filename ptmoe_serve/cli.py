@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 from ptmoe_serve.base_model import (DEFAULT_MODEL_NAME, default_cache_dir,
@@ -43,6 +44,26 @@ def _serve_parser(sub) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    lifecycle = p.add_argument_group("adapters and access")
+    lifecycle.add_argument("--allow-adapter-path", type=Path, action="append", default=[],
+                           metavar="DIR", help="a further folder POST /v1/adapters may load "
+                           "from (repeatable; --adapters is always allowed)")
+    lifecycle.add_argument("--watch-interval", type=float, default=2.0,
+                           help="seconds between looks at --adapters for folders copied in or "
+                                "removed; 0 turns it off (default: %(default)s)")
+    lifecycle.add_argument("--max-upload-mb", type=float, default=64.0,
+                           help="largest adapter upload accepted (default: %(default)s)")
+    lifecycle.add_argument("--api-key", default=os.environ.get("PTMOE_API_KEY"),
+                           help="require 'Authorization: Bearer KEY' on every /v1 call "
+                                "(default: $PTMOE_API_KEY)")
+    lifecycle.add_argument("--admin-api-key", default=os.environ.get("PTMOE_ADMIN_API_KEY"),
+                           help="the key adapter management needs; without it management is "
+                                "open on loopback only (default: $PTMOE_ADMIN_API_KEY)")
+    lifecycle.add_argument("--metrics-need-key", action="store_true",
+                           help="require the API key on /metrics too")
+    lifecycle.add_argument("--drain-timeout", type=float, default=30.0,
+                           help="on SIGTERM, seconds to let running requests finish "
+                                "(default: %(default)s)")
     p.add_argument("--routing-device", default=None,
                    help="device of the adapter bank and routing step (default: cuda if "
                         "available, else cpu)")
@@ -103,12 +124,19 @@ def serve(args: argparse.Namespace) -> None:
             seed=args.seed,
         ),
         adapters_dir=args.adapters.resolve(),
+        allowed_adapter_roots=tuple(p.resolve() for p in args.allow_adapter_path),
         routing_device=args.routing_device or ("cuda" if on_gpu else "cpu"),
         host=args.host,
         port=args.port,
+        api_key=args.api_key,
+        admin_api_key=args.admin_api_key,
+        metrics_need_key=args.metrics_need_key,
+        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+        watch_interval=args.watch_interval,
+        drain_timeout=args.drain_timeout,
     )
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                timeout_graceful_shutdown=30)
+                timeout_graceful_shutdown=int(settings.drain_timeout))
 
 
 def init_adapter(args: argparse.Namespace) -> None:

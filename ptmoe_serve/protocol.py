@@ -206,3 +206,36 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class LoadAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    path: str
+    replace: bool = False
+
+
+class AdapterInfo(BaseModel):
+    object: Literal["adapter"] = "adapter"
+    name: str
+    version: int
+    num_experts: int
+    prompt_length: int
+    rank: int
+    top_k: int
+    router_scaling: str
+    hidden_size: int
+    base_model_name_or_path: str
+    num_parameters: int
+    bytes_on_device: int
+    loaded_at: int
+    requests_served: int
+    source: str
+    # Time the load took in the server, for the call that loaded it.
+    load_ms: float | None = None
+
+
+class AdapterList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AdapterInfo]

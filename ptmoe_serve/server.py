@@ -12,14 +12,14 @@ from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import TypeVar
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from vllm.outputs import RequestOutput
 
-from ptmoe_serve import protocol
+from ptmoe_serve import management, protocol
 from ptmoe_serve.metrics import UNKNOWN_ADAPTER
 from ptmoe_serve.services import Services, start_services
 from ptmoe_serve.serving import Prepared, RequestError, Serving
@@ -42,11 +42,16 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="ptmoe_serve", lifespan=lifespan)
     _add_error_handlers(app)
     _add_routes(app)
+    app.include_router(management.router)
     return app
 
 
 def _services(request: Request) -> Services:
     return request.app.state.services
+
+
+def _require_api_key(request: Request) -> None:
+    _services(request).access.check_api(request)
 
 
 def _error(status: int, message: str, code: str | None, param: str | None = None,
@@ -153,15 +158,16 @@ def _add_routes(app: FastAPI) -> None:
     @app.get("/metrics")
     async def metrics(request: Request):
         services = _services(request)
+        services.access.check_metrics(request)
         services.metrics.adapters_loaded.set(len(services.registry))
         services.metrics.engine_requests.set(services.engine.num_unfinished_requests)
         return Response(services.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=[Depends(_require_api_key)])
     async def models(request: Request) -> protocol.ModelList:
         return _services(request).model_list()
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=[Depends(_require_api_key)])
     async def completions(body: protocol.CompletionRequest, request: Request):
         serving = _services(request).serving
         if body.echo and body.logprobs is not None:
@@ -183,7 +189,7 @@ def _add_routes(app: FastAPI) -> None:
             id=prepared.request_id, model=body.model, choices=sorted(choices, key=lambda c: c.index),
             usage=serving.usage(prepared, generated), routing=prepared.routing)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=[Depends(_require_api_key)])
     async def chat_completions(body: protocol.ChatCompletionRequest, request: Request):
         serving = _services(request).serving
         token_ids = [serving.chat_token_ids(body.messages)]

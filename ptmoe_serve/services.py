@@ -1,9 +1,10 @@
 """Builds the running parts from the settings, in order, and stops them: the engine, the
-tokenizer, the adapter registry (loaded from the adapters folder), the routing step and the
-serving logic. The HTTP layer holds one `Services` and nothing else."""
+tokenizer, the adapter registry and store (loaded as they were left), the routing step, the
+serving logic and the access policy. The HTTP layer holds one `Services` and nothing else."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -13,13 +14,15 @@ import torch
 from transformers import AutoTokenizer
 
 from ptmoe_serve import protocol
-from ptmoe_serve.adapter import AdapterError, read_adapter
+from ptmoe_serve.auth import AccessPolicy, is_loopback
 from ptmoe_serve.engine import Engine
+from ptmoe_serve.lifecycle import AdapterManager
 from ptmoe_serve.metrics import Metrics
 from ptmoe_serve.registry import AdapterRegistry
 from ptmoe_serve.serving import Serving
 from ptmoe_serve.settings import ServerSettings
 from ptmoe_serve.soft_prompts import SoftPromptBatcher, load_input_embeddings
+from ptmoe_serve.store import AdapterStore
 
 logger = logging.getLogger(__name__)
 OWNER = "ptmoe_serve"
@@ -30,10 +33,13 @@ class Services:
     settings: ServerSettings
     engine: Engine
     registry: AdapterRegistry
+    manager: AdapterManager
     batcher: SoftPromptBatcher
     serving: Serving
     metrics: Metrics
+    access: AccessPolicy
     started_at: int
+    watcher: asyncio.Task | None = None
 
     def model_list(self) -> protocol.ModelList:
         base = self.serving.base_model_name
@@ -48,17 +54,10 @@ class Services:
         return protocol.ModelList(data=cards)
 
     async def stop(self) -> None:
+        if self.watcher is not None:
+            self.watcher.cancel()
         await self.batcher.stop()
         self.engine.shutdown()
-
-
-def load_adapters_dir(registry: AdapterRegistry, folder: Path) -> None:
-    """Load every adapter folder found; a bad one is logged and skipped, not fatal."""
-    for path in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        try:
-            registry.add(path.name, read_adapter(path), source=path)
-        except AdapterError as e:
-            logger.error("adapter %s not loaded: %s", path.name, e)
 
 
 async def start_services(settings: ServerSettings) -> Services:
@@ -69,14 +68,21 @@ async def start_services(settings: ServerSettings) -> Services:
     device = torch.device(settings.routing_device)
     registry = AdapterRegistry(engine.hidden_size, engine.max_model_len, device,
                                reserved_names={settings.engine.served_model_name})
-    settings.adapters_dir.mkdir(parents=True, exist_ok=True)
-    load_adapters_dir(registry, settings.adapters_dir)
+    manager = AdapterManager(registry, AdapterStore(settings.adapters_dir),
+                             list(settings.allowed_adapter_roots))
+    manager.start()
     metrics = Metrics()
     batcher = SoftPromptBatcher(registry, load_input_embeddings(model_dir), engine.dtype,
                                 on_step=metrics.observe_routing_step)
     batcher.start()
     serving = Serving(engine, registry, batcher, tokenizer, metrics,
                       settings.engine.served_model_name)
+    access = AccessPolicy(settings.api_key, settings.admin_api_key, is_loopback(settings.host),
+                          settings.metrics_need_key)
+    services = Services(settings, engine, registry, manager, batcher, serving, metrics, access,
+                        int(started))
+    if settings.watch_interval > 0:
+        services.watcher = asyncio.create_task(manager.watch(settings.watch_interval))
     logger.info("serving %s with %d adapters, ready in %.1f s",
                 settings.engine.served_model_name, len(registry), time.time() - started)
-    return Services(settings, engine, registry, batcher, serving, metrics, int(started))
+    return services

@@ -37,8 +37,8 @@ class RequestError(Exception):
 
     @property
     def type(self) -> str:
-        return {404: "NotFoundError", 409: "ConflictError", 413: "RequestTooLargeError"}.get(
-            self.status, "BadRequestError")
+        return {401: "AuthenticationError", 403: "PermissionDeniedError", 404: "NotFoundError",
+                409: "ConflictError", 413: "RequestTooLargeError"}.get(self.status, "BadRequestError")
 
 
 @dataclass

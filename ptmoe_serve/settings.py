@@ -12,6 +12,15 @@ from ptmoe_serve.engine import EngineSettings
 class ServerSettings:
     engine: EngineSettings
     adapters_dir: Path
+    # Further folders that POST /v1/adapters may load from.
+    allowed_adapter_roots: tuple[Path, ...] = ()
     routing_device: str = "cpu"
     host: str = "127.0.0.1"
     port: int = 8000
+    api_key: str | None = None
+    admin_api_key: str | None = None
+    metrics_need_key: bool = False
+    max_upload_bytes: int = 64 * 1024 * 1024
+    # Seconds between looks at the adapters folder; 0 turns the watching off.
+    watch_interval: float = 2.0
+    drain_timeout: float = 30.0

@@ -1,0 +1,23 @@
+# ptmoe_serve on an NVIDIA GPU: `docker build -t ptmoe-serve .` then
+# `docker run --gpus all -p 8000:8000 -v $PWD/adapters:/adapters ptmoe-serve`
+FROM python:3.12-slim
+
+# Triton compiles small launchers at run time and needs a C compiler.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc g++ \
+    && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY ptmoe_serve ./ptmoe_serve
+RUN pip install --no-cache-dir ".[cuda]"
+
+# The embedded default model, prepared once into the image.
+ENV PTMOE_CACHE=/opt/ptmoe-cache
+RUN ptmoe-serve prepare-model --cache-dir $PTMOE_CACHE
+
+COPY adapters /adapters
+EXPOSE 8000
+ENTRYPOINT ["ptmoe-serve", "serve", "--host", "0.0.0.0", "--port", "8000", \
+            "--adapters", "/adapters", "--cache-dir", "/opt/ptmoe-cache"]
+CMD ["--model", "default"]

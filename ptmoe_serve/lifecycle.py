@@ -1,0 +1,133 @@
+"""Adapters coming and going while the server runs: load from an allowed folder, upload into
+the store, unload, and follow the store folder as files are copied in or removed.
+
+Every operation validates fully before it touches the registry or the store, so a refused
+adapter changes nothing. All of it runs on the event loop, between routing steps, so a replace
+is atomic for requests: each one routes with exactly one version."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+from ptmoe_serve.adapter import (AdapterError, PtMoeAdapter, parse_config, parse_weights,
+                                 read_adapter, validate_name)
+from ptmoe_serve.registry import AdapterEntry, AdapterNotFound, AdapterRegistry
+from ptmoe_serve.store import AdapterStore, FolderSignature
+
+logger = logging.getLogger(__name__)
+
+
+class PathNotAllowed(AdapterError):
+    """A folder outside every allowed root (after following symlinks)."""
+
+
+class AdapterManager:
+    def __init__(self, registry: AdapterRegistry, store: AdapterStore,
+                 extra_roots: list[Path] = ()):
+        self.registry = registry
+        self.store = store
+        self.allowed_roots = [store.root, *(Path(r).resolve() for r in extra_roots)]
+        # Store folders already acted on, so the watcher loads each version once.
+        self._seen: dict[str, FolderSignature] = {}
+
+    def start(self) -> None:
+        """Serve what was served before: the store's folders and the adapters linked from
+        other roots, after undoing whatever a crash left half done."""
+        self.store.recover()
+        self.sync_store()
+        for name, path in sorted(self.store.manifest.linked.items()):
+            try:
+                self._add(name, read_adapter(Path(path)), replace=False, source=Path(path))
+            except AdapterError as e:
+                logger.error("adapter %s (from %s) not loaded: %s", name, path, e)
+
+    # -- operations behind the management API ---------------------------------------------
+
+    def load_path(self, name: str, path: str, replace: bool) -> AdapterEntry:
+        validate_name(name)
+        folder = self._allowed_folder(path)
+        entry = self._add(name, read_adapter(folder), replace=replace, source=folder)
+        self.store.remember_loaded(name, folder)
+        return entry
+
+    def upload(self, name: str, config: bytes, weights: bytes) -> AdapterEntry:
+        """Create or replace `name` in the store from the two files' bytes."""
+        validate_name(name)
+        adapter = parse_weights(weights, parse_config(config))
+        self.registry.check_compatible(adapter)
+        self._check_name_free_of_links(name)
+        folder = self.store.write(name, config, weights)
+        self._seen[name] = FolderSignature.of(folder)
+        entry = self._add(name, adapter, replace=True, source=folder)
+        self.store.remember_loaded(name, folder)
+        return entry
+
+    def unload(self, name: str, purge: bool) -> AdapterEntry:
+        entry = self.registry.remove(name)
+        self.store.remember_unloaded(name)
+        if purge and entry.source is not None and self.store.contains(entry.source):
+            self.store.purge(entry.source.name)
+            self._seen.pop(entry.source.name, None)
+        return entry
+
+    def _add(self, name: str, adapter: PtMoeAdapter, replace: bool,
+             source: Path) -> AdapterEntry:
+        started = time.perf_counter()
+        entry = self.registry.add(name, adapter, replace=replace, source=source)
+        logger.info("loaded adapter %s v%d from %s in %.2f ms", name, entry.version, source,
+                    1000 * (time.perf_counter() - started))
+        return entry
+
+    def _allowed_folder(self, path: str) -> Path:
+        raw = Path(path).expanduser()
+        if not raw.is_absolute():
+            raise AdapterError(f"path {path!r} must be absolute")
+        if not raw.exists():
+            raise AdapterError(f"adapter folder {path} does not exist")
+        folder = raw.resolve(strict=True)  # symlinks followed: the real place is what counts
+        if not any(folder.is_relative_to(root) for root in self.allowed_roots):
+            raise PathNotAllowed(
+                f"{path} is outside the allowed roots ({', '.join(map(str, self.allowed_roots))});"
+                " add one with --allow-adapter-path")
+        return folder
+
+    def _check_name_free_of_links(self, name: str) -> None:
+        if name in self.store.manifest.linked:
+            raise AdapterError(f"adapter {name!r} is loaded from {self.store.manifest.linked[name]};"
+                               " unload it before uploading under that name")
+
+    # -- following the store folder -------------------------------------------------------
+
+    def sync_store(self) -> None:
+        """Load new or changed store folders, unload the ones removed from disk."""
+        folders = self.store.folders()
+        for name, folder in sorted(folders.items()):
+            signature = FolderSignature.of(folder)
+            if (signature is None or name in self.store.manifest.unloaded
+                    or name in self.store.manifest.linked or self._seen.get(name) == signature):
+                continue
+            self._seen[name] = signature
+            try:
+                self._add(name, read_adapter(folder), replace=True, source=folder)
+            except AdapterError as e:  # a folder still being copied is retried when it changes
+                logger.error("adapter %s not loaded: %s", name, e)
+        for entry in self.registry.entries():
+            if (entry.source is not None and self.store.contains(entry.source)
+                    and entry.source.name not in folders):
+                logger.info("adapter %s unloaded: its folder was removed", entry.name)
+                self.registry.remove(entry.name)
+                self._seen.pop(entry.source.name, None)
+
+    async def watch(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self.sync_store()
+            except OSError as e:
+                logger.error("cannot read the adapter store: %s", e)
+
+
+__all__ = ["AdapterManager", "AdapterNotFound", "PathNotAllowed"]

@@ -1,0 +1,156 @@
+"""The adapter store: the `--adapters` folder on disk, kept consistent across crashes.
+
+An upload is validated in memory, written to a hidden folder beside its target, flushed, and
+renamed into place, so a reader (or a restart) sees the old adapter or the new one, never half
+of one. What a restart must remember beyond the folders themselves (adapters loaded from other
+allowed roots, adapters unloaded on request) is kept in a small manifest, replaced atomically."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ptmoe_serve.adapter import CONFIG_FILE, WEIGHTS_FILE, AdapterError
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = ".ptmoe-manifest.json"
+STAGING_PREFIX = ".staging-"
+RETIRED_PREFIX = ".retired-"
+
+
+@dataclass
+class Manifest:
+    linked: dict[str, str] = field(default_factory=dict)  # name -> folder outside the store
+    unloaded: set[str] = field(default_factory=set)  # store folders not to serve
+
+
+@dataclass(frozen=True)
+class FolderSignature:
+    """Changes whenever either file of an adapter folder is rewritten."""
+
+    stamps: tuple[tuple[int, int], ...]
+
+    @staticmethod
+    def of(folder: Path) -> FolderSignature | None:
+        try:
+            stats = [(folder / name).stat() for name in (CONFIG_FILE, WEIGHTS_FILE)]
+        except OSError:
+            return None
+        return FolderSignature(tuple((s.st_mtime_ns, s.st_size) for s in stats))
+
+
+class AdapterStore:
+    def __init__(self, root: Path):
+        self.root = root.resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.manifest = self._read_manifest()
+
+    def recover(self) -> None:
+        """Finish or undo what a crash interrupted: staged uploads never became adapters, and
+        a retired folder whose replacement never arrived comes back."""
+        for path in self.root.iterdir():
+            if path.name.startswith(MANIFEST + "."):
+                path.unlink()
+            elif path.name.startswith(STAGING_PREFIX):
+                logger.warning("removing an interrupted upload: %s", path.name)
+                shutil.rmtree(path, ignore_errors=True)
+        for path in self.root.iterdir():
+            if path.name.startswith(RETIRED_PREFIX):
+                name = path.name[len(RETIRED_PREFIX):].rsplit("-", 1)[0]
+                if (self.root / name).exists():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    logger.warning("restoring %s: its replacement was interrupted", name)
+                    path.rename(self.root / name)
+
+    def folder(self, name: str) -> Path:
+        return self.root / name
+
+    def folders(self) -> dict[str, Path]:
+        """Adapter folders in the store, by name (hidden folders excluded)."""
+        return {p.name: p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")}
+
+    def contains(self, path: Path) -> bool:
+        return path.resolve().parent == self.root
+
+    def write(self, name: str, config: bytes, weights: bytes) -> Path:
+        """Write an adapter's two files under `name`, replacing any folder there atomically."""
+        token = uuid.uuid4().hex[:8]
+        staging = self.root / f"{STAGING_PREFIX}{name}-{token}"
+        staging.mkdir()
+        try:
+            for file_name, data in ((CONFIG_FILE, config), (WEIGHTS_FILE, weights)):
+                with open(staging / file_name, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            target = self.root / name
+            if target.exists():
+                retired = self.root / f"{RETIRED_PREFIX}{name}-{token}"
+                target.rename(retired)
+                staging.rename(target)
+                shutil.rmtree(retired, ignore_errors=True)
+            else:
+                staging.rename(target)
+            _fsync_dir(self.root)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return target
+
+    def purge(self, name: str) -> None:
+        folder = self.root / name
+        if folder.is_dir():
+            retired = self.root / f"{RETIRED_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
+            folder.rename(retired)
+            shutil.rmtree(retired, ignore_errors=True)
+
+    # -- the manifest ---------------------------------------------------------------------
+
+    def remember_loaded(self, name: str, source: Path) -> None:
+        self.manifest.unloaded.discard(name)
+        if self.contains(source) and source.name == name:
+            self.manifest.linked.pop(name, None)
+        else:
+            self.manifest.linked[name] = str(source)
+        self._write_manifest()
+
+    def remember_unloaded(self, name: str) -> None:
+        self.manifest.linked.pop(name, None)
+        if (self.root / name).is_dir():
+            self.manifest.unloaded.add(name)
+        self._write_manifest()
+
+    def _read_manifest(self) -> Manifest:
+        path = self.root / MANIFEST
+        if not path.exists():
+            return Manifest()
+        try:
+            data = json.loads(path.read_text())
+            return Manifest(dict(data.get("linked", {})), set(data.get("unloaded", [])))
+        except (OSError, ValueError, AttributeError) as e:
+            raise AdapterError(f"the store's manifest {path} is unreadable: {e}") from None
+
+    def _write_manifest(self) -> None:
+        data = {"linked": self.manifest.linked, "unloaded": sorted(self.manifest.unloaded)}
+        staging = self.root / f"{MANIFEST}.{uuid.uuid4().hex[:8]}"
+        with open(staging, "w") as f:
+            json.dump(data, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(staging, self.root / MANIFEST)
+        _fsync_dir(self.root)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
