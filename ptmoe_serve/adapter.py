@@ -11,7 +11,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError, model_validator
@@ -113,7 +113,7 @@ def parse_config(raw: bytes) -> AdapterConfig:
 
 def parse_weights(raw: bytes, config: AdapterConfig) -> PtMoeAdapter:
     """Check the safetensors header against the config, then decode, then check the values."""
-    header = _read_header(raw)
+    header, data_bytes = _read_header(raw)
     expected = config.tensor_shapes()
     found = set(header) - {"__metadata__"}
     if found != set(expected):
@@ -134,6 +134,10 @@ def parse_weights(raw: bytes, config: AdapterConfig) -> PtMoeAdapter:
                 f"tensor {key} has shape {list(info.get('shape', []))}; "
                 f"the config asks for {list(shape)}"
             )
+    needed = max(_data_end(header[key]) for key in expected)
+    if needed > data_bytes:
+        raise AdapterError(f"{WEIGHTS_FILE} is truncated: its tensors need {needed} bytes of "
+                           f"data and it holds {data_bytes}")
     try:
         tensors = load(raw)
     except Exception as e:  # safetensors raises its own error types for corrupt data
@@ -151,7 +155,15 @@ def parse_weights(raw: bytes, config: AdapterConfig) -> PtMoeAdapter:
     )
 
 
-def _read_header(raw: bytes) -> dict:
+def _data_end(info: dict) -> int:
+    offsets = info.get("data_offsets")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+        raise AdapterError(f"{WEIGHTS_FILE} has a corrupt header")
+    return offsets[1]
+
+
+def _read_header(raw: bytes) -> tuple[dict, int]:
+    """The parsed JSON header and the number of data bytes after it."""
     if len(raw) < 8:
         raise AdapterError(f"{WEIGHTS_FILE} is truncated: {len(raw)} bytes")
     (length,) = struct.unpack("<Q", raw[:8])
@@ -166,11 +178,13 @@ def _read_header(raw: bytes) -> dict:
         raise AdapterError(f"{WEIGHTS_FILE} has a corrupt header") from None
     if not isinstance(header, dict):
         raise AdapterError(f"{WEIGHTS_FILE} has a corrupt header")
-    return header
+    return header, len(raw) - 8 - length
 
 
-def read_adapter(folder: Path) -> PtMoeAdapter:
-    """Load and validate an adapter folder. Never opens a pickle-based file."""
+def read_adapter(folder: Path,
+                 check_config: Callable[[AdapterConfig], None] = lambda config: None) -> PtMoeAdapter:
+    """Load and validate an adapter folder. Never opens a pickle-based file. `check_config`
+    may refuse the config (raising AdapterError) before the weights are read."""
     if not folder.is_dir():
         raise AdapterError(f"adapter folder {folder} does not exist")
     config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
@@ -185,6 +199,7 @@ def read_adapter(folder: Path) -> PtMoeAdapter:
     if not config_path.is_file():
         raise AdapterError(f"{folder.name} has no {CONFIG_FILE}")
     config = parse_config(_read_limited(config_path, MAX_CONFIG_BYTES))
+    check_config(config)
     return parse_weights(_read_limited(weights_path, MAX_WEIGHTS_BYTES), config)
 
 

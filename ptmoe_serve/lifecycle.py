@@ -40,7 +40,7 @@ class AdapterManager:
         self.sync_store()
         for name, path in sorted(self.store.manifest.linked.items()):
             try:
-                self._add(name, read_adapter(Path(path)), replace=False, source=Path(path))
+                self._add(name, self._read(Path(path)), replace=False, source=Path(path))
             except AdapterError as e:
                 logger.error("adapter %s (from %s) not loaded: %s", name, path, e)
 
@@ -49,15 +49,16 @@ class AdapterManager:
     def load_path(self, name: str, path: str, replace: bool) -> AdapterEntry:
         validate_name(name)
         folder = self._allowed_folder(path)
-        entry = self._add(name, read_adapter(folder), replace=replace, source=folder)
+        entry = self._add(name, self._read(folder), replace=replace, source=folder)
         self.store.remember_loaded(name, folder)
         return entry
 
     def upload(self, name: str, config: bytes, weights: bytes) -> AdapterEntry:
         """Create or replace `name` in the store from the two files' bytes."""
         validate_name(name)
-        adapter = parse_weights(weights, parse_config(config))
-        self.registry.check_compatible(adapter)
+        parsed = parse_config(config)
+        self.registry.check_compatible(parsed)
+        adapter = parse_weights(weights, parsed)
         self._check_name_free_of_links(name)
         folder = self.store.write(name, config, weights)
         self._seen[name] = FolderSignature.of(folder)
@@ -72,6 +73,9 @@ class AdapterManager:
             self.store.purge(entry.source.name)
             self._seen.pop(entry.source.name, None)
         return entry
+
+    def _read(self, folder: Path) -> PtMoeAdapter:
+        return read_adapter(folder, self.registry.check_compatible)
 
     def _add(self, name: str, adapter: PtMoeAdapter, replace: bool,
              source: Path) -> AdapterEntry:
@@ -111,7 +115,7 @@ class AdapterManager:
                 continue
             self._seen[name] = signature
             try:
-                self._add(name, read_adapter(folder), replace=True, source=folder)
+                self._add(name, self._read(folder), replace=True, source=folder)
             except AdapterError as e:  # a folder still being copied is retried when it changes
                 logger.error("adapter %s not loaded: %s", name, e)
         for entry in self.registry.entries():

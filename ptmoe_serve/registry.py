@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ptmoe_serve.adapter import AdapterError, PtMoeAdapter, validate_name
+from ptmoe_serve.adapter import AdapterConfig, AdapterError, PtMoeAdapter, validate_name
 from ptmoe_serve.routing import Routing, route_batch
 
 INITIAL_CAPACITY = 4
@@ -153,8 +153,7 @@ class AdapterRegistry:
         except KeyError:
             raise AdapterNotFound(name) from None
 
-    def check_compatible(self, adapter: PtMoeAdapter) -> None:
-        config = adapter.config
+    def check_compatible(self, config: AdapterConfig) -> None:
         if config.hidden_size != self.hidden_size:
             raise AdapterError(
                 f"adapter hidden_size is {config.hidden_size}; the base model's is {self.hidden_size}"
@@ -170,7 +169,7 @@ class AdapterRegistry:
         validate_name(name)
         if name in self.reserved_names:
             raise AdapterExists(f"{name!r} is the base model's name; choose another adapter name")
-        self.check_compatible(adapter)
+        self.check_compatible(adapter.config)
         old = self._entries.get(name)
         if old is not None and not replace:
             raise AdapterExists(f"adapter {name!r} is already loaded; pass replace to swap it")

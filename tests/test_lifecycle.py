@@ -1,0 +1,123 @@
+import shutil
+
+import pytest
+import torch
+
+from helpers import random_adapter
+from ptmoe_serve.adapter import CONFIG_FILE, WEIGHTS_FILE, AdapterError, write_adapter
+from ptmoe_serve.lifecycle import AdapterManager, PathNotAllowed
+from ptmoe_serve.registry import AdapterExists, AdapterRegistry
+from ptmoe_serve.store import AdapterStore
+
+
+@pytest.fixture
+def roots(tmp_path):
+    store, library, outside = tmp_path / "store", tmp_path / "library", tmp_path / "outside"
+    for folder in (store, library, outside):
+        folder.mkdir()
+    return store, library, outside
+
+
+def manager(store_dir, library) -> AdapterManager:
+    registry = AdapterRegistry(16, 64, torch.device("cpu"))
+    result = AdapterManager(registry, AdapterStore(store_dir), [library])
+    result.start()
+    return result
+
+
+def files(adapter) -> tuple[bytes, bytes]:
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        write_adapter(adapter, Path(d))
+        return (Path(d) / CONFIG_FILE).read_bytes(), (Path(d) / WEIGHTS_FILE).read_bytes()
+
+
+def test_start_serves_the_store_and_skips_bad_folders(roots):
+    store, library, _ = roots
+    write_adapter(random_adapter(seed=1), store / "good")
+    write_adapter(random_adapter(hidden_size=8), store / "wrong-size")
+    (store / "empty").mkdir()
+    m = manager(store, library)
+    assert [e.name for e in m.registry.entries()] == ["good"]
+
+
+def test_load_path_checks_the_allowed_roots(roots):
+    store, library, outside = roots
+    m = manager(store, library)
+    write_adapter(random_adapter(), library / "lib")
+    write_adapter(random_adapter(), outside / "evil")
+    (library / "link").symlink_to(outside / "evil")
+    assert m.load_path("lib", str(library / "lib"), replace=False).name == "lib"
+    with pytest.raises(PathNotAllowed):
+        m.load_path("evil", str(outside / "evil"), replace=False)
+    with pytest.raises(PathNotAllowed):
+        m.load_path("evil", str(library / "link"), replace=False)
+    with pytest.raises(PathNotAllowed):
+        m.load_path("evil", str(library / ".." / "outside" / "evil"), replace=False)
+    with pytest.raises(AdapterError, match="must be absolute"):
+        m.load_path("rel", "library/lib", replace=False)
+    with pytest.raises(AdapterError, match="does not exist"):
+        m.load_path("gone", str(library / "gone"), replace=False)
+    with pytest.raises(AdapterExists):
+        m.load_path("lib", str(library / "lib"), replace=False)
+    assert [e.name for e in m.registry.entries()] == ["lib"]
+
+
+def test_upload_validates_before_writing(roots):
+    store, library, _ = roots
+    m = manager(store, library)
+    config, weights = files(random_adapter(seed=1))
+    with pytest.raises(AdapterError, match="hidden_size"):
+        m.upload("bad", *files(random_adapter(hidden_size=8)))
+    with pytest.raises(AdapterError, match="corrupt|truncated"):
+        m.upload("bad", config, weights[:-7])
+    assert not (store / "bad").exists() and len(m.registry) == 0
+    first = m.upload("a", config, weights)
+    second = m.upload("a", *files(random_adapter(seed=2)))
+    assert second.version > first.version and m.registry.get("a") is second
+
+
+def test_restart_remembers_links_and_unloads(roots):
+    store, library, _ = roots
+    m = manager(store, library)
+    write_adapter(random_adapter(), library / "lib")
+    m.load_path("linked", str(library / "lib"), replace=False)
+    m.upload("up", *files(random_adapter(seed=1)))
+    m.upload("dropped", *files(random_adapter(seed=2)))
+    m.unload("dropped", purge=False)
+    m.upload("purged", *files(random_adapter(seed=3)))
+    m.unload("purged", purge=True)
+    assert (store / "dropped").exists() and not (store / "purged").exists()
+    again = manager(store, library)
+    assert [e.name for e in again.registry.entries()] == ["linked", "up"]
+
+
+def test_watching_the_store(roots):
+    store, library, _ = roots
+    m = manager(store, library)
+    write_adapter(random_adapter(seed=1), library / "src")
+    # A folder still being copied: the config is there, the weights not yet.
+    (store / "new").mkdir()
+    shutil.copy(library / "src" / CONFIG_FILE, store / "new")
+    m.sync_store()
+    assert "new" not in m.registry
+    shutil.copy(library / "src" / WEIGHTS_FILE, store / "new")
+    m.sync_store()
+    first = m.registry.get("new")
+    write_adapter(random_adapter(seed=2), store / "new")  # rewritten in place
+    m.sync_store()
+    assert m.registry.get("new").version > first.version
+    shutil.rmtree(store / "new")
+    m.sync_store()
+    assert "new" not in m.registry
+
+
+def test_an_unloaded_store_folder_is_not_reloaded_by_the_watcher(roots):
+    store, library, _ = roots
+    m = manager(store, library)
+    m.upload("a", *files(random_adapter()))
+    m.unload("a", purge=False)
+    m.sync_store()
+    assert "a" not in m.registry
