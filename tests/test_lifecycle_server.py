@@ -18,7 +18,8 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from conftest import BASE, TEXTS, start_server, stop_server
+from bench.server_process import start_server, stop_server
+from conftest import BASE, TEXTS
 from helpers import text_experts_adapter
 from ptmoe_serve.adapter import CONFIG_FILE, WEIGHTS_FILE, write_adapter
 from ptmoe_serve.soft_prompts import load_input_embeddings
@@ -313,8 +314,8 @@ def test_soak_traffic_while_adapters_churn(server, lab):
             i += 1
 
     def traffic(worker: int):
-        for j in range(8):
-            name = served[(worker * 8 + j) % len(served)]
+        for j in range(16):
+            name = served[(worker * 16 + j) % len(served)]
             try:
                 text, finish = stream_text(server, name, 8)
                 results.append("ok" if finish == "length" and text else f"bad finish {finish}")
@@ -335,7 +336,7 @@ def test_soak_traffic_while_adapters_churn(server, lab):
     rss_growth = (process.memory_info().rss - rss_before) / 2**20
     print(f"soak: {len(results)} requests over {len(served)} adapters, {churn_ops[0]} churn "
           f"operations, {sum(r != 'ok' for r in results)} errors, RSS growth {rss_growth:.1f} MiB")
-    assert results.count("ok") == 64, [r for r in results if r != "ok"][:5]
+    assert results.count("ok") == 128, [r for r in results if r != "ok"][:5]
     assert churn_ops[0] > 0
     assert rss_growth < 200
 
