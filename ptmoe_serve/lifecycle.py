@@ -108,6 +108,8 @@ class AdapterManager:
     def sync_store(self) -> None:
         """Load new or changed store folders, unload the ones removed from disk."""
         folders = self.store.folders()
+        # An unloaded adapter's folder that is gone: a new folder of that name is a new adapter.
+        self.store.forget_unloaded(self.store.manifest.unloaded - folders.keys())
         for name, folder in sorted(folders.items()):
             signature = FolderSignature.of(folder)
             if (signature is None or name in self.store.manifest.unloaded

@@ -127,6 +127,11 @@ class AdapterStore:
             self.manifest.unloaded.add(name)
         self._write_manifest()
 
+    def forget_unloaded(self, names: set[str]) -> None:
+        if names:
+            self.manifest.unloaded -= names
+            self._write_manifest()
+
     def _read_manifest(self) -> Manifest:
         path = self.root / MANIFEST
         if not path.exists():

@@ -121,3 +121,15 @@ def test_an_unloaded_store_folder_is_not_reloaded_by_the_watcher(roots):
     m.unload("a", purge=False)
     m.sync_store()
     assert "a" not in m.registry
+
+
+def test_a_new_folder_under_an_unloaded_name_is_served(roots):
+    store, library, _ = roots
+    m = manager(store, library)
+    m.upload("a", *files(random_adapter(seed=1)))
+    m.unload("a", purge=False)
+    shutil.rmtree(store / "a")
+    m.sync_store()
+    write_adapter(random_adapter(seed=2), store / "a")
+    m.sync_store()
+    assert "a" in m.registry
