@@ -36,7 +36,7 @@ def plot_results(report: dict, out: Path) -> None:
         ax.set_xticks([i + width * (len(present) - 1) / 2 for i in range(len(labels))], labels,
                       fontsize=8)
         ax.set_title(title)
-    axes[0].legend()
+    axes[0].legend(fontsize=8, loc="lower left")
     fig.suptitle(f"{report['model']}, {report['dtype']}, {report['machine']['cpus']} CPUs"
                  + (f", {report['machine']['cuda']}" if report["machine"].get("cuda") else ""))
     fig.tight_layout()

@@ -104,15 +104,18 @@ def main() -> None:
         def measure(system: str, endpoint: systems.Endpoint, spec: WorkloadSpec) -> None:
             requests = make_workload(spec, corpus_ids)
             label = f"{system} N={spec.num_adapters} {spec.popularity} {spec.arrival}"
+            cpu_before = endpoint.cpu_seconds()
             summary = asyncio.run(run_workload(endpoint.url, requests, spec, endpoint.model_name,
                                                endpoint.prompt_ids, progress=label))
+            summary["cpu_seconds"] = {k: v - cpu_before[k]
+                                      for k, v in endpoint.cpu_seconds().items()}
             results.append({"system": system, "workload": asdict(spec), "system_info":
                             endpoint.info, **summary})
             print(f"{label}: {summary['output_tokens_per_second']:.1f} tok/s, "
                   f"{summary['errors']} errors", flush=True)
 
         if "vllm" in chosen:
-            with systems.vllm_bare(config, tokenizer.encode(" the")[0]) as endpoint:
+            with systems.vllm_bare(config) as endpoint:
                 for n in preset.adapter_counts:
                     for spec in specs(n):
                         measure("vllm", endpoint, spec)

@@ -62,6 +62,22 @@ class Endpoint:
     model_name: Callable[[int], str]
     prompt_ids: Callable[[BenchRequest], list[int]]
     info: dict
+    pid: int  # the API server's process; vLLM's engine processes are its children
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time so far of the API server process and of its engine processes."""
+        import psutil
+
+        api = psutil.Process(self.pid)
+        engine = 0.0
+        for child in api.children(recursive=True):
+            try:
+                times = child.cpu_times()
+                engine += times.user + times.system
+            except psutil.NoSuchProcess:
+                pass
+        times = api.cpu_times()
+        return {"api_process": times.user + times.system, "engine_processes": engine}
 
 
 def _engine_args(config: SystemConfig) -> list[str]:
@@ -82,7 +98,7 @@ def ptmoe(config: SystemConfig, num_adapters: int) -> Iterator[Endpoint]:
     try:
         names = [f.name for f in folders]
         yield Endpoint(server.url, lambda i: names[i], lambda r: r.prompt_ids,
-                       {"adapter_parameters": _ptmoe_parameters(config)})
+                       {"adapter_parameters": _ptmoe_parameters(config)}, server.process.pid)
     finally:
         stop_server(server)
 
@@ -110,15 +126,22 @@ def _vllm_args(config: SystemConfig) -> list[str]:
             *_engine_args(config)]
 
 
+def with_filler(prompt_ids: list[int], length: int) -> list[int]:
+    """`length` tokens in front of the prompt, where a soft prompt would be: the prompt's own
+    tokens repeated, so no two requests share that prefix and vLLM's prefix cache cannot skip
+    it (soft prompts differ per request too)."""
+    return [prompt_ids[i % len(prompt_ids)] for i in range(length)] + prompt_ids
+
+
 @contextmanager
-def vllm_bare(config: SystemConfig, filler_token: int) -> Iterator[Endpoint]:
-    """The bare model; each prompt gets T filler tokens in front, where a soft prompt would be."""
+def vllm_bare(config: SystemConfig) -> Iterator[Endpoint]:
+    """The bare model; each prompt gets T more tokens in front, where a soft prompt would be."""
     server = start_server(_vllm_args(config), config.work_dir / "vllm.log",
                           command=_vllm_command(), env=config.engine_env())
-    filler = [filler_token] * config.prompt_length
     try:
-        yield Endpoint(server.url, lambda i: config.base_name, lambda r: filler + r.prompt_ids,
-                       {"extra_prompt_tokens": config.prompt_length})
+        yield Endpoint(server.url, lambda i: config.base_name,
+                       lambda r: with_filler(r.prompt_ids, config.prompt_length),
+                       {"extra_prompt_tokens": config.prompt_length}, server.process.pid)
     finally:
         stop_server(server)
 
@@ -144,7 +167,7 @@ def vllm_lora(config: SystemConfig, num_adapters: int) -> Iterator[Endpoint]:
         yield Endpoint(server.url, lambda i: names[i], lambda r: r.prompt_ids,
                        {"adapter_parameters": lora_parameters(folders[0]),
                         "lora_rank": config.lora_rank, "lora_targets": list(config.lora_targets),
-                        "max_loras": min(config.max_loras, num_adapters)})
+                        "max_loras": min(config.max_loras, num_adapters)}, server.process.pid)
     finally:
         stop_server(server)
 

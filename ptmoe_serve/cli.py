@@ -1,7 +1,8 @@
 """Command line -> one settings object -> constructors.
 
 `ptmoe-serve serve` starts the server; `prepare-model` prepares the embedded default model;
-`init-adapter` writes a format v1 adapter initialised from a task description."""
+`init-adapter` writes a format v1 adapter initialised from a task description;
+`convert-peft` imports a PEFT prompt-tuning checkpoint."""
 
 from __future__ import annotations
 
@@ -97,6 +98,15 @@ def _init_parser(sub) -> None:
     p.add_argument("--router-scaling", choices=["probability", "none"], default="probability")
 
 
+def convert_peft(args: argparse.Namespace) -> None:
+    from ptmoe_serve.adapter import validate_name, write_adapter
+    from ptmoe_serve.convert_peft import convert_prompt_tuning
+
+    validate_name(args.output.name)
+    write_adapter(convert_prompt_tuning(args.source), args.output)
+    print(f"wrote {args.output}")
+
+
 def serve(args: argparse.Namespace) -> None:
     import torch
     import uvicorn
@@ -169,12 +179,19 @@ def main(argv: list[str] | None = None) -> None:
     prepare = sub.add_parser("prepare-model", help="prepare the embedded default model")
     prepare.add_argument("--cache-dir", type=Path, default=default_cache_dir())
     _init_parser(sub)
+    convert = sub.add_parser("convert-peft", help="convert a PEFT prompt-tuning checkpoint "
+                                                  "(PROMPT_TUNING) into an adapter of format v1")
+    convert.add_argument("source", type=Path, help="the PEFT checkpoint folder")
+    convert.add_argument("output", type=Path, help="adapter folder to write; its name is the "
+                                                   "adapter's")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
         serve(args)
     elif args.command == "prepare-model":
         print(ensure_default_model(args.cache_dir))
+    elif args.command == "convert-peft":
+        convert_peft(args)
     else:
         init_adapter(args)
 

@@ -66,7 +66,8 @@ class SoftPromptBatcher:
         on_step: Callable[[int, float], None] = lambda batch_size, seconds: None,
     ):
         self.registry = registry
-        self.table = embedding_table.to(registry.device)
+        # In the model's dtype: the embeddings the model reads, and half the bytes in bfloat16.
+        self.table = embedding_table.to(device=registry.device, dtype=model_dtype)
         self.model_dtype = model_dtype
         self.on_step = on_step
         self._queue: list[_Pending] = []
@@ -129,6 +130,6 @@ class SoftPromptBatcher:
             soft_prompts = routing.soft_prompt.to(self.model_dtype)
             weights, probabilities = routing.weights.tolist(), routing.probabilities.tolist()
             for j, i in enumerate(rows):
-                embeds = torch.cat([soft_prompts[j], per_request[i].to(self.model_dtype)]).cpu()
+                embeds = torch.cat([soft_prompts[j], per_request[i]]).cpu()
                 results[i] = PromptEmbeds(embeds, weights[j], probabilities[j])
         return results

@@ -58,6 +58,13 @@ def test_summary_metrics():
     assert percentile(list(range(101)), 0.99) == 99
 
 
+def test_filler_makes_prompts_longer_without_a_shared_prefix():
+    from bench.systems import with_filler
+
+    assert with_filler([5, 6, 7], 4) == [5, 6, 7, 5, 5, 6, 7]
+    assert with_filler([1, 2], 3)[:3] != with_filler([3, 4], 3)[:3]
+
+
 def result(system, tok_s, n=16):
     return {"system": system, "output_tokens_per_second": tok_s, "ttft_p50": 0.5,
             "workload": {"num_adapters": n, "popularity": "uniform", "arrival": "closed"}}
