@@ -1,5 +1,6 @@
 """The routing step alone: soft prompts for a batch of heterogeneous requests, batched (this
-server's step) against a per-request loop over the plain reference, on this machine's device.
+server's step: the fused Triton kernels on CUDA, and the batched torch version everywhere)
+against a per-request loop over the plain reference, on this machine's device.
 
     python -m bench.routing_step --hidden 576 4096 --resident 1 1000 --batch 1 8 64 256
 """
@@ -54,7 +55,8 @@ def measure(hidden: int, resident: int, batch: int, prompt_tokens: int, device: 
     adapters = [random_adapter(hidden, 40, 2, 36, g, device) for _ in range(min(resident, 64))]
     entries = [registry.add(f"a{i}", adapters[i % len(adapters)]) for i in range(resident)]
     table = torch.randn(VOCAB, hidden, generator=g).to(device)
-    batcher = SoftPromptBatcher(registry, table, torch.bfloat16)
+    batcher = SoftPromptBatcher(registry, table, torch.bfloat16, fused=False)
+    fused = SoftPromptBatcher(registry, table, torch.bfloat16, fused=True)
     picks = torch.randint(0, resident, (batch,), generator=g).tolist()
     ids = [torch.randint(0, VOCAB, (prompt_tokens,), generator=g).tolist() for _ in picks]
     pending = [_Pending(entries[p], i, None) for p, i in zip(picks, ids)]
@@ -67,8 +69,12 @@ def measure(hidden: int, resident: int, batch: int, prompt_tokens: int, device: 
 
     batched = median_seconds(lambda: batcher.compute(pending), repeats)
     looped = median_seconds(loop, repeats)
+    # The kernels' timings mean something only compiled for a GPU, not interpreted.
+    fused_s = median_seconds(lambda: fused.compute(pending), repeats) if device.type == "cuda" \
+        else None
     return {"hidden": hidden, "resident": resident, "batch": batch, "prompt_tokens": prompt_tokens,
-            "batched_ms": 1000 * batched, "loop_ms": 1000 * looped, "speedup": looped / batched}
+            "batched_ms": 1000 * batched, "loop_ms": 1000 * looped, "speedup": looped / batched,
+            "fused_ms": 1000 * fused_s if fused_s is not None else None}
 
 
 def main() -> None:

@@ -57,6 +57,11 @@ class AdapterBank:
         }
 
     @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The bank's stacked tensors, one row per slot (read-only use)."""
+        return self._tensors
+
+    @property
     def capacity(self) -> int:
         return self._tensors["top_k"].shape[0]
 

@@ -2,8 +2,9 @@
 embeddings, [soft prompt; token embeddings], from one batched computation.
 
 Each request awaits `build`; a background task takes everything queued since its last step and
-computes it at once: one embedding gather over all tokens, one segment mean, and one
-`AdapterBank.route` call per adapter shape, whatever adapters the requests name."""
+computes it at once: one embedding gather over all tokens and, per adapter shape, one batched
+routing whatever adapters the requests name: the fused Triton kernels on a CUDA device
+(routing_kernel.py), else the batched torch version (one segment mean, `AdapterBank.route`)."""
 
 from __future__ import annotations
 
@@ -64,12 +65,15 @@ class SoftPromptBatcher:
         embedding_table: torch.Tensor,
         model_dtype: torch.dtype,
         on_step: Callable[[int, float], None] = lambda batch_size, seconds: None,
+        fused: bool | None = None,
     ):
         self.registry = registry
         # In the model's dtype: the embeddings the model reads, and half the bytes in bfloat16.
         self.table = embedding_table.to(device=registry.device, dtype=model_dtype)
         self.model_dtype = model_dtype
         self.on_step = on_step
+        # None: the fused kernels where they can run (CUDA with Triton), else batched torch.
+        self.fused = fused if fused is not None else _fused_available(registry.device)
         self._queue: list[_Pending] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -116,7 +120,7 @@ class SoftPromptBatcher:
         lengths = torch.tensor([len(item.token_ids) for item in batch], device=device)
         flat_ids = torch.tensor([t for item in batch for t in item.token_ids], device=device)
         token_embeds = self.table.index_select(0, flat_ids)
-        means = segment_means(token_embeds, lengths)
+        means = None if self.fused else segment_means(token_embeds, lengths)
         per_request = token_embeds.split(lengths.tolist())
 
         by_bank: dict[int, list[int]] = defaultdict(list)
@@ -126,10 +130,30 @@ class SoftPromptBatcher:
         for rows in by_bank.values():
             bank = batch[rows[0]].entry.bank
             slots = torch.tensor([batch[i].entry.slot for i in rows], device=device)
-            routing = bank.route(slots, means[rows])
-            soft_prompts = routing.soft_prompt.to(self.model_dtype)
-            weights, probabilities = routing.weights.tolist(), routing.probabilities.tolist()
+            if self.fused:
+                from ptmoe_serve.routing_kernel import route_fused
+
+                group_ids = torch.cat([flat_ids.new_tensor(batch[i].token_ids) for i in rows])
+                offsets = torch.nn.functional.pad(lengths[rows].cumsum(0), (1, 0))
+                prompts, weights_t, probabilities_t = route_fused(
+                    self.table, group_ids, offsets, slots, bank.tensors)
+            else:
+                routing = bank.route(slots, means[rows])
+                prompts, weights_t, probabilities_t = (
+                    routing.soft_prompt, routing.weights, routing.probabilities)
+            soft_prompts = prompts.to(self.model_dtype)
+            weights, probabilities = weights_t.tolist(), probabilities_t.tolist()
             for j, i in enumerate(rows):
                 embeds = torch.cat([soft_prompts[j], per_request[i]]).cpu()
                 results[i] = PromptEmbeds(embeds, weights[j], probabilities[j])
         return results
+
+
+def _fused_available(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True

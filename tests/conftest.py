@@ -1,8 +1,15 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU, Triton kernels run under Triton's interpreter. The switch is read when triton
+# is first imported, which other libraries may do before any kernel test runs.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from bench.server_process import start_server, stop_server
 from ptmoe_serve.base_model import default_cache_dir, ensure_default_model
