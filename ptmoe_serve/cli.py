@@ -65,6 +65,9 @@ def _serve_parser(sub) -> None:
     lifecycle.add_argument("--drain-timeout", type=float, default=30.0,
                            help="on SIGTERM, seconds to let running requests finish "
                                 "(default: %(default)s)")
+    p.add_argument("--routing-kernel", choices=["auto", "triton", "torch"], default="auto",
+                   help="the routing step's implementation: auto is the fused Triton kernels "
+                        "on CUDA and batched torch elsewhere (default: %(default)s)")
     p.add_argument("--routing-device", default=None,
                    help="device of the adapter bank and routing step (default: cuda if "
                         "available, else cpu)")
@@ -136,6 +139,7 @@ def serve(args: argparse.Namespace) -> None:
         adapters_dir=args.adapters.resolve(),
         allowed_adapter_roots=tuple(p.resolve() for p in args.allow_adapter_path),
         routing_device=args.routing_device or ("cuda" if on_gpu else "cpu"),
+        routing_kernel=args.routing_kernel,
         host=args.host,
         port=args.port,
         api_key=args.api_key,

@@ -72,8 +72,9 @@ async def start_services(settings: ServerSettings) -> Services:
                              list(settings.allowed_adapter_roots))
     manager.start()
     metrics = Metrics()
+    fused = {"auto": None, "triton": True, "torch": False}[settings.routing_kernel]
     batcher = SoftPromptBatcher(registry, load_input_embeddings(model_dir), engine.dtype,
-                                on_step=metrics.observe_routing_step)
+                                on_step=metrics.observe_routing_step, fused=fused)
     batcher.start()
     serving = Serving(engine, registry, batcher, tokenizer, metrics,
                       settings.engine.served_model_name)

@@ -15,6 +15,8 @@ class ServerSettings:
     # Further folders that POST /v1/adapters may load from.
     allowed_adapter_roots: tuple[Path, ...] = ()
     routing_device: str = "cpu"
+    # "auto": the fused Triton kernels on CUDA, else batched torch; "triton" or "torch" forces.
+    routing_kernel: str = "auto"
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
