@@ -101,6 +101,46 @@ def _init_parser(sub) -> None:
     p.add_argument("--router-scaling", choices=["probability", "none"], default="probability")
 
 
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a PT-MoE adapter on a frozen base model")
+    _add_model_args(p)
+    p.add_argument("--data", type=Path, required=True,
+                   help='JSONL: {"prompt", "answer"} or {"messages": [..., assistant answer]}')
+    p.add_argument("--output", type=Path, required=True, help="adapter folder to write")
+    p.add_argument("--task-text", required=True,
+                   help="task description the prompt is initialised from (the paper's SVD init)")
+    p.add_argument("--num-experts", type=int, default=2)
+    p.add_argument("--prompt-length", type=int, default=40)
+    p.add_argument("--rank", type=int, default=36)
+    p.add_argument("--top-k", type=int, default=1)
+    p.add_argument("--router-scaling", choices=["probability", "none"], default="probability")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup-steps", type=int, default=20)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--noise-std", type=float, default=0.01,
+                   help="multiplicative noise on router logits while training")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--resume", action="store_true", help="continue from --output's checkpoint")
+
+
+def train(args: argparse.Namespace) -> None:
+    from ptmoe_serve.adapter import validate_name
+    from ptmoe_serve.train.trainer import TrainSettings, train as run_training
+
+    validate_name(args.output.name)
+    model_dir, name = _resolve_model(args.model, args.cache_dir)
+    fields = {k: getattr(args, k) for k in (
+        "data", "output", "task_text", "num_experts", "prompt_length", "rank", "top_k",
+        "router_scaling", "steps", "batch_size", "grad_accum", "lr", "warmup_steps",
+        "weight_decay", "noise_std", "seed", "checkpoint_every", "resume")}
+    summary = run_training(TrainSettings(model_dir=model_dir, base_name=name, **fields))
+    print(f"wrote {args.output}: loss {summary['losses'][0]:.4f} -> {summary['losses'][-1]:.4f}")
+
+
 def convert_peft(args: argparse.Namespace) -> None:
     from ptmoe_serve.adapter import validate_name, write_adapter
     from ptmoe_serve.convert_peft import convert_prompt_tuning
@@ -183,6 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     prepare = sub.add_parser("prepare-model", help="prepare the embedded default model")
     prepare.add_argument("--cache-dir", type=Path, default=default_cache_dir())
     _init_parser(sub)
+    _train_parser(sub)
     convert = sub.add_parser("convert-peft", help="convert a PEFT prompt-tuning checkpoint "
                                                   "(PROMPT_TUNING) into an adapter of format v1")
     convert.add_argument("source", type=Path, help="the PEFT checkpoint folder")
@@ -196,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
         print(ensure_default_model(args.cache_dir))
     elif args.command == "convert-peft":
         convert_peft(args)
+    elif args.command == "train":
+        train(args)
     else:
         init_adapter(args)
 

@@ -1,0 +1,1 @@
+"""Training PT-MoE adapters on a frozen base model."""

@@ -1,0 +1,155 @@
+"""`ptmoe-serve train`: fit a PT-MoE prompt on a frozen causal LM and write format v1.
+
+Initialisation from the task description (initialization.py), noisy top-k routing
+(module.py), loss on the answer tokens only, AdamW with linear warmup then a constant rate,
+gradient accumulation. Each step's batch and noise derive from (seed, step), so a run resumed
+from its checkpoint follows the same trajectory as one that never stopped."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from ptmoe_serve.adapter import write_adapter
+from ptmoe_serve.initialization import fit_to_length, init_from_text
+from ptmoe_serve.train.data import Example, load_examples
+from ptmoe_serve.train.module import PtMoePrompt, config_for
+
+CHECKPOINT = "checkpoint.safetensors"
+CHECKPOINT_STATE = "checkpoint.json"
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    model_dir: Path
+    base_name: str
+    data: Path
+    output: Path
+    task_text: str
+    num_experts: int = 2
+    prompt_length: int = 40
+    rank: int = 36
+    top_k: int = 1
+    router_scaling: str = "probability"
+    steps: int = 200
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 3e-3
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    noise_std: float = 0.01
+    seed: int = 0
+    checkpoint_every: int = 50
+    resume: bool = False
+
+
+def batch_inputs(examples: list[Example], prompts: torch.Tensor, embed: torch.nn.Module):
+    """Right-padded inputs_embeds [B, S, H], attention mask and labels (answer tokens only)."""
+    t = prompts.shape[1]
+    rows, labels = [], []
+    for example, prompt in zip(examples, prompts):
+        ids = torch.tensor(example.prompt_ids + example.answer_ids)
+        rows.append(torch.cat([prompt, embed(ids)]))
+        labels.append([-100] * (t + len(example.prompt_ids)) + example.answer_ids)
+    length = max(len(r) for r in rows)
+    hidden = rows[0].shape[1]
+    inputs = torch.zeros(len(rows), length, hidden)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    target = torch.full((len(rows), length), -100, dtype=torch.long)
+    for i, (row, label) in enumerate(zip(rows, labels)):
+        inputs[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+        target[i, : len(label)] = torch.tensor(label)
+    return inputs, mask, target
+
+
+def step_loss(model, embed, module: PtMoePrompt, examples: list[Example]) -> torch.Tensor:
+    with torch.no_grad():
+        means = torch.stack([embed(torch.tensor(e.prompt_ids)).float().mean(0) for e in examples])
+    inputs, mask, labels = batch_inputs(examples, module(means), embed)
+    return model(inputs_embeds=inputs, attention_mask=mask, labels=labels).loss
+
+
+def train(settings: TrainSettings) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(settings.model_dir)
+    examples = load_examples(settings.data, tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(settings.model_dir, dtype=torch.float32).eval()
+    model.requires_grad_(False)
+    embed = model.get_input_embeddings()
+
+    config = config_for(settings.base_name, embed.weight.shape[1], settings.num_experts,
+                        settings.prompt_length, settings.rank, settings.top_k,
+                        settings.router_scaling)
+    text_ids = fit_to_length(tokenizer.encode(settings.task_text), settings.prompt_length)
+    with torch.no_grad():
+        module = PtMoePrompt(init_from_text(embed(torch.tensor(text_ids)), config),
+                             settings.noise_std)
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / max(1, settings.warmup_steps)))
+
+    settings.output.mkdir(parents=True, exist_ok=True)
+    start = _load_checkpoint(settings.output, module, optimizer, schedule) if settings.resume else 0
+    losses = []
+    module.train()
+    bar = tqdm(range(start, settings.steps), desc="train", initial=start, total=settings.steps)
+    for step in bar:
+        rng = random.Random(settings.seed * 1_000_003 + step)
+        torch.manual_seed(settings.seed * 1_000_003 + step)
+        optimizer.zero_grad()
+        total = 0.0
+        for _ in range(settings.grad_accum):
+            batch = [examples[rng.randrange(len(examples))] for _ in range(settings.batch_size)]
+            loss = step_loss(model, embed, module, batch) / settings.grad_accum
+            loss.backward()
+            total += loss.item()
+        optimizer.step()
+        schedule.step()
+        losses.append(total)
+        bar.set_postfix(loss=f"{total:.4f}")
+        if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
+            _save_checkpoint(settings.output, module, optimizer, step + 1)
+    module.eval()
+    write_adapter(module.to_adapter(), settings.output)
+    summary = {"steps": settings.steps, "losses": losses, "settings": {
+        k: str(v) for k, v in asdict(settings).items()}}
+    (settings.output / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _save_checkpoint(folder: Path, module: PtMoePrompt, optimizer, step: int) -> None:
+    """Parameters and AdamW moments in safetensors; the step in JSON. No pickle."""
+    tensors = {f"param.{name}": p.detach() for name, p in module.named_parameters()}
+    for i, p in enumerate(optimizer.param_groups[0]["params"]):
+        for key, value in optimizer.state.get(p, {}).items():
+            tensors[f"adam.{i}.{key}"] = value.detach().reshape(-1) if key == "step" else value
+    save_file({k: v.contiguous() for k, v in tensors.items()}, folder / CHECKPOINT)
+    (folder / CHECKPOINT_STATE).write_text(json.dumps({"step": step}) + "\n")
+
+
+def _load_checkpoint(folder: Path, module: PtMoePrompt, optimizer, schedule) -> int:
+    if not (folder / CHECKPOINT_STATE).exists():
+        return 0
+    step = json.loads((folder / CHECKPOINT_STATE).read_text())["step"]
+    tensors = load_file(folder / CHECKPOINT)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.copy_(tensors[f"param.{name}"])
+    for i, p in enumerate(optimizer.param_groups[0]["params"]):
+        state = {key.split(".", 2)[2]: value for key, value in tensors.items()
+                 if key.startswith(f"adam.{i}.")}
+        if state:
+            state["step"] = state["step"].reshape(())
+            optimizer.state[p] = state
+    for _ in range(step):
+        schedule.step()
+    return step

@@ -1,0 +1,100 @@
+"""The trainer: a few steps on a tiny dataset lower the loss and write an adapter the running
+server loads; resuming follows the same trajectory; routing and its gradients behave as the
+paper states."""
+
+import json
+
+import httpx
+import pytest
+import torch
+
+from helpers import random_adapter
+from ptmoe_serve.adapter import read_adapter
+from ptmoe_serve.train.module import PtMoePrompt
+from ptmoe_serve.train.trainer import TrainSettings, train
+
+EXAMPLES = [
+    {"prompt": "Capital of France:", "answer": " Paris"},
+    {"prompt": "Capital of Italy:", "answer": " Rome"},
+    {"prompt": "Capital of Spain:", "answer": " Madrid"},
+    {"prompt": "Capital of Japan:", "answer": " Tokyo"},
+    {"messages": [{"role": "user", "content": "Greet me."},
+                  {"role": "assistant", "content": "Ahoy, matey!"}]},
+    {"messages": [{"role": "user", "content": "Say goodbye."},
+                  {"role": "assistant", "content": "Fair winds, matey!"}]},
+]
+
+
+@pytest.fixture
+def data(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in EXAMPLES))
+    return path
+
+
+def settings(model_dir, data, output, **overrides) -> TrainSettings:
+    values = dict(model_dir=model_dir, base_name="SmolLM2-135M-Instruct", data=data,
+                  output=output, task_text="Answer briefly, like a pirate.", prompt_length=8,
+                  rank=6, steps=12, batch_size=4, lr=1e-2, warmup_steps=2, checkpoint_every=4)
+    values.update(overrides)
+    return TrainSettings(**values)
+
+
+def test_training_lowers_the_loss_and_the_server_loads_the_adapter(model_dir, data, tmp_path,
+                                                                    server):
+    summary = train(settings(model_dir, data, tmp_path / "pirate"))
+    losses = summary["losses"]
+    assert sum(losses[-4:]) / 4 < 0.6 * sum(losses[:3]) / 3, losses
+    adapter = read_adapter(tmp_path / "pirate")
+    assert adapter.config.num_experts == 2 and adapter.config.prompt_length == 8
+    files = {name: (name, (tmp_path / "pirate" / name).read_bytes())
+             for name in ("adapter_config.json", "adapter_model.safetensors")}
+    response = httpx.put(f"{server.url}/v1/adapters/trained-pirate", files=files)
+    try:
+        assert response.status_code == 200, response.text
+        answer = httpx.post(f"{server.url}/v1/completions", timeout=120, json={
+            "model": "trained-pirate", "prompt": "Capital of Spain:", "max_tokens": 3,
+            "temperature": 0})
+        assert answer.status_code == 200
+    finally:
+        httpx.delete(f"{server.url}/v1/adapters/trained-pirate", params={"purge": "true"})
+
+
+def test_resuming_follows_the_same_trajectory(model_dir, data, tmp_path):
+    straight = train(settings(model_dir, data, tmp_path / "straight", steps=4))
+    train(settings(model_dir, data, tmp_path / "resumed", steps=2))
+    resumed = train(settings(model_dir, data, tmp_path / "resumed", steps=4, resume=True))
+    assert resumed["losses"] == pytest.approx(straight["losses"][2:], rel=1e-4)
+    a, b = read_adapter(tmp_path / "straight"), read_adapter(tmp_path / "resumed")
+    for key, tensor in a.tensors().items():
+        torch.testing.assert_close(b.tensors()[key], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_plain_prompt_tuning_has_no_router_to_train(model_dir, data, tmp_path):
+    train(settings(model_dir, data, tmp_path / "plain", num_experts=1, steps=2))
+    adapter = read_adapter(tmp_path / "plain")
+    assert adapter.config.num_experts == 1
+    assert adapter.router_weight.abs().sum() == 0
+
+
+def router_gradient(scaling: str) -> torch.Tensor:
+    module = PtMoePrompt(random_adapter(seed=1, num_experts=3, router_scaling=scaling),
+                         noise_std=0.0)
+    module(torch.randn(5, 16)).sum().backward()
+    grad = module.router_weight.grad
+    return torch.zeros_like(module.router_weight) if grad is None else grad
+
+
+def test_router_learns_through_the_kept_probability_only():
+    assert router_gradient("probability").abs().sum() > 0
+    assert router_gradient("none").abs().sum() == 0  # a hard choice with weight 1 has no slope
+
+
+def test_noise_only_while_training_and_top_k_keeps_k_experts():
+    module = PtMoePrompt(random_adapter(seed=2, num_experts=4, top_k=2), noise_std=0.5)
+    x = torch.randn(64, 16)
+    module.eval()
+    assert torch.equal(module.expert_weights(x), module.expert_weights(x))
+    assert ((module.expert_weights(x) > 0).sum(-1) == 2).all()
+    module.train()
+    assert not torch.equal(module.expert_weights(x), module.expert_weights(x))
