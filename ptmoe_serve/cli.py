@@ -141,6 +141,40 @@ def train(args: argparse.Namespace) -> None:
     print(f"wrote {args.output}: loss {summary['losses'][0]:.4f} -> {summary['losses'][-1]:.4f}")
 
 
+def _eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="score a JSONL test set through a running server")
+    p.add_argument("--data", type=Path, required=True,
+                   help='JSONL: {"prompt", "answer"} or {"messages": [..., reference answer]}')
+    p.add_argument("--model", action="append", required=True,
+                   help="adapter or base model name (repeatable: one row each)")
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--api-key", default=os.environ.get("PTMOE_API_KEY"))
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--out", type=Path, help="also write the results as JSON")
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    import asyncio
+    import json
+
+    from ptmoe_serve.train.evaluate import predict, reference_of, score
+
+    records = [json.loads(line) for line in args.data.read_text().splitlines() if line.strip()]
+    references = [reference_of(r) for r in records]
+    results = {}
+    for model in args.model:
+        predictions = asyncio.run(predict(args.url, model, records, args.max_tokens,
+                                          args.concurrency, args.api_key))
+        results[model] = score(predictions, references)
+    print(f"{'model':<32} {'n':>5} {'exact':>7} {'F1':>7} {'accuracy':>9}")
+    for model, row in results.items():
+        print(f"{model:<32} {row['examples']:>5} {row['exact_match']:>7.3f} "
+              f"{row['token_f1']:>7.3f} {row['answer_accuracy']:>9.3f}")
+    if args.out:
+        args.out.write_text(json.dumps({"data": str(args.data), "results": results}, indent=2))
+
+
 def convert_peft(args: argparse.Namespace) -> None:
     from ptmoe_serve.adapter import validate_name, write_adapter
     from ptmoe_serve.convert_peft import convert_prompt_tuning
@@ -224,6 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     prepare.add_argument("--cache-dir", type=Path, default=default_cache_dir())
     _init_parser(sub)
     _train_parser(sub)
+    _eval_parser(sub)
     convert = sub.add_parser("convert-peft", help="convert a PEFT prompt-tuning checkpoint "
                                                   "(PROMPT_TUNING) into an adapter of format v1")
     convert.add_argument("source", type=Path, help="the PEFT checkpoint folder")
@@ -239,6 +274,8 @@ def main(argv: list[str] | None = None) -> None:
         convert_peft(args)
     elif args.command == "train":
         train(args)
+    elif args.command == "eval":
+        evaluate(args)
     else:
         init_adapter(args)
 
