@@ -125,18 +125,27 @@ def _train_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--resume", action="store_true", help="continue from --output's checkpoint")
+    p.add_argument("--method", choices=["ptmoe", "lora"], default="ptmoe",
+                   help="lora: the LoRA baseline of about the same parameter count, in PEFT's "
+                        "format (served by vLLM's multi-LoRA)")
+    p.add_argument("--lora-rank", type=int, default=None,
+                   help="default: the rank whose parameter count is closest to the PT-MoE one")
+    p.add_argument("--lora-targets", nargs="+", default=["q_proj"])
 
 
 def train(args: argparse.Namespace) -> None:
     from ptmoe_serve.adapter import validate_name
     from ptmoe_serve.train.trainer import TrainSettings, train as run_training
 
-    validate_name(args.output.name)
+    if args.method == "ptmoe":
+        validate_name(args.output.name)
     model_dir, name = _resolve_model(args.model, args.cache_dir)
     fields = {k: getattr(args, k) for k in (
         "data", "output", "task_text", "num_experts", "prompt_length", "rank", "top_k",
         "router_scaling", "steps", "batch_size", "grad_accum", "lr", "warmup_steps",
-        "weight_decay", "noise_std", "seed", "checkpoint_every", "resume")}
+        "weight_decay", "noise_std", "seed", "checkpoint_every", "resume", "method",
+        "lora_rank")}
+    fields["lora_targets"] = tuple(args.lora_targets)
     summary = run_training(TrainSettings(model_dir=model_dir, base_name=name, **fields))
     print(f"wrote {args.output}: loss {summary['losses'][0]:.4f} -> {summary['losses'][-1]:.4f}")
 

@@ -98,3 +98,18 @@ def test_noise_only_while_training_and_top_k_keeps_k_experts():
     assert ((module.expert_weights(x) > 0).sum(-1) == 2).all()
     module.train()
     assert not torch.equal(module.expert_weights(x), module.expert_weights(x))
+
+
+def test_lora_baseline_of_about_the_same_size_in_peft_format(model_dir, data, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    summary = train(settings(model_dir, data, tmp_path / "lora", method="lora", steps=8,
+                             lr=5e-3, prompt_length=40, rank=36))
+    assert summary["lora_rank"] == 1  # 34,560 parameters against PT-MoE's 24,770
+    assert summary["parameters"] == 34560 and summary["ptmoe_parameters"] == 24770
+    assert sum(summary["losses"][-3:]) < sum(summary["losses"][:3]), summary["losses"]
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 1
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    PeftModel.from_pretrained(base, tmp_path / "lora")

@@ -47,6 +47,10 @@ class TrainSettings:
     seed: int = 0
     checkpoint_every: int = 50
     resume: bool = False
+    # "lora": the LoRA baseline of about the same parameter count, saved in PEFT's format
+    method: str = "ptmoe"
+    lora_rank: int | None = None  # None: the rank whose parameter count is closest
+    lora_targets: tuple[str, ...] = ("q_proj",)
 
 
 def batch_inputs(examples: list[Example], prompts: torch.Tensor, embed: torch.nn.Module):
@@ -77,6 +81,8 @@ def step_loss(model, embed, module: PtMoePrompt, examples: list[Example]) -> tor
 
 
 def train(settings: TrainSettings) -> dict:
+    if settings.method == "lora":
+        return train_lora(settings)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(settings.model_dir)
@@ -122,6 +128,59 @@ def train(settings: TrainSettings) -> dict:
     write_adapter(module.to_adapter(), settings.output)
     summary = {"steps": settings.steps, "losses": losses, "settings": {
         k: str(v) for k, v in asdict(settings).items()}}
+    (settings.output / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def ptmoe_parameters(settings: TrainSettings, hidden: int) -> int:
+    n, t, r = settings.num_experts, settings.prompt_length, settings.rank
+    return n * t * r + r * hidden + (n * hidden + n if n > 1 else 0)
+
+
+def train_lora(settings: TrainSettings) -> dict:
+    """The baseline the paper compares against: LoRA on the same data, steps and budget, of
+    about the PT-MoE adapter's parameter count, saved by `peft` in its own format (which
+    vLLM's multi-LoRA serves)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(settings.seed)
+    tokenizer = AutoTokenizer.from_pretrained(settings.model_dir)
+    examples = load_examples(settings.data, tokenizer)
+    base = AutoModelForCausalLM.from_pretrained(settings.model_dir, dtype=torch.float32)
+    hidden = base.config.hidden_size
+    per_rank = sum(m.in_features + m.out_features for name, m in base.named_modules()
+                   if name.split(".")[-1] in settings.lora_targets)
+    rank = settings.lora_rank or max(1, round(ptmoe_parameters(settings, hidden) / per_rank))
+    model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                            target_modules=list(settings.lora_targets)))
+    embed = model.get_input_embeddings()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / max(1, settings.warmup_steps)))
+    no_prompt = torch.zeros(settings.batch_size, 0, hidden)
+    losses = []
+    bar = tqdm(range(settings.steps), desc="train lora")
+    for step in bar:
+        rng = random.Random(settings.seed * 1_000_003 + step)
+        optimizer.zero_grad()
+        total = 0.0
+        for _ in range(settings.grad_accum):
+            batch = [examples[rng.randrange(len(examples))] for _ in range(settings.batch_size)]
+            inputs, mask, labels = batch_inputs(batch, no_prompt, embed)
+            loss = model(inputs_embeds=inputs, attention_mask=mask, labels=labels).loss
+            (loss / settings.grad_accum).backward()
+            total += loss.item() / settings.grad_accum
+        optimizer.step()
+        schedule.step()
+        losses.append(total)
+        bar.set_postfix(loss=f"{total:.4f}")
+    model.save_pretrained(settings.output)
+    summary = {"steps": settings.steps, "losses": losses, "lora_rank": rank,
+               "parameters": sum(p.numel() for p in params),
+               "ptmoe_parameters": ptmoe_parameters(settings, hidden),
+               "settings": {k: str(v) for k, v in asdict(settings).items()}}
     (settings.output / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
