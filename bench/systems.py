@@ -26,6 +26,7 @@ from bench.adapters import write_lora_adapters, write_ptmoe_adapters
 from bench.loadgen import RequestRecord, summarize
 from bench.server_process import start_server, stop_server
 from bench.workload import BenchRequest
+from ptmoe_serve.adapter import read_adapter
 
 GIB = 2**30
 
@@ -98,21 +99,10 @@ def ptmoe(config: SystemConfig, num_adapters: int) -> Iterator[Endpoint]:
     try:
         names = [f.name for f in folders]
         yield Endpoint(server.url, lambda i: names[i], lambda r: r.prompt_ids,
-                       {"adapter_parameters": _ptmoe_parameters(config)}, server.process.pid)
+                       {"adapter_parameters": read_adapter(folders[0]).num_parameters},
+                       server.process.pid)
     finally:
         stop_server(server)
-
-
-def _ptmoe_parameters(config: SystemConfig) -> int:
-    hidden = _hidden_size(config)
-    n, t, r = config.num_experts, config.prompt_length, config.rank
-    return n * t * r + r * hidden + n * hidden + n
-
-
-def _hidden_size(config: SystemConfig) -> int:
-    import json
-
-    return json.loads((config.model_dir / "config.json").read_text())["hidden_size"]
 
 
 def _vllm_command() -> list[str]:
@@ -180,7 +170,6 @@ def transformers_loop(config: SystemConfig, requests: list[BenchRequest], num_ad
     so batches need no padding)."""
     from transformers import AutoModelForCausalLM
 
-    from ptmoe_serve.adapter import read_adapter
     from ptmoe_serve.routing import route_reference
 
     dtype = getattr(torch, config.dtype)

@@ -7,6 +7,7 @@ then shapes, dtypes and finiteness. Pickle-based files are never opened."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from dataclasses import dataclass
@@ -60,6 +61,10 @@ class AdapterConfig(BaseModel):
             "router.bias": (n,),
         }
 
+    @property
+    def num_parameters(self) -> int:
+        return sum(math.prod(shape) for shape in self.tensor_shapes().values())
+
 
 @dataclass(frozen=True)
 class PtMoeAdapter:
@@ -73,7 +78,7 @@ class PtMoeAdapter:
 
     @property
     def num_parameters(self) -> int:
-        return sum(t.numel() for t in self.tensors().values())
+        return self.config.num_parameters
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {

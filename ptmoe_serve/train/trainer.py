@@ -73,6 +73,20 @@ def batch_inputs(examples: list[Example], prompts: torch.Tensor, embed: torch.nn
     return inputs, mask, target
 
 
+def _adapter_config(settings: TrainSettings, hidden: int):
+    return config_for(settings.base_name, hidden, settings.num_experts, settings.prompt_length,
+                      settings.rank, settings.top_k, settings.router_scaling)
+
+
+def _optimizer(module: torch.nn.Module, settings: TrainSettings):
+    """AdamW over the trainable parameters; linear warmup, then a constant rate."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / max(1, settings.warmup_steps)))
+    return optimizer, schedule
+
+
 def step_loss(model, embed, module: PtMoePrompt, examples: list[Example]) -> torch.Tensor:
     with torch.no_grad():
         means = torch.stack([embed(torch.tensor(e.prompt_ids)).float().mean(0) for e in examples])
@@ -91,17 +105,12 @@ def train(settings: TrainSettings) -> dict:
     model.requires_grad_(False)
     embed = model.get_input_embeddings()
 
-    config = config_for(settings.base_name, embed.weight.shape[1], settings.num_experts,
-                        settings.prompt_length, settings.rank, settings.top_k,
-                        settings.router_scaling)
+    config = _adapter_config(settings, embed.weight.shape[1])
     text_ids = fit_to_length(tokenizer.encode(settings.task_text), settings.prompt_length)
     with torch.no_grad():
         module = PtMoePrompt(init_from_text(embed(torch.tensor(text_ids)), config),
                              settings.noise_std)
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / max(1, settings.warmup_steps)))
+    optimizer, schedule = _optimizer(module, settings)
 
     settings.output.mkdir(parents=True, exist_ok=True)
     start = _load_checkpoint(settings.output, module, optimizer, schedule) if settings.resume else 0
@@ -132,11 +141,6 @@ def train(settings: TrainSettings) -> dict:
     return summary
 
 
-def ptmoe_parameters(settings: TrainSettings, hidden: int) -> int:
-    n, t, r = settings.num_experts, settings.prompt_length, settings.rank
-    return n * t * r + r * hidden + (n * hidden + n if n > 1 else 0)
-
-
 def train_lora(settings: TrainSettings) -> dict:
     """The baseline the paper compares against: LoRA on the same data, steps and budget, of
     about the PT-MoE adapter's parameter count, saved by `peft` in its own format (which
@@ -151,14 +155,13 @@ def train_lora(settings: TrainSettings) -> dict:
     hidden = base.config.hidden_size
     per_rank = sum(m.in_features + m.out_features for name, m in base.named_modules()
                    if name.split(".")[-1] in settings.lora_targets)
-    rank = settings.lora_rank or max(1, round(ptmoe_parameters(settings, hidden) / per_rank))
+    ptmoe_parameters = _adapter_config(settings, hidden).num_parameters
+    rank = settings.lora_rank or max(1, round(ptmoe_parameters / per_rank))
     model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
                                             target_modules=list(settings.lora_targets)))
     embed = model.get_input_embeddings()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / max(1, settings.warmup_steps)))
+    optimizer, schedule = _optimizer(model, settings)
+    params = optimizer.param_groups[0]["params"]
     no_prompt = torch.zeros(settings.batch_size, 0, hidden)
     losses = []
     bar = tqdm(range(settings.steps), desc="train lora")
@@ -179,7 +182,7 @@ def train_lora(settings: TrainSettings) -> dict:
     model.save_pretrained(settings.output)
     summary = {"steps": settings.steps, "losses": losses, "lora_rank": rank,
                "parameters": sum(p.numel() for p in params),
-               "ptmoe_parameters": ptmoe_parameters(settings, hidden),
+               "ptmoe_parameters": ptmoe_parameters,
                "settings": {k: str(v) for k, v in asdict(settings).items()}}
     (settings.output / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
