@@ -9,7 +9,7 @@ CONSTRAINTS := $(wildcard constraints-$(ENGINE).txt)
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install model serve test bench bench-full clean
+.PHONY: install model serve test bench bench-full quality clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -d $(VENV) || python3 -m venv $(VENV)
@@ -42,5 +42,10 @@ bench-full: model
 	$(PY) -m bench.hotload --loads 500
 	$(PY) -m bench.routing_step --hidden 576 4096 --resident 1 1000 10000 --batch 1 8 64 256
 
+# Train the shipped task adapters and their baselines (PT, LoRA) and score them all through
+# the servers (about an hour here); writes adapters/<task> and bench/results/quality.json.
+quality: model
+	$(PY) -m bench.quality --work build/quality --steps 80 --ship adapters
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache build

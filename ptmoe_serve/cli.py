@@ -2,7 +2,8 @@
 
 `ptmoe-serve serve` starts the server; `prepare-model` prepares the embedded default model;
 `init-adapter` writes a format v1 adapter initialised from a task description;
-`convert-peft` imports a PEFT prompt-tuning checkpoint."""
+`convert-peft` imports a PEFT prompt-tuning checkpoint; `train` and `eval` train adapters and
+score them through a server; `make-tasks` generates the example tasks."""
 
 from __future__ import annotations
 
@@ -164,24 +165,24 @@ def _eval_parser(sub) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> None:
-    import asyncio
     import json
 
-    from ptmoe_serve.train.evaluate import predict, reference_of, score
+    from ptmoe_serve.train.evaluate import evaluate_models, format_table, read_records
 
-    records = [json.loads(line) for line in args.data.read_text().splitlines() if line.strip()]
-    references = [reference_of(r) for r in records]
-    results = {}
-    for model in args.model:
-        predictions = asyncio.run(predict(args.url, model, records, args.max_tokens,
-                                          args.concurrency, args.api_key))
-        results[model] = score(predictions, references)
-    print(f"{'model':<32} {'n':>5} {'exact':>7} {'F1':>7} {'accuracy':>9}")
-    for model, row in results.items():
-        print(f"{model:<32} {row['examples']:>5} {row['exact_match']:>7.3f} "
-              f"{row['token_f1']:>7.3f} {row['answer_accuracy']:>9.3f}")
+    results = evaluate_models(args.url, args.model, read_records(args.data), args.max_tokens,
+                              args.concurrency, args.api_key)
+    print(format_table(results))
     if args.out:
         args.out.write_text(json.dumps({"data": str(args.data), "results": results}, indent=2))
+
+
+def make_tasks(args: argparse.Namespace) -> None:
+    from ptmoe_serve.train.tasks import TASKS, write_task
+
+    for task in args.task or list(TASKS):
+        write_task(task, args.out / task, args.train_size, args.test_size, args.seed)
+        print(f"wrote {args.out / task}/train.jsonl ({args.train_size}) and test.jsonl "
+              f"({args.test_size})")
 
 
 def convert_peft(args: argparse.Namespace) -> None:
@@ -268,6 +269,13 @@ def main(argv: list[str] | None = None) -> None:
     _init_parser(sub)
     _train_parser(sub)
     _eval_parser(sub)
+    tasks = sub.add_parser("make-tasks", help="generate the example tasks' train and held-out "
+                                              "splits (extractive QA, arithmetic, contact cards)")
+    tasks.add_argument("--out", type=Path, required=True, help="one folder per task goes here")
+    tasks.add_argument("--task", action="append", help="only this task (repeatable)")
+    tasks.add_argument("--train-size", type=int, default=2000)
+    tasks.add_argument("--test-size", type=int, default=200)
+    tasks.add_argument("--seed", type=int, default=0)
     convert = sub.add_parser("convert-peft", help="convert a PEFT prompt-tuning checkpoint "
                                                   "(PROMPT_TUNING) into an adapter of format v1")
     convert.add_argument("source", type=Path, help="the PEFT checkpoint folder")
@@ -285,6 +293,8 @@ def main(argv: list[str] | None = None) -> None:
         train(args)
     elif args.command == "eval":
         evaluate(args)
+    elif args.command == "make-tasks":
+        make_tasks(args)
     else:
         init_adapter(args)
 

@@ -113,3 +113,19 @@ def test_lora_baseline_of_about_the_same_size_in_peft_format(model_dir, data, tm
     assert config["peft_type"] == "LORA" and config["r"] == 1
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     PeftModel.from_pretrained(base, tmp_path / "lora")
+
+
+def test_examples_are_the_ids_the_server_reads_and_answers_end_the_sequence(tokenizer):
+    from ptmoe_serve.train.data import encode_example
+
+    plain = encode_example({"prompt": "Capital of France:", "answer": " Paris"}, tokenizer)
+    assert plain.prompt_ids == tokenizer.encode("Capital of France:")
+    assert plain.answer_ids == [*tokenizer.encode(" Paris"), tokenizer.eos_token_id]
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Ahoy"}]
+    chat = encode_example({"messages": messages}, tokenizer)
+    prompt = tokenizer.apply_chat_template(messages[:1], add_generation_prompt=True,
+                                           tokenize=False)
+    assert chat.prompt_ids == tokenizer.encode(prompt, add_special_tokens=False)
+    assert chat.answer_ids == [*tokenizer.encode("Ahoy"), tokenizer.eos_token_id]
+    with pytest.raises(ValueError, match="end with the assistant"):
+        encode_example({"messages": messages[:1]}, tokenizer)

@@ -1,7 +1,8 @@
 """Training examples from JSONL: each line is {"prompt": str, "answer": str} (plain text) or
 {"messages": [...]} whose last message is the assistant's answer (chat, through the model's
 chat template). Tokenized to the exact ids the server reads, with the answer's positions
-marked for the loss."""
+marked for the loss. Every answer ends with the end-of-sequence token, so that the
+adapter learns to stop where the answer does."""
 
 from __future__ import annotations
 
@@ -25,7 +26,6 @@ def encode_example(record: dict, tokenizer) -> Example:
                                                tokenize=False)
         prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
         answer_ids = tokenizer.encode(messages[-1]["content"], add_special_tokens=False)
-        answer_ids.append(tokenizer.eos_token_id)  # the chat turn ends: learn to stop
     elif "prompt" in record and "answer" in record:
         prompt_ids = tokenizer.encode(record["prompt"])
         answer_ids = tokenizer.encode(record["answer"], add_special_tokens=False)
@@ -33,6 +33,7 @@ def encode_example(record: dict, tokenizer) -> Example:
         raise ValueError("each line needs 'prompt' and 'answer', or 'messages'")
     if not prompt_ids or not answer_ids:
         raise ValueError("empty prompt or answer")
+    answer_ids.append(tokenizer.eos_token_id)  # the answer is all there is: learn to stop
     return Example(prompt_ids, answer_ids)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import re
 import string
 
@@ -81,3 +82,24 @@ async def predict(url: str, model: str, records: list[dict], max_tokens: int,
 
 def reference_of(record: dict) -> str:
     return record["messages"][-1]["content"] if "messages" in record else record["answer"]
+
+
+def read_records(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def evaluate_models(url: str, models: list[str], records: list[dict], max_tokens: int,
+                    concurrency: int = 8, api_key: str | None = None) -> dict[str, dict]:
+    """One row of scores per model (adapter or base model name), all on the same records."""
+    references = [reference_of(r) for r in records]
+    return {model: score(asyncio.run(predict(url, model, records, max_tokens, concurrency,
+                                             api_key)), references)
+            for model in models}
+
+
+def format_table(results: dict[str, dict]) -> str:
+    lines = [f"{'model':<32} {'n':>5} {'exact':>7} {'F1':>7} {'accuracy':>9}"]
+    for model, row in results.items():
+        lines.append(f"{model:<32} {row['examples']:>5} {row['exact_match']:>7.3f} "
+                     f"{row['token_f1']:>7.3f} {row['answer_accuracy']:>9.3f}")
+    return "\n".join(lines)

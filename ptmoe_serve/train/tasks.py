@@ -1,0 +1,156 @@
+"""Three small generated tasks with train and held-out splits, for training and evaluating
+adapters without downloading anything.
+
+- `extractive-qa`: a generated passage about a person, a question whose answer is a span of
+  it (scored by exact match and token F1).
+- `arithmetic`: one-step word problems over small numbers; the answer writes the sum out,
+  "12 + 7 = 19", a step a 135M model needs (scored by answer accuracy: the last number).
+- `contact-card`: a chat task; the user describes a person in free order and words, the
+  assistant writes one line in a fixed format (scored by exact match).
+
+The held-out split draws its people's names from pools disjoint from the training split's,
+so held-out scores measure what was learnt about the task, not the people."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Callable
+
+FIRST_NAMES = [
+    "Mara", "Ivo", "Selma", "Tomas", "Anouk", "Ravi", "Elin", "Jonah", "Priya", "Kofi",
+    "Lena", "Mateo", "Ines", "Oskar", "Yara", "Felix", "Noor", "Emil", "Zofia", "Dario",
+    "Hana", "Lucas", "Amara", "Nils", "Sofia", "Arjun", "Greta", "Malik", "Clara", "Tariq",
+    "Vera", "Hugo", "Leila", "Bruno", "Maja", "Kenji", "Alma", "Pavel", "Rosa", "Idris",
+]
+LAST_NAMES = [
+    "Lind", "Okafor", "Brandt", "Novak", "Serrano", "Haddad", "Keller", "Moreau", "Tanaka",
+    "Varga", "Costa", "Nyberg", "Fischer", "Duarte", "Kowalski", "Mensah", "Rossi", "Berg",
+    "Quinn", "Sato", "Holm", "Petrov", "Alvarez", "Weber", "Dubois", "Larsen", "Ibrahim",
+    "Conti", "Vogel", "Marsh", "Kaya", "Ortega", "Strand", "Bauer", "Reyes", "Lund",
+]
+JOBS = ["pharmacist", "carpenter", "architect", "nurse", "baker", "pilot", "librarian",
+        "chemist", "teacher", "plumber", "journalist", "dentist", "gardener", "electrician",
+        "translator", "veterinarian", "photographer", "accountant"]
+CITIES = ["Oslo", "Lisbon", "Nairobi", "Osaka", "Porto", "Krakow", "Lyon", "Dublin",
+          "Quito", "Tunis", "Bergen", "Graz", "Leeds", "Hanoi", "Perth", "Seville", "Turku",
+          "Accra"]
+COLOURS = ["red", "blue", "green", "yellow", "black", "white", "silver", "orange"]
+PETS = ["dog", "cat", "parrot", "rabbit", "tortoise", "hamster"]
+PET_NAMES = ["Biscuit", "Pepper", "Mango", "Ziggy", "Olive", "Nacho", "Luna", "Tofu",
+             "Rocket", "Maple", "Pixel", "Bean"]
+ITEMS = ["apples", "marbles", "stamps", "pencils", "books", "coins", "shells", "cards",
+         "stickers", "cookies"]
+
+
+def _a(word: str) -> str:
+    return f"an {word}" if word[0] in "aeiou" else f"a {word}"
+
+
+def _person(rng: random.Random, split: str) -> str:
+    """A full name from the split's half of each pool."""
+    def half(pool):
+        return pool[::2] if split == "train" else pool[1::2]
+    return f"{rng.choice(half(FIRST_NAMES))} {rng.choice(half(LAST_NAMES))}"
+
+
+def extractive_qa(rng: random.Random, split: str) -> dict:
+    name = _person(rng, split)
+    job, city, year = rng.choice(JOBS), rng.choice(CITIES), str(rng.randint(1950, 2005))
+    colour, pet, pet_name = rng.choice(COLOURS), rng.choice(PETS), rng.choice(PET_NAMES)
+    facts = [
+        (f"{name} works as {_a(job)}.", f"What is {name}'s job?", job),
+        (f"{name} lives in {city}.", f"In which city does {name} live?", city),
+        (f"{name} was born in {year}.", f"In what year was {name} born?", year),
+        (f"{name} has {_a(pet)} called {pet_name}.",
+         f"What is the name of {name}'s {pet}?", pet_name),
+        (f"{name} drives {_a(colour)} car.", f"What colour is {name}'s car?", colour),
+    ]
+    rng.shuffle(facts)
+    passage = " ".join(sentence for sentence, _, _ in facts)
+    _, question, answer = rng.choice(facts)
+    return {"prompt": f"Passage: {passage}\nQuestion: {question}\nAnswer:",
+            "answer": f" {answer}"}
+
+
+def arithmetic(rng: random.Random, split: str) -> dict:
+    name, item = _person(rng, split).split()[0], rng.choice(ITEMS)
+    a, b = rng.randint(2, 30), rng.randint(2, 20)
+    kind = rng.choice(["gains", "loses", "times"])
+    if kind == "gains":
+        story = rng.choice([f"{name} has {a} {item} and gets {b} more.",
+                            f"{name} had {a} {item}. A friend gave {name} {b} {item}."])
+        result, working = a + b, f"{a} + {b}"
+    elif kind == "loses":
+        a, b = max(a, b), min(a, b)
+        story = rng.choice([f"{name} has {a} {item} and gives away {b}.",
+                            f"{name} had {a} {item} and lost {b} of them."])
+        result, working = a - b, f"{a} - {b}"
+    else:
+        a, b = rng.randint(2, 9), rng.randint(2, 9)
+        story = f"{name} has {a} boxes with {b} {item} in each box."
+        result, working = a * b, f"{a} x {b}"
+    question = f"How many {item} does {name} have now?" if kind != "times" \
+        else f"How many {item} does {name} have in all?"
+    return {"prompt": f"Question: {story} {question}\nAnswer:", "answer": f" {working} = {result}"}
+
+
+def contact_card(rng: random.Random, split: str) -> dict:
+    name, job, city = _person(rng, split), rng.choice(JOBS), rng.choice(CITIES)
+    phone = f"555-{rng.randint(0, 9999):04d}"
+    parts = [rng.choice([f"works as {_a(job)}", f"is {_a(job)}", f"job: {job}"]),
+             rng.choice([f"lives in {city}", f"is based in {city}", f"city: {city}"]),
+             rng.choice([f"phone {phone}", f"can be reached at {phone}", f"tel. {phone}"])]
+    rng.shuffle(parts)
+    request = rng.choice(["Make a contact card", "Contact card please", "Card for this person"])
+    text = f"{request}: {name} {parts[0]}, {parts[1]} and {parts[2]}."
+    card = f"NAME: {name} | JOB: {job} | CITY: {city} | PHONE: {phone}"
+    return {"messages": [{"role": "user", "content": text},
+                         {"role": "assistant", "content": card}]}
+
+
+TASKS: dict[str, Callable[[random.Random, str], dict]] = {
+    "extractive-qa": extractive_qa,
+    "arithmetic": arithmetic,
+    "contact-card": contact_card,
+}
+
+# What each task is scored by, and the description its adapter is initialised from.
+METRICS = {"extractive-qa": "exact_match", "arithmetic": "answer_accuracy",
+           "contact-card": "exact_match"}
+DESCRIPTIONS = {
+    "extractive-qa": "Answer the question with the exact words from the passage, nothing else.",
+    "arithmetic": "Solve the arithmetic word problem and answer with the number only.",
+    "contact-card": "Write the person's contact card as NAME: | JOB: | CITY: | PHONE: on one line.",
+}
+
+
+def _key(record: dict) -> str:
+    return json.dumps(record.get("prompt") or record["messages"][:-1], sort_keys=True)
+
+
+def generate(task: str, split: str, size: int, seed: int = 0, exclude: set[str] = frozenset()
+             ) -> list[dict]:
+    """`size` distinct examples of `task` for `split` ("train" or "test"), none whose prompt
+    is in `exclude`; the same (task, split, size, seed) always gives the same examples."""
+    make = TASKS[task]
+    rng = random.Random(f"{task}/{split}/{seed}")
+    records, seen = [], set(exclude)
+    for _ in range(size * 100):
+        record = make(rng, split)
+        if _key(record) not in seen:
+            seen.add(_key(record))
+            records.append(record)
+            if len(records) == size:
+                return records
+    raise ValueError(f"{task}: could not draw {size} distinct {split} examples")
+
+
+def write_task(task: str, folder: Path, train_size: int, test_size: int, seed: int = 0) -> None:
+    """folder/train.jsonl and folder/test.jsonl, no prompt in both."""
+    train = generate(task, "train", train_size, seed)
+    test = generate(task, "test", test_size, seed, exclude={_key(r) for r in train})
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, records in (("train", train), ("test", test)):
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
