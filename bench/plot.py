@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-SYSTEMS = ("ptmoe", "vllm", "vllm-lora", "transformers")
+SYSTEMS = ("ptmoe", "ptmoe-api", "vllm", "vllm-lora", "transformers")
 
 
 def workload_label(workload: dict) -> str:

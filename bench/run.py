@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--output-tokens", type=int, default=32)
-    parser.add_argument("--systems", default="ptmoe,vllm,vllm-lora,transformers",
+    parser.add_argument("--systems", default="ptmoe,ptmoe-api,vllm,vllm-lora,transformers",
                         help="comma-separated subset to run")
     parser.add_argument("--adapters", type=int, nargs="+", help="adapter counts (preset's)")
     parser.add_argument("--popularity", nargs="+", choices=["uniform", "zipf"])
@@ -120,10 +120,11 @@ def main() -> None:
                     for spec in specs(n):
                         measure("vllm", endpoint, spec)
         for n in preset.adapter_counts:
-            if "ptmoe" in chosen:
-                with systems.ptmoe(config, n) as endpoint:
-                    for spec in specs(n):
-                        measure("ptmoe", endpoint, spec)
+            for system, location in (("ptmoe", "engine"), ("ptmoe-api", "api")):
+                if system in chosen:
+                    with systems.ptmoe(config, n, location) as endpoint:
+                        for spec in specs(n):
+                            measure(system, endpoint, spec)
             if "vllm-lora" in chosen:
                 with systems.vllm_lora(config, n) as endpoint:
                     for spec in specs(n):
@@ -165,7 +166,7 @@ def ratios(results: list[dict]) -> list[dict]:
     for workload, ours in sorted(by_system.get("ptmoe", {}).items()):
         row = {"num_adapters": workload[0], "popularity": workload[1], "arrival": workload[2],
                "ptmoe_tok_s": ours}
-        for peer in ("vllm", "vllm-lora", "transformers"):
+        for peer in ("ptmoe-api", "vllm", "vllm-lora", "transformers"):
             theirs = by_system.get(peer, {}).get(workload)
             if theirs:
                 row[f"vs_{peer}"] = ours / theirs

@@ -1,7 +1,9 @@
 """The systems compared, each started by the benchmark with the same model, dtype and engine
 settings:
 
-- `ptmoe`: this server with N PT-MoE adapters of prompt length T;
+- `ptmoe`: this server with N PT-MoE adapters of prompt length T, the routing step in vLLM's
+  workers; `ptmoe-api`: the same with the routing step in the API process, handing vLLM
+  prompt embeddings;
 - `vllm`: vLLM's own OpenAI server with the bare model, prompts T tokens longer (the limit);
 - `vllm-lora`: vLLM's own server with N LoRA adapters of about the same parameter count,
   loaded on demand from a folder (vLLM's filesystem resolver), as multi-LoRA users run it;
@@ -88,18 +90,21 @@ def _engine_args(config: SystemConfig) -> list[str]:
 
 
 @contextmanager
-def ptmoe(config: SystemConfig, num_adapters: int) -> Iterator[Endpoint]:
+def ptmoe(config: SystemConfig, num_adapters: int, routing_location: str = "engine"
+          ) -> Iterator[Endpoint]:
     store = config.work_dir / f"ptmoe-{num_adapters}"
     folders = write_ptmoe_adapters(store, config.model_dir, config.base_name, num_adapters,
                                    config.prompt_length, config.num_experts, config.rank)
     server = start_server(["--model", str(config.model_dir), "--adapters", str(store),
                            "--kv-cache-gib", str(config.kv_cache_gib), "--watch-interval", "0",
-                           *_engine_args(config)], config.work_dir / f"ptmoe-{num_adapters}.log",
+                           "--routing-location", routing_location, *_engine_args(config)],
+                          config.work_dir / f"ptmoe-{routing_location}-{num_adapters}.log",
                           env=config.engine_env())
     try:
         names = [f.name for f in folders]
         yield Endpoint(server.url, lambda i: names[i], lambda r: r.prompt_ids,
-                       {"adapter_parameters": read_adapter(folders[0]).num_parameters},
+                       {"adapter_parameters": read_adapter(folders[0]).num_parameters,
+                        "routing_location": routing_location},
                        server.process.pid)
     finally:
         stop_server(server)

@@ -66,6 +66,13 @@ def _serve_parser(sub) -> None:
     lifecycle.add_argument("--drain-timeout", type=float, default=30.0,
                            help="on SIGTERM, seconds to let running requests finish "
                                 "(default: %(default)s)")
+    p.add_argument("--routing-location", choices=["auto", "engine", "api"], default="auto",
+                   help="where the routing step runs: engine (in vLLM's workers, beside the "
+                        "adapter banks; Llama-architecture models), api (in this process, "
+                        "handing vLLM prompt embeddings; any model), or auto: engine where "
+                        "the model allows (default: %(default)s)")
+    p.add_argument("--max-soft-prompt-length", type=int, default=128,
+                   help="longest soft prompt (T) on the engine route (default: %(default)s)")
     p.add_argument("--routing-kernel", choices=["auto", "triton", "torch"], default="auto",
                    help="the routing step's implementation: auto is the fused Triton kernels "
                         "on CUDA and batched torch elsewhere (default: %(default)s)")
@@ -194,6 +201,15 @@ def convert_peft(args: argparse.Namespace) -> None:
     print(f"wrote {args.output}")
 
 
+def _routing_in_engine(location: str, model_dir: Path) -> bool:
+    from ptmoe_serve.engine_model import supports
+
+    if location == "engine" and not supports(model_dir):
+        raise SystemExit(f"--routing-location engine: {model_dir.name}'s architecture is not "
+                         "one the in-engine route wraps (Llama); use --routing-location api")
+    return location == "engine" or (location == "auto" and supports(model_dir))
+
+
 def serve(args: argparse.Namespace) -> None:
     import torch
     import uvicorn
@@ -219,6 +235,8 @@ def serve(args: argparse.Namespace) -> None:
             enforce_eager=args.enforce_eager if args.enforce_eager is not None else not on_gpu,
             enable_prefix_caching=args.enable_prefix_caching,
             seed=args.seed,
+            routing_in_engine=_routing_in_engine(args.routing_location, model_dir),
+            max_soft_prompt_length=args.max_soft_prompt_length,
         ),
         adapters_dir=args.adapters.resolve(),
         allowed_adapter_roots=tuple(p.resolve() for p in args.allow_adapter_path),

@@ -1,18 +1,25 @@
-"""The vLLM async engine, started with prompt embeddings enabled, in this process.
+"""The vLLM async engine, in this process, on one of two routes for adapters' requests:
 
-Requests with an adapter reach it as `prompt_embeds` ([soft prompt; token embeddings]); requests
-for the bare base model as token ids. Both share vLLM's continuous batch."""
+- in the engine: prompts go as token ids with a routing key, and the engine's workers compute
+  the soft prompts of each step from the adapter banks they hold (engine_model.py);
+- through prompt embeddings: the soft prompt is computed here and the request goes as
+  `prompt_embeds` ([soft prompt; token embeddings]).
+
+Requests for the bare base model go as token ids. All share vLLM's continuous batch."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import safetensors.torch
 import torch
 from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.outputs import RequestOutput
 from vllm.v1.engine.async_llm import AsyncLLM
+
+from ptmoe_serve.adapter import PtMoeAdapter
 
 GIB = 1024**3
 
@@ -32,14 +39,24 @@ class EngineSettings:
     enforce_eager: bool = False
     enable_prefix_caching: bool | None = None
     seed: int = 0
+    # The routing step in vLLM's workers (engine_model.py) rather than in this process.
+    routing_in_engine: bool = False
+    # The longest soft prompt the in-engine route accepts (vLLM sizes its encoder cache by it).
+    max_soft_prompt_length: int = 128
 
 
 class Engine:
     def __init__(self, settings: EngineSettings):
+        if settings.routing_in_engine:
+            from ptmoe_serve.engine_model import engine_args
+
+            routing_args = engine_args(settings.max_soft_prompt_length)
+        else:
+            routing_args = {"enable_prompt_embeds": True}
         args = AsyncEngineArgs(
             model=settings.model_dir,
             served_model_name=settings.served_model_name,
-            enable_prompt_embeds=True,
+            **routing_args,
             dtype=settings.dtype,
             max_model_len=settings.max_model_len,
             gpu_memory_utilization=settings.gpu_memory_utilization,
@@ -62,13 +79,17 @@ class Engine:
         self.hidden_size: int = model_config.get_hidden_size()
         self.vocab_size: int = model_config.get_vocab_size()
 
-    def generate(
-        self, prompt: torch.Tensor | list[int], params: SamplingParams, request_id: str
-    ) -> AsyncIterator[RequestOutput]:
-        """A [positions, H] tensor goes in as prompt embeddings, a list as token ids."""
-        if isinstance(prompt, torch.Tensor):
-            return self._llm.generate({"prompt_embeds": prompt}, params, request_id)
-        return self._llm.generate({"prompt_token_ids": prompt}, params, request_id)
+    def generate(self, prompt: dict, params: SamplingParams, request_id: str
+                 ) -> AsyncIterator[RequestOutput]:
+        """`prompt`: vLLM's prompt dict (token ids, prompt embeddings, or token ids with a
+        soft prompt's routing key)."""
+        return self._llm.generate(prompt, params, request_id)
+
+    async def write_adapter(self, key: dict, adapter: PtMoeAdapter) -> None:
+        """Put an adapter into every worker's bank at the slot `key` names."""
+        data = safetensors.torch.save(adapter.tensors())
+        await self._llm.collective_rpc("ptmoe_write",
+                                       args=(key, adapter.config.model_dump(), data))
 
     @property
     def num_unfinished_requests(self) -> int:

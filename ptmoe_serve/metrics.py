@@ -5,7 +5,8 @@ client cannot grow the label set with made-up names."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info,
+                               generate_latest)
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 ROUTING_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1)
@@ -35,7 +36,8 @@ class Metrics:
             "ptmoe_time_to_first_token_seconds", "Time from request to first generated token.",
             ["adapter"], buckets=LATENCY_BUCKETS, registry=r)
         self.routing_step = Histogram(
-            "ptmoe_routing_step_seconds", "Time of one batched routing step.",
+            "ptmoe_routing_step_seconds", "Time of one batched routing step in this process "
+            "(the api route; on the engine route it runs in vLLM's workers).",
             buckets=ROUTING_BUCKETS, registry=r)
         self.routing_batch_size = Histogram(
             "ptmoe_routing_batch_size", "Prompts routed together in one step.",
@@ -47,6 +49,9 @@ class Metrics:
             registry=r)
         self.requests_running = Gauge(
             "ptmoe_requests_running", "Requests accepted and not yet finished.", registry=r)
+        self.server = Info(
+            "ptmoe_server", "The base model and where the routing step runs (engine or api).",
+            registry=r)
 
     def observe_routing_step(self, batch_size: int, seconds: float) -> None:
         self.routing_step.observe(seconds)

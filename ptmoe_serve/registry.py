@@ -69,17 +69,31 @@ class AdapterBank:
     def bytes_per_slot(self) -> int:
         return sum(t[0].numel() * t.element_size() for t in self._tensors.values())
 
-    def _grow(self) -> None:
+    def _grow(self, at_least: int = 0) -> None:
         old, old_capacity = self._tensors, self.capacity
-        self._tensors = self._allocate(max(INITIAL_CAPACITY, 2 * old_capacity))
+        capacity = max(INITIAL_CAPACITY, 2 * old_capacity)
+        while capacity < at_least:
+            capacity *= 2
+        self._tensors = self._allocate(capacity)
         for key, tensor in old.items():
             self._tensors[key][:old_capacity] = tensor
         self._free.extend(range(self.capacity - 1, old_capacity - 1, -1))
 
     def put(self, adapter: PtMoeAdapter) -> int:
+        """Write the adapter into a free slot and return the slot."""
         if not self._free:
             self._grow()
         slot = self._free.pop()
+        self.write(slot, adapter)
+        return slot
+
+    def write(self, slot: int, adapter: PtMoeAdapter) -> None:
+        """Write the adapter into this slot, growing the bank to hold it: how a bank that
+        mirrors another (the engine worker's) follows the slots chosen there."""
+        if slot >= self.capacity:
+            self._grow(at_least=slot + 1)
+        if slot in self._free:
+            self._free.remove(slot)
         t = self._tensors
         t["experts_a"][slot] = adapter.experts_a
         t["shared_b"][slot] = adapter.shared_b
@@ -87,7 +101,6 @@ class AdapterBank:
         t["router_bias"][slot] = adapter.router_bias
         t["top_k"][slot] = adapter.config.top_k
         t["scale_by_probability"][slot] = adapter.config.router_scaling == "probability"
-        return slot
 
     def free(self, slot: int) -> None:
         self._free.append(slot)
@@ -134,8 +147,10 @@ class AdapterEntry:
 
 class AdapterRegistry:
     def __init__(self, hidden_size: int, max_model_len: int, device: torch.device,
-                 reserved_names: frozenset[str] | set[str] = frozenset()):
+                 reserved_names: frozenset[str] | set[str] = frozenset(),
+                 max_prompt_length: int | None = None):
         self.hidden_size = hidden_size
+        self.max_prompt_length = max_prompt_length
         self.reserved_names = frozenset(reserved_names)
         self.max_model_len = max_model_len
         self.device = device
@@ -168,6 +183,10 @@ class AdapterRegistry:
                 f"prompt_length {config.prompt_length} leaves no room in the context of "
                 f"{self.max_model_len} tokens"
             )
+        if self.max_prompt_length is not None and config.prompt_length > self.max_prompt_length:
+            raise AdapterError(
+                f"prompt_length {config.prompt_length} is over this server's limit of "
+                f"{self.max_prompt_length} (--max-soft-prompt-length)")
 
     def add(self, name: str, adapter: PtMoeAdapter, *, replace: bool = False,
             source: Path | None = None) -> AdapterEntry:

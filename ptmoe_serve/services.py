@@ -16,6 +16,7 @@ from transformers import AutoTokenizer
 from ptmoe_serve import protocol
 from ptmoe_serve.auth import AccessPolicy, is_loopback
 from ptmoe_serve.engine import Engine
+from ptmoe_serve.engine_routing import EngineRouting
 from ptmoe_serve.lifecycle import AdapterManager
 from ptmoe_serve.metrics import Metrics
 from ptmoe_serve.registry import AdapterRegistry
@@ -34,7 +35,7 @@ class Services:
     engine: Engine
     registry: AdapterRegistry
     manager: AdapterManager
-    batcher: SoftPromptBatcher
+    routing: SoftPromptBatcher | EngineRouting
     serving: Serving
     metrics: Metrics
     access: AccessPolicy
@@ -56,7 +57,7 @@ class Services:
     async def stop(self) -> None:
         if self.watcher is not None:
             self.watcher.cancel()
-        await self.batcher.stop()
+        await self.routing.stop()
         self.engine.shutdown()
 
 
@@ -65,25 +66,37 @@ async def start_services(settings: ServerSettings) -> Services:
     engine = Engine(settings.engine)
     model_dir = Path(settings.engine.model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    device = torch.device(settings.routing_device)
-    registry = AdapterRegistry(engine.hidden_size, engine.max_model_len, device,
-                               reserved_names={settings.engine.served_model_name})
+    in_engine = settings.engine.routing_in_engine
+    # On the in-engine route the adapters' tensors live in the workers; here the banks only
+    # keep the slots (meta tensors take no memory).
+    device = torch.device("meta" if in_engine else settings.routing_device)
+    registry = AdapterRegistry(
+        engine.hidden_size, engine.max_model_len, device,
+        reserved_names={settings.engine.served_model_name},
+        max_prompt_length=settings.engine.max_soft_prompt_length if in_engine else None)
     manager = AdapterManager(registry, AdapterStore(settings.adapters_dir),
                              list(settings.allowed_adapter_roots))
     manager.start()
     metrics = Metrics()
-    fused = {"auto": None, "triton": True, "torch": False}[settings.routing_kernel]
-    batcher = SoftPromptBatcher(registry, load_input_embeddings(model_dir), engine.dtype,
-                                on_step=metrics.observe_routing_step, fused=fused)
-    batcher.start()
-    serving = Serving(engine, registry, batcher, tokenizer, metrics,
+    metrics.server.info({"model": settings.engine.served_model_name,
+                         "routing": "engine" if in_engine else "api"})
+    if in_engine:
+        routing = EngineRouting(engine, model_dir)
+    else:
+        fused = {"auto": None, "triton": True, "torch": False}[settings.routing_kernel]
+        routing = SoftPromptBatcher(registry, load_input_embeddings(model_dir), engine.dtype,
+                                    on_step=metrics.observe_routing_step, fused=fused)
+        routing.start()
+    serving = Serving(engine, registry, routing, tokenizer, metrics,
                       settings.engine.served_model_name)
     access = AccessPolicy(settings.api_key, settings.admin_api_key, is_loopback(settings.host),
                           settings.metrics_need_key)
-    services = Services(settings, engine, registry, manager, batcher, serving, metrics, access,
+    services = Services(settings, engine, registry, manager, routing, serving, metrics, access,
                         int(started))
     if settings.watch_interval > 0:
         services.watcher = asyncio.create_task(manager.watch(settings.watch_interval))
-    logger.info("serving %s with %d adapters, ready in %.1f s",
-                settings.engine.served_model_name, len(registry), time.time() - started)
+    logger.info("serving %s with %d adapters (routing %s), ready in %.1f s",
+                settings.engine.served_model_name, len(registry),
+                "in the engine" if in_engine else "through prompt embeddings",
+                time.time() - started)
     return services

@@ -10,7 +10,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from vllm import SamplingParams
 from vllm.exceptions import VLLMClientError, VLLMValidationError
@@ -23,6 +23,9 @@ from ptmoe_serve.engine import Engine
 from ptmoe_serve.metrics import Metrics
 from ptmoe_serve.registry import AdapterEntry, AdapterNotFound, AdapterRegistry
 from ptmoe_serve.soft_prompts import SoftPromptBatcher
+
+if TYPE_CHECKING:
+    from ptmoe_serve.engine_routing import EngineRouting
 
 T = TypeVar("T")
 
@@ -65,11 +68,12 @@ class Prepared:
 
 
 class Serving:
-    def __init__(self, engine: Engine, registry: AdapterRegistry, batcher: SoftPromptBatcher,
-                 tokenizer, metrics: Metrics, base_model_name: str):
+    def __init__(self, engine: Engine, registry: AdapterRegistry,
+                 routing: SoftPromptBatcher | EngineRouting, tokenizer, metrics: Metrics,
+                 base_model_name: str):
         self.engine = engine
         self.registry = registry
-        self.batcher = batcher
+        self.routing = routing
         self.tokenizer = tokenizer
         self.metrics = metrics
         self.base_model_name = base_model_name
@@ -118,22 +122,29 @@ class Serving:
         longest = max(len(ids) for ids in token_ids)
         params = self._sampling_params(
             request, max_tokens or self.engine.max_model_len - soft - longest, logprobs)
-        routing = None
         if entry is None:
-            engine_prompts: list = token_ids
-        else:
-            entry.requests_served += 1
+            return Prepared(request_id, request.model, None, token_ids,
+                            [{"prompt_token_ids": ids} for ids in token_ids], params, None,
+                            request.return_token_ids)
+        entry.requests_served += 1
+        # Held until the request ends: the engine may read the adapter's slot again (a
+        # preempted request is prefilled anew), so the slot is not reused before then.
+        self.registry.acquire(entry)
+        try:
             # Built together, the prompts of one request share one routing step.
-            results = await asyncio.gather(*(self.batcher.build(entry, ids) for ids in token_ids))
-            engine_prompts = [r.embeds for r in results]
-            routing = [
-                protocol.Routing(prompt_index=i, adapter=entry.name,
-                                 expert_weights=r.expert_weights,
-                                 expert_probabilities=r.expert_probabilities)
-                for i, r in enumerate(results)
-            ]
-        return Prepared(request_id, request.model, entry, token_ids, engine_prompts, params,
-                        routing if request.return_routing else None, request.return_token_ids)
+            results = await asyncio.gather(*(
+                self.routing.build(entry, ids, request.return_routing) for ids in token_ids))
+        except BaseException:
+            self.registry.release(entry)
+            raise
+        routing = [
+            protocol.Routing(prompt_index=i, adapter=entry.name, expert_weights=r.expert_weights,
+                             expert_probabilities=r.expert_probabilities)
+            for i, r in enumerate(results)
+        ] if request.return_routing else None
+        return Prepared(request_id, request.model, entry, token_ids,
+                        [r.engine_prompt for r in results], params, routing,
+                        request.return_token_ids)
 
     def _check_prompt(self, ids: list[int], soft: int, max_tokens: int | None,
                       entry: AdapterEntry | None) -> None:
@@ -212,6 +223,8 @@ class Serving:
             self.metrics.e2e_latency.labels(label).observe(time.perf_counter() - prepared.started)
         finally:
             self.metrics.requests_running.dec()
+            if prepared.entry is not None:
+                self.registry.release(prepared.entry)
 
     # -- shaping responses ----------------------------------------------------------------
 

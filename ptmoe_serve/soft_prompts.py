@@ -50,6 +50,10 @@ class PromptEmbeds:
     expert_weights: list[float]
     expert_probabilities: list[float]
 
+    @property
+    def engine_prompt(self) -> dict:
+        return {"prompt_embeds": self.embeds}
+
 
 @dataclass
 class _Pending:
@@ -86,7 +90,9 @@ class SoftPromptBatcher:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    async def build(self, entry: AdapterEntry, token_ids: list[int]) -> PromptEmbeds:
+    async def build(self, entry: AdapterEntry, token_ids: list[int],
+                    with_routing: bool = False) -> PromptEmbeds:
+        """The request's prompt embeddings (and its routing, which comes with them)."""
         future = asyncio.get_running_loop().create_future()
         self.registry.acquire(entry)
         self._queue.append(_Pending(entry, token_ids, future))

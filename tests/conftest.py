@@ -23,6 +23,8 @@ def model_dir() -> Path:
 # -- the real server, shared by the end-to-end tests ----------------------------------------
 
 REPO_ADAPTERS = Path(__file__).resolve().parent.parent / "adapters"
+# The adapters the repository ships: the trained task adapters and the text-initialised example.
+SHIPPED = sorted(p.name for p in REPO_ADAPTERS.iterdir() if (p / "adapter_config.json").exists())
 BASE = "SmolLM2-135M-Instruct"
 MAX_MODEL_LEN = 1024
 TEXTS = ["Answer in French, s'il vous plait.", "Talk like a pirate, arr matey!",
@@ -57,17 +59,40 @@ def adapters_dir(tmp_path_factory, model_dir, tokenizer) -> Path:
         spec = dict(spec)
         texts = [tokenizer.encode(t) for t in TEXTS[: spec.pop("num_texts")]]
         write_adapter(text_experts_adapter(table, texts, seed, **spec), folder / name)
-    for shipped in REPO_ADAPTERS.iterdir():
-        if shipped.is_dir():
-            shutil.copytree(shipped, folder / shipped.name)
+    for name in SHIPPED:
+        shutil.copytree(REPO_ADAPTERS / name, folder / name)
     return folder
+
+
+def _server(model_dir, adapters_dir, tmp_path_factory, routing_location: str):
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    running = start_server(["--model", str(model_dir), "--dtype", "float32",
+                            "--adapters", str(adapters_dir), "--max-model-len", str(MAX_MODEL_LEN),
+                            "--routing-location", routing_location], log)
+    assert routing_location_of(running) == routing_location
+    return running
+
+
+def routing_location_of(server) -> str:
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text)
+    info = next(f for f in families if f.name == "ptmoe_server_info")
+    return info.samples[0].labels["routing"]
 
 
 @pytest.fixture(scope="session")
 def server(model_dir, adapters_dir, tmp_path_factory):
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    running = start_server(["--model", str(model_dir), "--dtype", "float32",
-                            "--adapters", str(adapters_dir),
-                            "--max-model-len", str(MAX_MODEL_LEN)], log)
+    """The server as users start it: on this model, the routing step runs in the engine."""
+    running = _server(model_dir, adapters_dir, tmp_path_factory, "engine")
+    yield running
+    stop_server(running)
+
+
+@pytest.fixture(scope="session")
+def api_route_server(model_dir, adapters_dir, tmp_path_factory):
+    """The other route: soft prompts computed in the API process, handed over as embeddings."""
+    running = _server(model_dir, adapters_dir, tmp_path_factory, "api")
     yield running
     stop_server(running)

@@ -6,14 +6,20 @@ import httpx
 import pytest
 import torch
 
-from conftest import BASE, E2E_ADAPTERS
+from conftest import BASE, E2E_ADAPTERS, SHIPPED
 from helpers import reference_soft_prompt
 
 MAX_TOKENS = 20
 PROMPTS = ["The capital of France is", "def fibonacci(n):",
            "Once upon a time, there was a little", "My favourite food is"]
 QUESTIONS = ["What is the capital of Germany?", "Give me three tips for sleeping well."]
-MODELS = [*E2E_ADAPTERS, "french", BASE]
+MODELS = [*E2E_ADAPTERS, *SHIPPED, BASE]
+
+
+@pytest.fixture(params=["engine", "api"])
+def routed_server(request):
+    """Both routes of the routing step: in vLLM's workers, and through prompt embeddings."""
+    return request.getfixturevalue("server" if request.param == "engine" else "api_route_server")
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +40,10 @@ def transformers_greedy(hf_model, adapters_dir, model: str, ids: list[int]) -> l
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_completions_with_token_ids_equal_transformers(server, hf_model, tokenizer,
+def test_completions_with_token_ids_equal_transformers(routed_server, hf_model, tokenizer,
                                                        adapters_dir, model):
     prompts = [tokenizer.encode(p) for p in PROMPTS]
-    response = httpx.post(f"{server.url}/v1/completions", timeout=300, json={
+    response = httpx.post(f"{routed_server.url}/v1/completions", timeout=300, json={
         "model": model, "prompt": prompts, "max_tokens": MAX_TOKENS, "temperature": 0,
         "return_token_ids": True})
     assert response.status_code == 200, response.text
@@ -50,10 +56,10 @@ def test_completions_with_token_ids_equal_transformers(server, hf_model, tokeniz
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_chat_equals_transformers(server, hf_model, tokenizer, adapters_dir, model):
+def test_chat_equals_transformers(routed_server, hf_model, tokenizer, adapters_dir, model):
     for question in QUESTIONS:
         messages = [{"role": "user", "content": question}]
-        response = httpx.post(f"{server.url}/v1/chat/completions", timeout=300, json={
+        response = httpx.post(f"{routed_server.url}/v1/chat/completions", timeout=300, json={
             "model": model, "messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0,
             "return_token_ids": True})
         assert response.status_code == 200, response.text

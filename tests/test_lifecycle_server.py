@@ -54,7 +54,9 @@ def server_args(lab, model_dir) -> list[str]:
     return ["--model", str(model_dir), "--dtype", "float32", "--max-model-len", "512",
             "--adapters", str(lab["store"]), "--allow-adapter-path", str(lab["library"]),
             "--api-key", USER, "--admin-api-key", ADMIN, "--watch-interval", "0.5",
-            "--max-upload-mb", str(UPLOAD_LIMIT_MB), "--drain-timeout", "60"]
+            "--max-upload-mb", str(UPLOAD_LIMIT_MB), "--drain-timeout", "60",
+            # Cached prefixes must never answer for a replaced adapter (tested below).
+            "--enable-prefix-caching"]
 
 
 @pytest.fixture(scope="module")
@@ -175,6 +177,7 @@ def corrupt_uploads(lab) -> list[tuple[str, dict, int, str]]:
         ("c5", with_config(top_k=5), 400, "top_k"),
         ("c6", with_config(router_scaling="sigmoid"), 400, "router_scaling"),
         ("c7", with_config(prompt_length=600), 400, "leaves no room in the context"),
+        ("c8", with_config(prompt_length=200), 400, "--max-soft-prompt-length"),
         ("t1", with_tensors(router_bias=None), 400, "missing"),
         ("t2", with_tensors(extra_C=torch.zeros(1)), 400, "unexpected"),
         ("t3", with_tensors(shared_B=torch.zeros(8, 575)), 400, "shape"),
@@ -276,7 +279,8 @@ def test_replace_and_unload_under_traffic(server, lab):
                                                     "path": str(lab["library"] / "v2")})
         assert replaced.status_code == 200
         assert running.result() == (expected["v1"], "length")  # the old version to the end
-    assert stream_text(server, "swap", 40)[0] == expected["v2"]  # new requests: the new one
+    # New requests get the new version, though the same prompt's blocks are in the cache.
+    assert stream_text(server, "swap", 40)[0] == expected["v2"]
 
     with ThreadPoolExecutor(1) as pool:
         started = threading.Event()

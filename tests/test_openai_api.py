@@ -8,7 +8,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import BASE, E2E_ADAPTERS, MAX_MODEL_LEN
+from conftest import BASE, E2E_ADAPTERS, MAX_MODEL_LEN, SHIPPED
 
 PROMPT = "Once upon a time, there was a little"
 
@@ -31,7 +31,7 @@ def metric_value(server, name: str, **labels) -> float:
 
 def test_models_lists_the_base_model_and_every_adapter(client):
     models = {m.id: m for m in client.models.list().data}
-    assert set(models) == {BASE, "french", *E2E_ADAPTERS}
+    assert set(models) == {BASE, *SHIPPED, *E2E_ADAPTERS}
     card = models["dense"].model_dump()
     assert card["parent"] == BASE and card["owned_by"] == "ptmoe_serve"
     assert card["adapter"]["num_experts"] == 3 and card["adapter"]["top_k"] == 3
@@ -224,11 +224,16 @@ def test_metrics_are_prometheus_text_labelled_by_adapter(client, server):
                         type="model_not_found") >= 1
     assert metric_value(server, "ptmoe_e2e_request_latency_seconds_count", adapter="dense") >= 1
     assert metric_value(server, "ptmoe_time_to_first_token_seconds_count", adapter="dense") >= 1
-    assert metric_value(server, "ptmoe_routing_step_seconds_count") >= 1
+    assert metric_value(server, "ptmoe_adapters_loaded") == len(E2E_ADAPTERS) + len(SHIPPED)
+
+
+def test_the_api_route_reports_its_routing_steps(api_route_server):
+    client = openai.OpenAI(base_url=f"{api_route_server.url}/v1", api_key="unused")
+    client.completions.create(model="dense", prompt=[PROMPT, "Hi", "Yo", "Hey"], max_tokens=1)
+    assert metric_value(api_route_server, "ptmoe_routing_step_seconds_count") >= 1
     # The four prompts of one request were routed in one step.
-    assert metric_value(server, "ptmoe_routing_batch_size_bucket", le="2.0") < \
-        metric_value(server, "ptmoe_routing_batch_size_count")
-    assert metric_value(server, "ptmoe_adapters_loaded") == len(E2E_ADAPTERS) + 1
+    assert metric_value(api_route_server, "ptmoe_routing_batch_size_bucket", le="2.0") < \
+        metric_value(api_route_server, "ptmoe_routing_batch_size_count")
 
 
 def test_health(server):

@@ -3,7 +3,7 @@ import torch
 
 from helpers import random_adapter
 from ptmoe_serve.adapter import AdapterError
-from ptmoe_serve.registry import AdapterExists, AdapterNotFound, AdapterRegistry
+from ptmoe_serve.registry import AdapterBank, AdapterExists, AdapterNotFound, AdapterRegistry
 from ptmoe_serve.routing import route_reference
 
 
@@ -86,3 +86,24 @@ def test_incompatible_adapters_are_refused():
     with pytest.raises(AdapterError, match="invalid adapter name"):
         reg.add("../a", random_adapter())
     assert len(reg) == 0
+
+
+def test_a_mirror_bank_follows_the_slots_it_is_given():
+    """The engine workers' banks take the slots the server's registry chose."""
+    reg = registry()
+    entries = [reg.add(f"a{i}", random_adapter(seed=i)) for i in range(9)]
+    mirror = AdapterBank(entries[0].bank.shape, 16, torch.device("cpu"))
+    for entry in reversed(entries):  # the highest slot first: one growth to fit it
+        mirror.write(entry.slot, entry.adapter)
+    assert mirror.capacity == entries[0].bank.capacity
+    slots = torch.tensor([e.slot for e in entries])
+    x = torch.randn(len(entries), 16)
+    torch.testing.assert_close(mirror.route(slots, x).soft_prompt,
+                               entries[0].bank.route(slots, x).soft_prompt)
+
+
+def test_soft_prompts_over_the_servers_limit_are_refused():
+    reg = registry(max_prompt_length=8)
+    reg.add("short", random_adapter(seed=1, prompt_length=8))
+    with pytest.raises(AdapterError, match="over this server's limit of 8"):
+        reg.add("long", random_adapter(seed=2, prompt_length=9))

@@ -1,0 +1,233 @@
+"""The routing step inside vLLM's worker: the base model wrapped as a multimodal model whose
+one "modality" is a PT-MoE soft prompt.
+
+A request carries its prompt's token ids and a small routing key (adapter shape, slot,
+version): the input processor puts T placeholder positions before the prompt and hashes the key
+with the prompt, and the worker computes the soft prompts of all requests of a step in one
+`embed_multimodal` call, from banks of adapters it holds on the engine's device. Only token ids
+and keys cross process boundaries; adapters reach the workers through `collective_rpc`
+(`PtMoeWorkerExtension`), each tensor-parallel rank holding the whole bank (an adapter is tens
+of kilobytes; the routing step reads the full embedding rows, which vLLM's embedding layer
+gathers across ranks)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from transformers import BatchFeature
+from vllm.config import VllmConfig
+from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.inputs import MultiModalInput, mm_input
+from vllm.model_executor.models.interfaces import SupportsMultiModal
+from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems, PlaceholderRange
+from vllm.multimodal.parse import ModalityDataItems, MultiModalDataParser
+from vllm.multimodal.processing import (BaseDummyInputsBuilder, BaseMultiModalProcessor,
+                                        BaseProcessingInfo, ProcessorInputs, TimingContext)
+
+from ptmoe_serve.adapter import AdapterConfig, PtMoeAdapter
+from ptmoe_serve.registry import AdapterBank, BankShape
+from ptmoe_serve.routing import segment_means
+
+MODALITY = "ptmoe"
+ARCHITECTURE = "PtMoeLlamaForCausalLM"
+# hf_config attribute (set through hf_overrides) bounding T, for vLLM's encoder budget.
+MAX_PROMPT_LENGTH = "ptmoe_max_prompt_length"
+# A routing key's fields as the worker receives them, in this order.
+KEY_FIELDS = ("num_experts", "prompt_length", "rank", "slot")
+
+
+def routing_key(shape: BankShape, slot: int, version: str) -> dict:
+    """What a request tells the worker: which bank and slot, and the adapter version that
+    keys vLLM's prefix and encoder caches."""
+    return {"num_experts": shape.num_experts, "prompt_length": shape.prompt_length,
+            "rank": shape.rank, "slot": slot, "version": version}
+
+
+class _RoutingKeys(ModalityDataItems[dict, dict]):
+    """One routing key per prompt."""
+
+    def __init__(self, data: dict):
+        super().__init__(data, MODALITY)
+
+    def get_count(self) -> int:
+        return 1
+
+    def get(self, index: int) -> dict:
+        return self.data
+
+    def get_processor_data(self) -> Mapping[str, object]:
+        return {}
+
+    def get_passthrough_data(self) -> Mapping[str, object]:
+        return {}
+
+
+class _Parser(MultiModalDataParser):
+    def _get_subparsers(self):
+        return {MODALITY: _RoutingKeys}
+
+
+class PtMoeProcessingInfo(BaseProcessingInfo):
+    def get_data_parser(self) -> MultiModalDataParser:
+        return _Parser()
+
+    def get_supported_mm_limits(self) -> Mapping[str, int | None]:
+        return {MODALITY: 1}
+
+    def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]):
+        return {MODALITY: getattr(self.get_hf_config(), MAX_PROMPT_LENGTH)}
+
+
+class PtMoeDummyInputs(BaseDummyInputsBuilder[PtMoeProcessingInfo]):
+    """Profiling runs the largest soft prompt, from no adapter (slot -1 routes to zeros)."""
+
+    def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
+        return ""
+
+    def get_dummy_mm_data(self, seq_len, mm_counts, mm_options):
+        length = getattr(self.info.get_hf_config(), MAX_PROMPT_LENGTH)
+        return {MODALITY: routing_key(BankShape(1, length, 1), -1, "profile")}
+
+
+class PtMoeProcessor(BaseMultiModalProcessor[PtMoeProcessingInfo]):
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
+        return {name: MultiModalFieldConfig.batched(MODALITY, keep_on_cpu=True)
+                for name in ("ptmoe_key", "ptmoe_prompt_ids")}
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        return []
+
+    def apply(self, inputs: ProcessorInputs, timing_ctx: TimingContext) -> MultiModalInput:
+        key = inputs.mm_data_items[MODALITY].get(0)
+        prompt = list(inputs.prompt)
+        length = key["prompt_length"]
+        fields = BatchFeature({
+            "ptmoe_key": torch.tensor([[key[f] for f in KEY_FIELDS]]),
+            "ptmoe_prompt_ids": torch.tensor([prompt or [0]]),
+        })
+        kwargs = MultiModalKwargsItems.from_hf_inputs(fields, self._get_mm_fields_config(fields, {}))
+        # The soft prompt depends on the adapter's version and on the whole prompt: both key
+        # vLLM's encoder and prefix caches, or a replaced adapter could answer from the cache.
+        digest = hashlib.sha256(
+            f"{key['version']}|{[key[f] for f in KEY_FIELDS]}|".encode()
+            + torch.tensor(prompt, dtype=torch.int64).numpy().tobytes()).hexdigest()
+        return mm_input(prompt_token_ids=[0] * length + prompt, mm_kwargs=kwargs,
+                        mm_hashes={MODALITY: [digest]},
+                        mm_placeholders={MODALITY: [PlaceholderRange(offset=0, length=length)]})
+
+
+@MULTIMODAL_REGISTRY.register_processor(PtMoeProcessor, info=PtMoeProcessingInfo,
+                                        dummy_inputs=PtMoeDummyInputs)
+class PtMoeLlamaForCausalLM(LlamaForCausalLM, SupportsMultiModal):
+    """A Llama-architecture model whose requests may start with a PT-MoE soft prompt."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.ptmoe_banks: dict[BankShape, AdapterBank] = {}
+
+    @classmethod
+    def get_placeholder_str(cls, modality: str, i: int) -> str | None:
+        return None
+
+    def ptmoe_write(self, shape: BankShape, slot: int, adapter: PtMoeAdapter) -> None:
+        bank = self.ptmoe_banks.get(shape)
+        if bank is None:
+            device = self.model.embed_tokens.weight.device
+            bank = self.ptmoe_banks[shape] = AdapterBank(shape, self.config.hidden_size, device)
+        bank.write(slot, adapter)
+
+    @torch.inference_mode()
+    def embed_multimodal(self, **kwargs: object) -> list[torch.Tensor]:
+        # Batched fields arrive stacked when all items have one shape, else as lists.
+        keys = [k.tolist() for k in kwargs["ptmoe_key"]]
+        prompts = list(kwargs["ptmoe_prompt_ids"])
+        weight = self.model.embed_tokens.weight
+        # The fused kernels read embedding rows from the table itself: the whole table, so
+        # on one rank only; across ranks vLLM's embedding layer gathers the rows.
+        fused = weight.is_cuda and get_tensor_model_parallel_world_size() == 1
+        soft_prompts = route_step(self.ptmoe_banks, keys, prompts, self.config.hidden_size,
+                                  self.embed_input_ids, weight if fused else None)
+        return [p.to(weight.dtype) for p in soft_prompts]
+
+    def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
+        # Llama's own comes first in the method order and knows nothing of soft prompts.
+        return SupportsMultiModal.embed_input_ids(self, input_ids, multimodal_embeddings,
+                                                  is_multimodal=is_multimodal)
+
+
+def route_step(banks: dict[BankShape, AdapterBank], keys: list[list[int]],
+               prompts: list[torch.Tensor], hidden_size: int,
+               embed: Callable[[torch.Tensor], torch.Tensor],
+               table: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Soft prompts [T, H] (float32) of a step's requests, in order: per adapter shape, one
+    batched routing over the requests' slots; the fused Triton kernels when `table` (the
+    whole embedding table) is given, else one embedding lookup, segment means and the
+    batched torch version. A negative slot (vLLM's profiling run) routes to zeros."""
+    device = prompts[0].device if table is None else table.device
+    prompts = [p.to(device) for p in prompts]
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    ids = torch.cat(prompts)
+    means = None if table is not None else segment_means(embed(ids), lengths)
+    groups: dict[BankShape, list[int]] = {}
+    for i, (n, t, r, _) in enumerate(keys):
+        groups.setdefault(BankShape(n, t, r), []).append(i)
+    out: list[torch.Tensor] = [None] * len(keys)  # type: ignore[list-item]
+    for shape, rows in groups.items():
+        slots = torch.tensor([keys[i][3] for i in rows], device=device)
+        bank = banks.get(shape)
+        if bank is None or bool(slots[0] < 0):
+            soft = torch.zeros(len(rows), shape.prompt_length, hidden_size, device=device)
+        elif table is not None:
+            from ptmoe_serve.routing_kernel import route_fused
+
+            group_ids = torch.cat([prompts[i] for i in rows])
+            offsets = torch.nn.functional.pad(lengths[rows].cumsum(0), (1, 0))
+            soft = route_fused(table, group_ids, offsets, slots, bank.tensors)[0]
+        else:
+            soft = bank.route(slots, means[rows]).soft_prompt
+        for j, i in enumerate(rows):
+            out[i] = soft[j]
+    return out
+
+
+class PtMoeWorkerExtension:
+    """Methods vLLM mixes into its workers, called through `collective_rpc`."""
+
+    def ptmoe_write(self, key: dict, config: dict, data: bytes) -> None:
+        """`data`: the adapter's tensors in safetensors bytes (what survives vLLM's
+        messaging to the engine and on to the workers unchanged)."""
+        tensors = safetensors.torch.load(data)
+        adapter = PtMoeAdapter(AdapterConfig(**config), tensors["experts.A"],
+                               tensors["shared.B"], tensors["router.weight"],
+                               tensors["router.bias"])
+        shape = BankShape(key["num_experts"], key["prompt_length"], key["rank"])
+        self.get_model().ptmoe_write(shape, key["slot"], adapter)
+
+
+def supports(model_dir: Path) -> bool:
+    """Whether the in-engine route can wrap this model's architecture."""
+    config = json.loads((model_dir / "config.json").read_text())
+    return config.get("architectures") == ["LlamaForCausalLM"]
+
+
+def engine_args(max_prompt_length: int) -> dict:
+    """vLLM engine arguments that serve the base model through the wrapper class."""
+    return {"hf_overrides": {"architectures": [ARCHITECTURE],
+                             MAX_PROMPT_LENGTH: max_prompt_length},
+            "limit_mm_per_prompt": {MODALITY: 1},
+            "worker_extension_cls": f"{__name__}.PtMoeWorkerExtension"}
+
+
+def register() -> None:
+    """vLLM general plugin: makes the architecture known in every vLLM process."""
+    from vllm import ModelRegistry
+
+    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(ARCHITECTURE, f"{__name__}:PtMoeLlamaForCausalLM")

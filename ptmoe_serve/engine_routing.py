@@ -1,0 +1,64 @@
+"""The in-engine route, seen from this process: a request with an adapter goes to the engine
+as its token ids and a routing key, and the engine's workers compute the soft prompts of each
+step (engine_model.py). Each adapter version is written into the workers' banks once, before
+its first request; the key names that version, so no cache can serve an older one."""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ptmoe_serve.engine import Engine
+from ptmoe_serve.engine_model import MODALITY, routing_key
+from ptmoe_serve.registry import AdapterEntry
+from ptmoe_serve.routing import route_reference
+from ptmoe_serve.soft_prompts import load_input_embeddings
+
+
+@dataclass(frozen=True)
+class KeyedPrompt:
+    token_ids: list[int]
+    key: dict
+    # Filled only when the caller asks to see the routing (computed here, for the response).
+    expert_weights: list[float] | None = None
+    expert_probabilities: list[float] | None = None
+
+    @property
+    def engine_prompt(self) -> dict:
+        return {"prompt_token_ids": self.token_ids, "multi_modal_data": {MODALITY: self.key}}
+
+
+class EngineRouting:
+    def __init__(self, engine: Engine, model_dir: Path):
+        self.engine = engine
+        self.model_dir = model_dir
+        self._written: weakref.WeakKeyDictionary[AdapterEntry, asyncio.Future] = \
+            weakref.WeakKeyDictionary()
+        self._table: torch.Tensor | None = None
+
+    async def build(self, entry: AdapterEntry, token_ids: list[int],
+                    with_routing: bool = False) -> KeyedPrompt:
+        key = routing_key(entry.bank.shape, entry.slot, f"{entry.name}@{entry.version}")
+        written = self._written.get(entry)
+        if written is None or (written.done() and written.exception() is not None):
+            written = self._written[entry] = asyncio.ensure_future(
+                self.engine.write_adapter(key, entry.adapter))
+        await asyncio.shield(written)
+        if not with_routing:
+            return KeyedPrompt(token_ids, key)
+        routing = route_reference(entry.adapter, self._embeddings()[torch.tensor(token_ids)])
+        return KeyedPrompt(token_ids, key, routing.weights.tolist(),
+                           routing.probabilities.tolist())
+
+    def _embeddings(self) -> torch.Tensor:
+        # Only `return_routing` needs the table in this process: read it on first use.
+        if self._table is None:
+            self._table = load_input_embeddings(self.model_dir)
+        return self._table
+
+    async def stop(self) -> None:
+        pass

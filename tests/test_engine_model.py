@@ -1,0 +1,67 @@
+"""Choosing the route of the routing step: in the engine where the model's architecture allows,
+through prompt embeddings elsewhere, without the user doing anything. (That both routes answer
+exactly as transformers does is tests/test_e2e_greedy.py's.)"""
+
+import json
+
+import pytest
+
+from ptmoe_serve.cli import _routing_in_engine
+from ptmoe_serve.engine_model import KEY_FIELDS, supports
+
+
+@pytest.fixture
+def other_architecture(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    return tmp_path
+
+
+def test_the_default_model_routes_in_the_engine(model_dir):
+    assert supports(model_dir)
+    assert _routing_in_engine("auto", model_dir) is True
+    assert _routing_in_engine("api", model_dir) is False
+
+
+def test_other_architectures_fall_back_to_prompt_embeddings(other_architecture):
+    assert not supports(other_architecture)
+    assert _routing_in_engine("auto", other_architecture) is False
+    with pytest.raises(SystemExit, match="not one the in-engine route wraps"):
+        _routing_in_engine("engine", other_architecture)
+
+
+def test_the_workers_step_routes_every_request_by_its_key():
+    """What a worker computes for one step: mixed adapters and shapes, both versions of the
+    step (batched torch; fused kernels, here under Triton's interpreter), and vLLM's profiling
+    key, which routes to zeros."""
+    import torch
+
+    from helpers import random_adapter
+    from ptmoe_serve.engine_model import route_step, routing_key
+    from ptmoe_serve.registry import AdapterRegistry, BankShape
+    from ptmoe_serve.routing import route_reference
+
+    vocab, hidden = 40, 16
+    table = torch.randn(vocab, hidden)
+    registry = AdapterRegistry(hidden, 256, torch.device("cpu"))
+    entries = [registry.add("a", random_adapter(seed=1)),
+               registry.add("b", random_adapter(seed=2, num_experts=3, top_k=2)),
+               registry.add("c", random_adapter(seed=3, prompt_length=7, rank=5,
+                                                router_scaling="none"))]
+    banks = {e.bank.shape: e.bank for e in entries}
+    g = torch.Generator().manual_seed(0)
+    requests = [(entries[i % 3], torch.randint(0, vocab, (1 + 3 * i,), generator=g))
+                for i in range(7)]
+    keys = [[routing_key(e.bank.shape, e.slot, "v")[f] for f in KEY_FIELDS] for e, _ in requests]
+    prompts = [ids for _, ids in requests]
+    expected = [route_reference(e.adapter, table[ids]).soft_prompt for e, ids in requests]
+
+    def embed(ids):
+        return table[ids]
+
+    for fused_table in (None, table):
+        got = route_step(banks, keys, prompts, hidden, embed, fused_table)
+        for g_, e in zip(got, expected):
+            torch.testing.assert_close(g_, e, rtol=1e-5, atol=1e-5)  # float32
+    profile = route_step(banks, [[1, 9, 1, -1]], [torch.tensor([0])], hidden, embed)
+    assert torch.equal(profile[0], torch.zeros(9, hidden))
+    assert BankShape(1, 9, 1) not in banks
