@@ -41,7 +41,7 @@ class Preset:
 
 
 PRESETS = {
-    "quick": Preset((16,), ("uniform",), ("closed",), 64, 16, 4.0, (16,)),
+    "quick": Preset((16,), ("uniform",), ("closed",), 256, 16, 4.0, (16,)),
     "full": Preset((1, 16, 256, 4096), ("uniform", "zipf"), ("closed", "poisson"), 128, 16, 1.0,
                    (16,)),
 }
