@@ -44,7 +44,9 @@ class EngineRouting:
                     with_routing: bool = False) -> KeyedPrompt:
         key = routing_key(entry.bank.shape, entry.slot, f"{entry.name}@{entry.version}")
         written = self._written.get(entry)
-        if written is None or (written.done() and written.exception() is not None):
+        # A write that failed is tried again by the next request.
+        if written is None or (written.done() and (written.cancelled()
+                                                   or written.exception() is not None)):
             written = self._written[entry] = asyncio.ensure_future(
                 self.engine.write_adapter(key, entry.adapter))
         await asyncio.shield(written)
