@@ -79,3 +79,33 @@ def test_adapters_change_the_answer(server):
             "model": model, "prompt": PROMPTS[2], "max_tokens": MAX_TOKENS, "temperature": 0})
         texts[model] = response.json()["choices"][0]["text"]
     assert len(set(texts.values())) == len(MODELS), texts
+
+
+@pytest.fixture(scope="module")
+def tensor_parallel_server(model_dir, adapters_dir, tmp_path_factory):
+    """Three tensor-parallel ranks (the model's 9 attention heads allow 1, 3 or 9) on this
+    machine's cores; each rank holds the whole adapter bank."""
+    from bench.server_process import start_server, stop_server
+    from conftest import MAX_MODEL_LEN, routing_location_of
+
+    running = start_server(
+        ["--model", str(model_dir), "--dtype", "float32", "--adapters", str(adapters_dir),
+         "--max-model-len", str(MAX_MODEL_LEN), "--tensor-parallel-size", "3"],
+        tmp_path_factory.mktemp("tp") / "server.log",
+        env={"VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"})
+    assert routing_location_of(running) == "engine"
+    yield running
+    stop_server(running)
+
+
+def test_tensor_parallel_ranks_route_in_the_engine_exactly(tensor_parallel_server, hf_model,
+                                                           tokenizer, adapters_dir):
+    prompts = [tokenizer.encode(p) for p in PROMPTS[:2]]
+    # Slow here (three ranks on two cores): one dense adapter and one trained one.
+    for model in ["dense", "contact-card"]:
+        response = httpx.post(f"{tensor_parallel_server.url}/v1/completions", timeout=300,
+                              json={"model": model, "prompt": prompts, "max_tokens": MAX_TOKENS,
+                                    "temperature": 0, "return_token_ids": True})
+        assert response.status_code == 200, response.text
+        for ids, choice in zip(prompts, response.json()["choices"]):
+            assert choice["token_ids"] == transformers_greedy(hf_model, adapters_dir, model, ids)
