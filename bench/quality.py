@@ -1,7 +1,7 @@
 """Train adapters on the generated tasks and score them through the servers: the base model,
 plain prompt tuning (N=1), LoRA of about the same size and PT-MoE, each task's held-out split.
 
-    python -m bench.quality --work /tmp/quality --steps 300 --ship adapters
+    python -m bench.quality --work /tmp/quality --steps 80 --ship adapters
 
 Data comes from `ptmoe-serve make-tasks`; adapters from `ptmoe-serve train` (PT and PT-MoE
 with the same settings but the number of experts, LoRA with `--method lora`); scores from
@@ -19,13 +19,14 @@ import time
 from pathlib import Path
 
 from bench.server_process import start_server, stop_server
-from bench.systems import GIB, SystemConfig, _vllm_command
+from bench.systems import GIB, SystemConfig, vllm_command
 from ptmoe_serve.base_model import DEFAULT_MODEL_NAME, default_cache_dir, ensure_default_model
 from ptmoe_serve.train.evaluate import evaluate_models, read_records
 from ptmoe_serve.train.tasks import DESCRIPTIONS, METRICS, TASKS, write_task
 from ptmoe_serve.train.trainer import TrainSettings, train
 
-# Each method: (folder suffix, trainer overrides). The suffix is also the served name's.
+# Each method's trainer settings beyond the shared ones; its name is its folder and the suffix
+# of its served name.
 METHODS = {"pt": {"num_experts": 1}, "ptmoe": {}, "lora": {"method": "lora"}}
 
 
@@ -80,7 +81,7 @@ def score_lora_server(args, model_dir: Path, work: Path, config: SystemConfig) -
          "--kv-cache-memory-bytes", str(int(config.kv_cache_gib * GIB)), "--enforce-eager",
          "--served-model-name", DEFAULT_MODEL_NAME, "--enable-lora", "--max-lora-rank",
          str(rank), "--max-loras", str(len(args.tasks))],
-        work / "lora-server.log", command=_vllm_command(),
+        work / "lora-server.log", command=vllm_command(),
         env={**config.engine_env(), "VLLM_PLUGINS": "lora_filesystem_resolver",
              "VLLM_LORA_RESOLVER_CACHE_DIR": str(folder),
              "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"})
@@ -110,7 +111,7 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--train-size", type=int, default=2000)
     parser.add_argument("--test-size", type=int, default=200)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)

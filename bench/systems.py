@@ -110,7 +110,7 @@ def ptmoe(config: SystemConfig, num_adapters: int, routing_location: str = "engi
         stop_server(server)
 
 
-def _vllm_command() -> list[str]:
+def vllm_command() -> list[str]:
     # `vllm serve` runs this same server; its launcher needs the distribution named "vllm".
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
 
@@ -132,7 +132,7 @@ def with_filler(prompt_ids: list[int], length: int) -> list[int]:
 def vllm_bare(config: SystemConfig) -> Iterator[Endpoint]:
     """The bare model; each prompt gets T more tokens in front, where a soft prompt would be."""
     server = start_server(_vllm_args(config), config.work_dir / "vllm.log",
-                          command=_vllm_command(), env=config.engine_env())
+                          command=vllm_command(), env=config.engine_env())
     try:
         yield Endpoint(server.url, lambda i: config.base_name,
                        lambda r: with_filler(r.prompt_ids, config.prompt_length),
@@ -156,7 +156,7 @@ def vllm_lora(config: SystemConfig, num_adapters: int) -> Iterator[Endpoint]:
                            str(min(config.max_loras, num_adapters)), "--max-cpu-loras",
                            str(max(num_adapters, config.max_loras))],
                           config.work_dir / f"lora-{num_adapters}.log",
-                          command=_vllm_command(), env={**config.engine_env(), **resolver})
+                          command=vllm_command(), env={**config.engine_env(), **resolver})
     try:
         names = [f.name for f in folders]
         yield Endpoint(server.url, lambda i: names[i], lambda r: r.prompt_ids,

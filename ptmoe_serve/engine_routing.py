@@ -63,4 +63,4 @@ class EngineRouting:
         return self._table
 
     async def stop(self) -> None:
-        pass
+        """Nothing runs in the background here (the api route's batcher has a task to stop)."""
