@@ -10,7 +10,7 @@ import json
 import math
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -87,6 +87,12 @@ class PtMoeAdapter:
             "router.weight": self.router_weight,
             "router.bias": self.router_bias,
         }
+
+    def routing_only(self) -> PtMoeAdapter:
+        """This adapter with its prompt weights (A, B) as shape-only meta tensors: what a
+        process keeps that computes routings but never soft prompts."""
+        return replace(self, experts_a=self.experts_a.to("meta"),
+                                   shared_b=self.shared_b.to("meta"))
 
 
 def validate_name(name: str) -> str:
@@ -190,6 +196,12 @@ def read_adapter(folder: Path,
                  check_config: Callable[[AdapterConfig], None] = lambda config: None) -> PtMoeAdapter:
     """Load and validate an adapter folder. Never opens a pickle-based file. `check_config`
     may refuse the config (raising AdapterError) before the weights are read."""
+    return read_weights(folder, read_config(folder, check_config))
+
+
+def read_config(folder: Path,
+                check_config: Callable[[AdapterConfig], None] = lambda config: None) -> AdapterConfig:
+    """An adapter folder's validated config, once its weights file is known to be there."""
     if not folder.is_dir():
         raise AdapterError(f"adapter folder {folder} does not exist")
     config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
@@ -205,7 +217,12 @@ def read_adapter(folder: Path,
         raise AdapterError(f"{folder.name} has no {CONFIG_FILE}")
     config = parse_config(_read_limited(config_path, MAX_CONFIG_BYTES))
     check_config(config)
-    return parse_weights(_read_limited(weights_path, MAX_WEIGHTS_BYTES), config)
+    return config
+
+
+def read_weights(folder: Path, config: AdapterConfig) -> PtMoeAdapter:
+    """The adapter whose config `read_config` gave, its weights checked against it."""
+    return parse_weights(_read_limited(folder / WEIGHTS_FILE, MAX_WEIGHTS_BYTES), config)
 
 
 def _read_limited(path: Path, limit: int) -> bytes:

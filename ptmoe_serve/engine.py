@@ -12,14 +12,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import safetensors.torch
 import torch
 from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.outputs import RequestOutput
 from vllm.v1.engine.async_llm import AsyncLLM
-
-from ptmoe_serve.adapter import PtMoeAdapter
 
 GIB = 1024**3
 
@@ -85,11 +82,9 @@ class Engine:
         soft prompt's routing key)."""
         return self._llm.generate(prompt, params, request_id)
 
-    async def write_adapter(self, key: dict, adapter: PtMoeAdapter) -> None:
-        """Put an adapter into every worker's bank at the slot `key` names."""
-        data = safetensors.torch.save(adapter.tensors())
-        await self._llm.collective_rpc("ptmoe_write",
-                                       args=(key, adapter.config.model_dump(), data))
+    async def write_adapters(self, banks: list[list[int]], data: bytes) -> None:
+        """Put adapters into every worker's banks (engine_model.pack_adapters' output)."""
+        await self._llm.collective_rpc("ptmoe_write", args=(banks, data))
 
     @property
     def num_unfinished_requests(self) -> int:

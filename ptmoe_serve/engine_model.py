@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import safetensors.torch
@@ -31,8 +31,7 @@ from vllm.multimodal.parse import ModalityDataItems, MultiModalDataParser
 from vllm.multimodal.processing import (BaseDummyInputsBuilder, BaseMultiModalProcessor,
                                         BaseProcessingInfo, ProcessorInputs, TimingContext)
 
-from ptmoe_serve.adapter import AdapterConfig, PtMoeAdapter
-from ptmoe_serve.registry import AdapterBank, BankShape
+from ptmoe_serve.registry import AdapterBank, AdapterEntry, BankShape, bank_rows
 from ptmoe_serve.routing import segment_means
 
 MODALITY = "ptmoe"
@@ -136,12 +135,13 @@ class PtMoeLlamaForCausalLM(LlamaForCausalLM, SupportsMultiModal):
     def get_placeholder_str(cls, modality: str, i: int) -> str | None:
         return None
 
-    def ptmoe_write(self, shape: BankShape, slot: int, adapter: PtMoeAdapter) -> None:
+    def ptmoe_write(self, shape: BankShape, slots: torch.Tensor, rows: dict[str, torch.Tensor],
+                    capacity: int) -> None:
         bank = self.ptmoe_banks.get(shape)
         if bank is None:
             device = self.model.embed_tokens.weight.device
             bank = self.ptmoe_banks[shape] = AdapterBank(shape, self.config.hidden_size, device)
-        bank.write(slot, adapter)
+        bank.write_rows(slots, rows, capacity)
 
     @torch.inference_mode()
     def embed_multimodal(self, **kwargs: object) -> list[torch.Tensor]:
@@ -152,9 +152,8 @@ class PtMoeLlamaForCausalLM(LlamaForCausalLM, SupportsMultiModal):
         # The fused kernels read embedding rows from the table itself: the whole table, so
         # on one rank only; across ranks vLLM's embedding layer gathers the rows.
         fused = weight.is_cuda and get_tensor_model_parallel_world_size() == 1
-        soft_prompts = route_step(self.ptmoe_banks, keys, prompts, self.config.hidden_size,
-                                  self.embed_input_ids, weight if fused else None)
-        return [p.to(weight.dtype) for p in soft_prompts]
+        return route_step(self.ptmoe_banks, keys, prompts, self.config.hidden_size,
+                          self.embed_input_ids, weight if fused else None, weight.dtype)
 
     def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
         # Llama's own comes first in the method order and knows nothing of soft prompts.
@@ -165,11 +164,14 @@ class PtMoeLlamaForCausalLM(LlamaForCausalLM, SupportsMultiModal):
 def route_step(banks: dict[BankShape, AdapterBank], keys: list[list[int]],
                prompts: list[torch.Tensor], hidden_size: int,
                embed: Callable[[torch.Tensor], torch.Tensor],
-               table: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """Soft prompts [T, H] (float32) of a step's requests, in order: per adapter shape, one
-    batched routing over the requests' slots; the fused Triton kernels when `table` (the
-    whole embedding table) is given, else one embedding lookup, segment means and the
-    batched torch version. A negative slot (vLLM's profiling run) routes to zeros."""
+               table: torch.Tensor | None = None, dtype: torch.dtype = torch.float32
+               ) -> list[torch.Tensor]:
+    """Soft prompts [T, H] of a step's requests, in order, computed in float32 and given in
+    `dtype` (the model's): per adapter shape, one batched routing over the requests' slots;
+    the fused Triton kernels when `table` (the whole embedding table) is given, else one
+    embedding lookup, segment means and the batched torch version. Each request's soft
+    prompt is a view into its group's one tensor. A negative slot (vLLM's profiling run)
+    routes to zeros."""
     device = prompts[0].device if table is None else table.device
     prompts = [p.to(device) for p in prompts]
     lengths = torch.tensor([len(p) for p in prompts], device=device)
@@ -183,32 +185,56 @@ def route_step(banks: dict[BankShape, AdapterBank], keys: list[list[int]],
         slots = torch.tensor([keys[i][3] for i in rows], device=device)
         bank = banks.get(shape)
         if bank is None or bool(slots[0] < 0):
-            soft = torch.zeros(len(rows), shape.prompt_length, hidden_size, device=device)
+            soft = torch.zeros(len(rows), shape.prompt_length, hidden_size, dtype=dtype,
+                               device=device)
         elif table is not None:
             from ptmoe_serve.routing_kernel import route_fused
 
             group_ids = torch.cat([prompts[i] for i in rows])
             offsets = torch.nn.functional.pad(lengths[rows].cumsum(0), (1, 0))
-            soft = route_fused(table, group_ids, offsets, slots, bank.tensors)[0]
+            soft = route_fused(table, group_ids, offsets, slots, bank.tensors, dtype)[0]
         else:
-            soft = bank.route(slots, means[rows]).soft_prompt
+            soft = bank.route(slots, means[rows]).soft_prompt.to(dtype)
         for j, i in enumerate(rows):
             out[i] = soft[j]
     return out
 
 
+def pack_adapters(entries: Sequence[AdapterEntry]) -> tuple[list[list[int]], bytes]:
+    """Entries as the workers receive them: for each bank, its shape and capacity
+    [N, T, R, capacity], and in one safetensors blob its slots and stacked rows, named
+    "<bank index>.<field>" (safetensors bytes are what vLLM's messaging carries unchanged)."""
+    by_bank: dict[AdapterBank, list[AdapterEntry]] = {}
+    for entry in entries:
+        by_bank.setdefault(entry.bank, []).append(entry)
+    banks, tensors = [], {}
+    for i, (bank, members) in enumerate(by_bank.items()):
+        banks.append([bank.shape.num_experts, bank.shape.prompt_length, bank.shape.rank,
+                      bank.capacity])
+        tensors[f"{i}.slots"] = torch.tensor([e.slot for e in members])
+        for field, rows in bank_rows([e.adapter for e in members]).items():
+            tensors[f"{i}.{field}"] = rows.contiguous()
+    return banks, safetensors.torch.save(tensors)
+
+
+def unpack_adapters(banks: list[list[int]], data: bytes
+                    ) -> Iterator[tuple[BankShape, torch.Tensor, dict[str, torch.Tensor], int]]:
+    """`pack_adapters`' output as (shape, slots, rows, capacity), one per bank."""
+    tensors = safetensors.torch.load(data)
+    for i, (n, t, r, capacity) in enumerate(banks):
+        rows = {field.split(".", 1)[1]: tensor for field, tensor in tensors.items()
+                if field.startswith(f"{i}.") and field != f"{i}.slots"}
+        yield BankShape(n, t, r), tensors[f"{i}.slots"], rows, capacity
+
+
 class PtMoeWorkerExtension:
     """Methods vLLM mixes into its workers, called through `collective_rpc`."""
 
-    def ptmoe_write(self, key: dict, config: dict, data: bytes) -> None:
-        """`data`: the adapter's tensors in safetensors bytes (what survives vLLM's
-        messaging to the engine and on to the workers unchanged)."""
-        tensors = safetensors.torch.load(data)
-        adapter = PtMoeAdapter(AdapterConfig(**config), tensors["experts.A"],
-                               tensors["shared.B"], tensors["router.weight"],
-                               tensors["router.bias"])
-        shape = BankShape(key["num_experts"], key["prompt_length"], key["rank"])
-        self.get_model().ptmoe_write(shape, key["slot"], adapter)
+    def ptmoe_write(self, banks: list[list[int]], data: bytes) -> None:
+        """Write adapters into this worker's banks: `pack_adapters`' output."""
+        model = self.get_model()
+        for shape, slots, rows, capacity in unpack_adapters(banks, data):
+            model.ptmoe_write(shape, slots, rows, capacity)
 
 
 def supports(model_dir: Path) -> bool:

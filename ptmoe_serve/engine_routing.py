@@ -1,21 +1,24 @@
 """The in-engine route, seen from this process: a request with an adapter goes to the engine
 as its token ids and a routing key, and the engine's workers compute the soft prompts of each
-step (engine_model.py). Each adapter version is written into the workers' banks once, before
-its first request; the key names that version, so no cache can serve an older one."""
+step (engine_model.py). Each adapter version is written into the workers' banks once: in bulk
+at start-up, else before its first request; the key names that version, so no cache can serve
+an older one. Once written, this process keeps of an adapter only what routing needs (its
+router), for the responses that show the routing."""
 
 from __future__ import annotations
 
 import asyncio
 import weakref
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ptmoe_serve.engine import Engine
-from ptmoe_serve.engine_model import MODALITY, routing_key
+from ptmoe_serve.engine_model import MODALITY, pack_adapters, routing_key
 from ptmoe_serve.registry import AdapterEntry
-from ptmoe_serve.routing import route_reference
+from ptmoe_serve.routing import gate_reference
 from ptmoe_serve.soft_prompts import load_input_embeddings
 
 
@@ -47,14 +50,38 @@ class EngineRouting:
         # A write that failed is tried again by the next request.
         if written is None or (written.done() and (written.cancelled()
                                                    or written.exception() is not None)):
-            written = self._written[entry] = asyncio.ensure_future(
-                self.engine.write_adapter(key, entry.adapter))
+            written = self._start_write([entry])
         await asyncio.shield(written)
         if not with_routing:
             return KeyedPrompt(token_ids, key)
-        routing = route_reference(entry.adapter, self._embeddings()[torch.tensor(token_ids)])
-        return KeyedPrompt(token_ids, key, routing.weights.tolist(),
-                           routing.probabilities.tolist())
+        weights, probabilities = gate_reference(entry.adapter,
+                                                self._embeddings()[torch.tensor(token_ids)])
+        return KeyedPrompt(token_ids, key, weights.tolist(), probabilities.tolist())
+
+    async def write(self, entries: list[AdapterEntry]) -> None:
+        """Put these adapters into the workers' banks in one call (a bulk load)."""
+        await asyncio.shield(self._start_write(entries))
+
+    def preload(self, entry: AdapterEntry) -> None:
+        """Start moving a just-loaded adapter to the workers, so that its first request
+        (which waits for the move, and retries one that failed) most likely finds it there."""
+        written = self._start_write([entry])
+        # A failure is the first request's to see and retry, not the event loop's to log.
+        written.add_done_callback(lambda future: future.cancelled() or future.exception())
+
+    def _start_write(self, entries: list[AdapterEntry]) -> asyncio.Future:
+        # Packed and registered now, so a request arriving meanwhile waits for this write.
+        written = asyncio.ensure_future(
+            self._write_then_trim(self.engine.write_adapters(*pack_adapters(entries)), entries))
+        for entry in entries:
+            self._written[entry] = written
+        return written
+
+    @staticmethod
+    async def _write_then_trim(write: Awaitable[None], entries: list[AdapterEntry]) -> None:
+        await write
+        for entry in entries:
+            entry.adapter = entry.adapter.routing_only()
 
     def _embeddings(self) -> torch.Tensor:
         # Only `return_routing` needs the table in this process: read it on first use.

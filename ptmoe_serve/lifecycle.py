@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ptmoe_serve.adapter import (AdapterError, PtMoeAdapter, parse_config, parse_weights,
-                                 read_adapter, validate_name)
+                                 read_adapter, read_config, read_weights, validate_name)
 from ptmoe_serve.registry import AdapterEntry, AdapterNotFound, AdapterRegistry
 from ptmoe_serve.store import AdapterStore, FolderSignature
 
@@ -26,9 +27,12 @@ class PathNotAllowed(AdapterError):
 
 class AdapterManager:
     def __init__(self, registry: AdapterRegistry, store: AdapterStore,
-                 extra_roots: list[Path] = ()):
+                 extra_roots: list[Path] = (),
+                 on_load: Callable[[AdapterEntry], None] = lambda entry: None):
         self.registry = registry
         self.store = store
+        # Told of each adapter loaded while serving (the engine route moves it to its workers).
+        self.on_load = on_load
         self.allowed_roots = [store.root, *(Path(r).resolve() for r in extra_roots)]
         # Store folders already acted on, so the watcher loads each version once.
         self._seen: dict[str, FolderSignature] = {}
@@ -36,13 +40,37 @@ class AdapterManager:
     def start(self) -> None:
         """Serve what was served before: the store's folders and the adapters linked from
         other roots, after undoing whatever a crash left half done."""
+        for _ in self.start_in_batches():
+            pass
+
+    def start_in_batches(self, batch_parameters: int = 1 << 24) -> Iterator[list[AdapterEntry]]:
+        """`start`, loading as it is iterated: the entries come a batch (of about
+        `batch_parameters` parameters) at a time, so each can move on, to the engine's
+        workers, before the next is read. The banks are sized for all of them first, so a
+        bulk load never copies a bank."""
         self.store.recover()
-        self.sync_store()
-        for name, path in sorted(self.store.manifest.linked.items()):
+        _, changed = self._scan_store()
+        linked = [(name, Path(path)) for name, path in sorted(self.store.manifest.linked.items())]
+        found = []
+        for name, folder in changed + linked:
             try:
-                self._add(name, self._read(Path(path)), replace=False, source=Path(path))
+                found.append((name, folder, read_config(folder, self.registry.check_compatible)))
             except AdapterError as e:
-                logger.error("adapter %s (from %s) not loaded: %s", name, path, e)
+                logger.error("adapter %s (from %s) not loaded: %s", name, folder, e)
+        self.registry.reserve(config for _, _, config in found)
+        batch, size = [], 0
+        for name, folder, config in found:
+            try:
+                batch.append(self.registry.add(name, read_weights(folder, config), source=folder))
+            except AdapterError as e:
+                logger.error("adapter %s (from %s) not loaded: %s", name, folder, e)
+                continue
+            size += config.num_parameters
+            if size >= batch_parameters:
+                yield batch
+                batch, size = [], 0
+        if batch:
+            yield batch
 
     # -- operations behind the management API ---------------------------------------------
 
@@ -81,6 +109,7 @@ class AdapterManager:
              source: Path) -> AdapterEntry:
         started = time.perf_counter()
         entry = self.registry.add(name, adapter, replace=replace, source=source)
+        self.on_load(entry)
         logger.info("loaded adapter %s v%d from %s in %.2f ms", name, entry.version, source,
                     1000 * (time.perf_counter() - started))
         return entry
@@ -107,15 +136,8 @@ class AdapterManager:
 
     def sync_store(self) -> None:
         """Load new or changed store folders, unload the ones removed from disk."""
-        folders = self.store.folders()
-        # An unloaded adapter's folder that is gone: a new folder of that name is a new adapter.
-        self.store.forget_unloaded(self.store.manifest.unloaded - folders.keys())
-        for name, folder in sorted(folders.items()):
-            signature = FolderSignature.of(folder)
-            if (signature is None or name in self.store.manifest.unloaded
-                    or name in self.store.manifest.linked or self._seen.get(name) == signature):
-                continue
-            self._seen[name] = signature
+        folders, changed = self._scan_store()
+        for name, folder in changed:
             try:
                 self._add(name, self._read(folder), replace=True, source=folder)
             except AdapterError as e:  # a folder still being copied is retried when it changes
@@ -126,6 +148,21 @@ class AdapterManager:
                 logger.info("adapter %s unloaded: its folder was removed", entry.name)
                 self.registry.remove(entry.name)
                 self._seen.pop(entry.source.name, None)
+
+    def _scan_store(self) -> tuple[dict[str, Path], list[tuple[str, Path]]]:
+        """The store's folders by name, and those new or changed since last seen (to load)."""
+        folders = self.store.folders()
+        # An unloaded adapter's folder that is gone: a new folder of that name is a new adapter.
+        self.store.forget_unloaded(self.store.manifest.unloaded - folders.keys())
+        changed = []
+        for name, folder in sorted(folders.items()):
+            signature = FolderSignature.of(folder)
+            if (signature is None or name in self.store.manifest.unloaded
+                    or name in self.store.manifest.linked or self._seen.get(name) == signature):
+                continue
+            self._seen[name] = signature
+            changed.append((name, folder))
+        return folders, changed
 
     async def watch(self, interval: float) -> None:
         while True:

@@ -8,6 +8,8 @@ done, so replacing or unloading an adapter never changes a request already accep
 from __future__ import annotations
 
 import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +34,10 @@ class BankShape:
     num_experts: int
     prompt_length: int
     rank: int
+
+    @staticmethod
+    def of(config: AdapterConfig) -> BankShape:
+        return BankShape(config.num_experts, config.prompt_length, config.rank)
 
 
 class AdapterBank:
@@ -69,38 +75,46 @@ class AdapterBank:
     def bytes_per_slot(self) -> int:
         return sum(t[0].numel() * t.element_size() for t in self._tensors.values())
 
-    def _grow(self, at_least: int = 0) -> None:
+    def _grow(self, capacity: int) -> None:
         old, old_capacity = self._tensors, self.capacity
-        capacity = max(INITIAL_CAPACITY, 2 * old_capacity)
-        while capacity < at_least:
-            capacity *= 2
         self._tensors = self._allocate(capacity)
         for key, tensor in old.items():
             self._tensors[key][:old_capacity] = tensor
-        self._free.extend(range(self.capacity - 1, old_capacity - 1, -1))
+        # Highest first, so `put` pops the lowest free slot.
+        self._free.extend(range(capacity - 1, old_capacity - 1, -1))
+
+    def reserve(self, count: int) -> None:
+        """Make room for `count` more adapters in one allocation (a bulk load then never
+        copies the bank, and takes no more memory than it needs)."""
+        if len(self._free) < count:
+            self._grow(self.capacity + count - len(self._free))
 
     def put(self, adapter: PtMoeAdapter) -> int:
         """Write the adapter into a free slot and return the slot."""
         if not self._free:
-            self._grow()
+            self._grow(max(INITIAL_CAPACITY, 2 * self.capacity))
         slot = self._free.pop()
-        self.write(slot, adapter)
+        self._write_rows(torch.tensor([slot]), bank_rows([adapter]))
         return slot
 
-    def write(self, slot: int, adapter: PtMoeAdapter) -> None:
-        """Write the adapter into this slot, growing the bank to hold it: how a bank that
-        mirrors another (the engine worker's) follows the slots chosen there."""
-        if slot >= self.capacity:
-            self._grow(at_least=slot + 1)
-        if slot in self._free:
-            self._free.remove(slot)
-        t = self._tensors
-        t["experts_a"][slot] = adapter.experts_a
-        t["shared_b"][slot] = adapter.shared_b
-        t["router_weight"][slot] = adapter.router_weight
-        t["router_bias"][slot] = adapter.router_bias
-        t["top_k"][slot] = adapter.config.top_k
-        t["scale_by_probability"][slot] = adapter.config.router_scaling == "probability"
+    def write_rows(self, slots: torch.Tensor, rows: dict[str, torch.Tensor],
+                   capacity: int = 0) -> None:
+        """Write `bank_rows` into these slots, growing the bank to at least `capacity` slots
+        and to hold them: how a bank that mirrors another (in the engine's workers) follows
+        the slots and size chosen there."""
+        needed = max(capacity, int(slots.max()) + 1)
+        if needed > self.capacity:
+            self._grow(needed)
+        taken = set(slots.tolist())
+        self._free = [slot for slot in self._free if slot not in taken]
+        self._write_rows(slots, rows)
+
+    def _write_rows(self, slots: torch.Tensor, rows: dict[str, torch.Tensor]) -> None:
+        if self.device.type == "meta":  # a bank that only keeps the slots
+            return
+        index = slots.to(self.device)
+        for key, tensor in self._tensors.items():
+            tensor.index_copy_(0, index, rows[key].to(self.device, tensor.dtype))
 
     def free(self, slot: int) -> None:
         self._free.append(slot)
@@ -109,6 +123,21 @@ class AdapterBank:
         """Soft prompts for a batch of requests, each naming its adapter by slot."""
         rows = {key: tensor.index_select(0, slots) for key, tensor in self._tensors.items()}
         return route_batch(mean_embeddings=mean_embeddings, **rows)
+
+
+def bank_rows(adapters: Sequence[PtMoeAdapter]) -> dict[str, torch.Tensor]:
+    """Adapters of one shape as rows of a bank's tensors, one row per adapter."""
+    # One adapter's rows are views: loading one copies its tensors once, into the bank.
+    stack = (lambda ts: ts[0].unsqueeze(0)) if len(adapters) == 1 else torch.stack
+    return {
+        "experts_a": stack([a.experts_a for a in adapters]),
+        "shared_b": stack([a.shared_b for a in adapters]),
+        "router_weight": stack([a.router_weight for a in adapters]),
+        "router_bias": stack([a.router_bias for a in adapters]),
+        "top_k": torch.tensor([a.config.top_k for a in adapters]),
+        "scale_by_probability": torch.tensor(
+            [a.config.router_scaling == "probability" for a in adapters]),
+    }
 
 
 @dataclass(eq=False)
@@ -197,17 +226,25 @@ class AdapterRegistry:
         old = self._entries.get(name)
         if old is not None and not replace:
             raise AdapterExists(f"adapter {name!r} is already loaded; pass replace to swap it")
-        config = adapter.config
-        shape = BankShape(config.num_experts, config.prompt_length, config.rank)
-        bank = self._banks.get(shape)
-        if bank is None:
-            bank = self._banks[shape] = AdapterBank(shape, self.hidden_size, self.device)
+        bank = self._bank(BankShape.of(adapter.config))
         self._versions += 1
         entry = AdapterEntry(name, adapter, bank, bank.put(adapter), self._versions, source)
         self._entries[name] = entry
         if old is not None:
             self._retire(old)
         return entry
+
+    def reserve(self, configs: Iterable[AdapterConfig]) -> None:
+        """Make room for these adapters, one allocation per bank, before loading them all."""
+        counts = Counter(BankShape.of(config) for config in configs)
+        for shape, count in counts.items():
+            self._bank(shape).reserve(count)
+
+    def _bank(self, shape: BankShape) -> AdapterBank:
+        bank = self._banks.get(shape)
+        if bank is None:
+            bank = self._banks[shape] = AdapterBank(shape, self.hidden_size, self.device)
+        return bank
 
     def remove(self, name: str) -> AdapterEntry:
         entry = self._entries.pop(name, None)

@@ -22,6 +22,14 @@ class Routing:
 
 def route_reference(adapter: PtMoeAdapter, token_embeddings: torch.Tensor) -> Routing:
     """One prompt: x = mean embedding, p = softmax(Wx + b), keep top-k, P = (sum w_i A_i) B."""
+    weights, probabilities = gate_reference(adapter, token_embeddings)
+    mixed_a = sum(weights[i] * adapter.experts_a[i] for i in range(adapter.config.num_experts))
+    return Routing(mixed_a @ adapter.shared_b, weights, probabilities)
+
+
+def gate_reference(adapter: PtMoeAdapter, token_embeddings: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One prompt's expert weights and router probabilities (reads the router only)."""
     config = adapter.config
     x = token_embeddings.to(torch.float32).mean(dim=0)
     probabilities = torch.softmax(adapter.router_weight @ x + adapter.router_bias, dim=0)
@@ -30,8 +38,7 @@ def route_reference(adapter: PtMoeAdapter, token_embeddings: torch.Tensor) -> Ro
     weights = torch.zeros_like(probabilities)
     for i in ranked[: config.top_k]:
         weights[i] = probabilities[i] if config.router_scaling == "probability" else 1.0
-    mixed_a = sum(weights[i] * adapter.experts_a[i] for i in range(config.num_experts))
-    return Routing(mixed_a @ adapter.shared_b, weights, probabilities)
+    return weights, probabilities
 
 
 def expert_weights(

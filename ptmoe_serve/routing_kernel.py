@@ -74,7 +74,8 @@ def _prompt_kernel(weights, slots, experts_a, shared_b, out, H: tl.constexpr, N:
     b_rows = tl.load(shared_b + (slot * R + ranks[:, None]) * H + cols[None, :],
                      mask=(ranks[:, None] < R) & (cols[None, :] < H), other=0.0)
     prompt = tl.dot(mixed, b_rows, input_precision="ieee")
-    tl.store(out + (b * T + rows[:, None]) * H + cols[None, :], prompt,
+    tl.store(out + (b * T + rows[:, None]) * H + cols[None, :],
+             prompt.to(out.dtype.element_ty),
              mask=(rows[:, None] < T) & (cols[None, :] < H))
 
 
@@ -83,11 +84,13 @@ def _pad(n: int) -> int:
 
 
 def route_fused(table: torch.Tensor, token_ids: torch.Tensor, offsets: torch.Tensor,
-                slots: torch.Tensor, bank: dict[str, torch.Tensor]
+                slots: torch.Tensor, bank: dict[str, torch.Tensor],
+                dtype: torch.dtype = torch.float32
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Soft prompts [B, T, H] float32, expert weights [B, N] and probabilities [B, N] for
-    requests whose tokens are `token_ids[offsets[b]:offsets[b + 1]]`, each routed by the bank
-    row `slots[b]`. `bank` holds the tensors of one AdapterBank."""
+    """Soft prompts [B, T, H] in `dtype` (computed in float32, rounded once on the store),
+    expert weights [B, N] and probabilities [B, N] for requests whose tokens are
+    `token_ids[offsets[b]:offsets[b + 1]]`, each routed by the bank row `slots[b]`. `bank`
+    holds the tensors of one AdapterBank."""
     batch = slots.shape[0]
     _, n, t, r = bank["experts_a"].shape
     h = table.shape[1]
@@ -97,7 +100,7 @@ def route_fused(table: torch.Tensor, token_ids: torch.Tensor, offsets: torch.Ten
     _gate_kernel[(batch,)](table, token_ids, offsets, slots, bank["router_weight"],
                            bank["router_bias"], bank["top_k"], bank["scale_by_probability"],
                            weights, probabilities, H=h, N=n, N_PAD=_pad(n), BLOCK_H=block_h)
-    prompts = torch.empty(batch, t, h, dtype=torch.float32, device=slots.device)
+    prompts = torch.empty(batch, t, h, dtype=dtype, device=slots.device)
     block = 64
     _prompt_kernel[(batch, triton.cdiv(h, block))](
         weights, slots, bank["experts_a"], bank["shared_b"], prompts, H=h, N=n, T=t, R=r,

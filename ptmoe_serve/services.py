@@ -74,9 +74,6 @@ async def start_services(settings: ServerSettings) -> Services:
         engine.hidden_size, engine.max_model_len, device,
         reserved_names={settings.engine.served_model_name},
         max_prompt_length=settings.engine.max_soft_prompt_length if in_engine else None)
-    manager = AdapterManager(registry, AdapterStore(settings.adapters_dir),
-                             list(settings.allowed_adapter_roots))
-    manager.start()
     metrics = Metrics()
     metrics.server.info({"model": settings.engine.served_model_name,
                          "routing": "engine" if in_engine else "api"})
@@ -87,6 +84,11 @@ async def start_services(settings: ServerSettings) -> Services:
         routing = SoftPromptBatcher(registry, load_input_embeddings(model_dir), engine.dtype,
                                     on_step=metrics.observe_routing_step, fused=fused)
         routing.start()
+    manager = AdapterManager(registry, AdapterStore(settings.adapters_dir),
+                             list(settings.allowed_adapter_roots), on_load=routing.preload)
+    # Into the engine's banks a batch at a time: this process holds one batch's tensors.
+    for entries in manager.start_in_batches():
+        await routing.write(entries)
     serving = Serving(engine, registry, routing, tokenizer, metrics,
                       settings.engine.served_model_name)
     access = AccessPolicy(settings.api_key, settings.admin_api_key, is_loopback(settings.host),

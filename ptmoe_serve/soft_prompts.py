@@ -85,6 +85,12 @@ class SoftPromptBatcher:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
 
+    async def write(self, entries: list[AdapterEntry]) -> None:
+        """Adapters loaded at start-up are in this process's banks already: nothing to move."""
+
+    def preload(self, entry: AdapterEntry) -> None:
+        """So is an adapter loaded while serving."""
+
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()

@@ -62,6 +62,40 @@ def test_the_workers_step_routes_every_request_by_its_key():
         got = route_step(banks, keys, prompts, hidden, embed, fused_table)
         for g_, e in zip(got, expected):
             torch.testing.assert_close(g_, e, rtol=1e-5, atol=1e-5)  # float32
+        # In the model's dtype: computed in float32, rounded once (bfloat16's tolerance).
+        got = route_step(banks, keys, prompts, hidden, embed, fused_table, torch.bfloat16)
+        for g_, e in zip(got, expected):
+            assert g_.dtype == torch.bfloat16
+            torch.testing.assert_close(g_, e.to(torch.bfloat16))
     profile = route_step(banks, [[1, 9, 1, -1]], [torch.tensor([0])], hidden, embed)
     assert torch.equal(profile[0], torch.zeros(9, hidden))
     assert BankShape(1, 9, 1) not in banks
+
+
+def test_adapters_reach_the_workers_banks_in_batches_of_mixed_shapes():
+    """What crosses to the workers (`pack_adapters`) rebuilds banks there that route as the
+    server's own: slots, sizes and every field of each adapter."""
+    import torch
+
+    from helpers import random_adapter
+    from ptmoe_serve.engine_model import pack_adapters, unpack_adapters
+    from ptmoe_serve.registry import AdapterBank, AdapterRegistry
+
+    registry = AdapterRegistry(16, 256, torch.device("cpu"))
+    entries = [registry.add(f"a{i}", random_adapter(
+        seed=i, num_experts=2 + i % 2, top_k=1 + i % 2, prompt_length=4 + i % 2,
+        router_scaling=("probability", "none")[i % 3 == 0])) for i in range(11)]
+    workers: dict = {}
+    for batch in (entries[6:], entries[:6]):
+        for shape, slots, rows, capacity in unpack_adapters(*pack_adapters(batch)):
+            bank = workers.setdefault(shape, AdapterBank(shape, 16, torch.device("cpu")))
+            bank.write_rows(slots, rows, capacity)
+    assert len(workers) == 2
+    x = torch.randn(16)
+    for entry in entries:
+        bank = workers[entry.bank.shape]
+        assert bank.capacity == entry.bank.capacity
+        slot = torch.tensor([entry.slot])
+        got, want = bank.route(slot, x[None]), entry.bank.route(slot, x[None])
+        torch.testing.assert_close(got.soft_prompt, want.soft_prompt)
+        torch.testing.assert_close(got.weights, want.weights)

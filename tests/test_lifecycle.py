@@ -43,6 +43,25 @@ def test_start_serves_the_store_and_skips_bad_folders(roots):
     assert [e.name for e in m.registry.entries()] == ["good"]
 
 
+def test_start_loads_in_batches_into_banks_sized_once(roots):
+    """A bulk start-up: the bank is allocated once for all, and the adapters are read a batch
+    at a time, as the caller asks for them (each batch moves to the engine's workers before the
+    next is read)."""
+    store, library, _ = roots
+    for i in range(10):
+        write_adapter(random_adapter(seed=i), store / f"a{i}")
+    write_adapter(random_adapter(hidden_size=8), store / "wrong-size")
+    registry = AdapterRegistry(16, 64, torch.device("cpu"))
+    m = AdapterManager(registry, AdapterStore(store), [library])
+    batches = m.start_in_batches(batch_parameters=3 * random_adapter().num_parameters)
+    first = next(batches)
+    assert len(first) == 3 and len(registry) == 3
+    bank = first[0].bank
+    assert bank.capacity == 10
+    assert [len(batch) for batch in batches] == [3, 3, 1]
+    assert len(registry) == 10 and bank.capacity == 10
+
+
 def test_load_path_checks_the_allowed_roots(roots):
     store, library, outside = roots
     m = manager(store, library)

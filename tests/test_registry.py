@@ -3,7 +3,8 @@ import torch
 
 from helpers import random_adapter
 from ptmoe_serve.adapter import AdapterError
-from ptmoe_serve.registry import AdapterBank, AdapterExists, AdapterNotFound, AdapterRegistry
+from ptmoe_serve.registry import (AdapterBank, AdapterExists, AdapterNotFound, AdapterRegistry,
+                                  bank_rows)
 from ptmoe_serve.routing import route_reference
 
 
@@ -88,18 +89,36 @@ def test_incompatible_adapters_are_refused():
     assert len(reg) == 0
 
 
-def test_a_mirror_bank_follows_the_slots_it_is_given():
-    """The engine workers' banks take the slots the server's registry chose."""
+def test_a_mirror_bank_follows_the_slots_and_size_it_is_given():
+    """The engine workers' banks take the slots and capacity the server's registry chose,
+    a batch of stacked rows at a time."""
     reg = registry()
     entries = [reg.add(f"a{i}", random_adapter(seed=i)) for i in range(9)]
-    mirror = AdapterBank(entries[0].bank.shape, 16, torch.device("cpu"))
-    for entry in reversed(entries):  # the highest slot first: one growth to fit it
-        mirror.write(entry.slot, entry.adapter)
-    assert mirror.capacity == entries[0].bank.capacity
+    bank = entries[0].bank
+    mirror = AdapterBank(bank.shape, 16, torch.device("cpu"))
+    for batch in (entries[5:], entries[:5]):  # the highest slots first
+        mirror.write_rows(torch.tensor([e.slot for e in batch]),
+                          bank_rows([e.adapter for e in batch]), capacity=bank.capacity)
+    assert mirror.capacity == bank.capacity == 16
     slots = torch.tensor([e.slot for e in entries])
     x = torch.randn(len(entries), 16)
-    torch.testing.assert_close(mirror.route(slots, x).soft_prompt,
-                               entries[0].bank.route(slots, x).soft_prompt)
+    torch.testing.assert_close(mirror.route(slots, x).soft_prompt, bank.route(slots, x).soft_prompt)
+
+
+def test_reserving_sizes_a_bank_once_for_a_bulk_load():
+    reg = registry()
+    adapters = [random_adapter(seed=i) for i in range(100)]
+    reg.add("first", adapters[0])
+    reg.reserve(a.config for a in adapters[1:])
+    bank = reg.get("first").bank
+    shared_b = bank.tensors["shared_b"]
+    entries = [reg.add(f"a{i}", a) for i, a in enumerate(adapters[1:])]
+    # Exactly the room asked for, filled without a copy of the bank.
+    assert bank.capacity == 100 and bank.tensors["shared_b"] is shared_b
+    x = torch.randn(16)
+    for entry, adapter in zip(entries, adapters[1:]):
+        torch.testing.assert_close(soft_prompt(entry, x),
+                                   route_reference(adapter, x[None]).soft_prompt)
 
 
 def test_soft_prompts_over_the_servers_limit_are_refused():
