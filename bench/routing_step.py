@@ -1,6 +1,8 @@
-"""The routing step alone: soft prompts for a batch of heterogeneous requests, batched (this
-server's step: the fused Triton kernels on CUDA, and the batched torch version everywhere)
-against a per-request loop over the plain reference, on this machine's device.
+"""The routing step alone: soft prompts for a batch of heterogeneous requests, each naming a
+random resident adapter, on this machine's device. The engine route's step (what vLLM's
+worker runs: the batched torch version, and the fused Triton kernels on CUDA) against a
+per-request loop over the plain reference; beside them the api route's step, which also
+builds each request's [soft prompt; token embeddings] in the model's dtype.
 
     python -m bench.routing_step --hidden 576 4096 --resident 1 1000 --batch 1 8 64 256
 """
@@ -11,11 +13,13 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import astuple
 from pathlib import Path
 
 import torch
 
 from ptmoe_serve.adapter import AdapterConfig, PtMoeAdapter
+from ptmoe_serve.engine_model import route_step
 from ptmoe_serve.registry import AdapterRegistry
 from ptmoe_serve.routing import route_reference
 from ptmoe_serve.soft_prompts import SoftPromptBatcher, _Pending
@@ -53,28 +57,33 @@ def measure(hidden: int, resident: int, batch: int, prompt_tokens: int, device: 
     registry = AdapterRegistry(hidden, 1 << 20, device)
     # Up to 64 distinct adapters, repeated to fill the bank: the bank's rows are what count.
     adapters = [random_adapter(hidden, 40, 2, 36, g, device) for _ in range(min(resident, 64))]
+    registry.reserve(adapters[i % len(adapters)].config for i in range(resident))
     entries = [registry.add(f"a{i}", adapters[i % len(adapters)]) for i in range(resident)]
+    bank = entries[0].bank
     table = torch.randn(VOCAB, hidden, generator=g).to(device)
-    batcher = SoftPromptBatcher(registry, table, torch.bfloat16, fused=False)
-    fused = SoftPromptBatcher(registry, table, torch.bfloat16, fused=True)
     picks = torch.randint(0, resident, (batch,), generator=g).tolist()
-    ids = [torch.randint(0, VOCAB, (prompt_tokens,), generator=g).tolist() for _ in picks]
-    pending = [_Pending(entries[p], i, None) for p, i in zip(picks, ids)]
+    ids = [torch.randint(0, VOCAB, (prompt_tokens,), generator=g, device=device) for _ in picks]
+    keys = [[*astuple(bank.shape), entries[p].slot] for p in picks]
+
+    def engine_step(fused: bool):
+        return lambda: route_step({bank.shape: bank}, keys, ids, hidden, table.__getitem__,
+                                  table if fused else None, torch.bfloat16)
 
     def loop():
         for p, i in zip(picks, ids):
-            tokens = table[torch.tensor(i, device=device)]
-            soft = route_reference(entries[p].adapter, tokens).soft_prompt
-            torch.cat([soft.to(torch.bfloat16), tokens.to(torch.bfloat16)]).cpu()
+            route_reference(entries[p].adapter, table[i]).soft_prompt.to(torch.bfloat16)
 
-    batched = median_seconds(lambda: batcher.compute(pending), repeats)
+    batcher = SoftPromptBatcher(registry, table, torch.bfloat16, fused=False)
+    pending = [_Pending(entries[p], i.tolist(), None) for p, i in zip(picks, ids)]
+    batched = median_seconds(engine_step(fused=False), repeats)
     looped = median_seconds(loop, repeats)
     # The kernels' timings mean something only compiled for a GPU, not interpreted.
-    fused_s = median_seconds(lambda: fused.compute(pending), repeats) if device.type == "cuda" \
-        else None
+    fused = median_seconds(engine_step(fused=True), repeats) if device.type == "cuda" else None
+    api = median_seconds(lambda: batcher.compute(pending), repeats)
     return {"hidden": hidden, "resident": resident, "batch": batch, "prompt_tokens": prompt_tokens,
-            "batched_ms": 1000 * batched, "loop_ms": 1000 * looped, "speedup": looped / batched,
-            "fused_ms": 1000 * fused_s if fused_s is not None else None}
+            "batched_ms": 1000 * batched, "fused_ms": 1000 * fused if fused else None,
+            "loop_ms": 1000 * looped, "loop_over_batched": looped / batched,
+            "api_step_ms": 1000 * api}
 
 
 def main() -> None:

@@ -9,9 +9,12 @@ Requests for the bare base model go as token ids. All share vLLM's continuous ba
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
+import safetensors.torch
 import torch
 from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
@@ -19,6 +22,7 @@ from vllm.outputs import RequestOutput
 from vllm.v1.engine.async_llm import AsyncLLM
 
 GIB = 1024**3
+SHARED_MEMORY = Path("/dev/shm")
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,9 @@ class Engine:
         self.max_model_len: int = model_config.max_model_len
         self.hidden_size: int = model_config.get_hidden_size()
         self.vocab_size: int = model_config.get_vocab_size()
+        parallel = self._llm.vllm_config.parallel_config
+        self._workers_share_this_host = (SHARED_MEMORY.is_dir() and parallel.nnodes == 1
+                                         and parallel.distributed_executor_backend != "ray")
 
     def generate(self, prompt: dict, params: SamplingParams, request_id: str
                  ) -> AsyncIterator[RequestOutput]:
@@ -82,9 +89,19 @@ class Engine:
         soft prompt's routing key)."""
         return self._llm.generate(prompt, params, request_id)
 
-    async def write_adapters(self, banks: list[list[int]], data: bytes) -> None:
-        """Put adapters into every worker's banks (engine_model.pack_adapters' output)."""
-        await self._llm.collective_rpc("ptmoe_write", args=(banks, data))
+    async def write_adapters(self, banks: list[list[int]], tensors: dict[str, torch.Tensor]
+                             ) -> None:
+        """Put adapters into every worker's banks (engine_model.pack_adapters' output). Where
+        the workers share this machine the tensors go through a file in shared memory, which
+        they map: vLLM's messaging would copy tens of megabytes several times on the way."""
+        if not self._workers_share_this_host:
+            data = safetensors.torch.save(tensors)
+            await self._llm.collective_rpc("ptmoe_write", args=(banks, data))
+            return
+        with tempfile.NamedTemporaryFile(dir=SHARED_MEMORY, prefix="ptmoe-",
+                                         suffix=".safetensors") as file:
+            safetensors.torch.save_file(tensors, file.name)
+            await self._llm.collective_rpc("ptmoe_write", args=(banks, file.name))
 
     @property
     def num_unfinished_requests(self) -> int:

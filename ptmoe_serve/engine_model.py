@@ -200,10 +200,12 @@ def route_step(banks: dict[BankShape, AdapterBank], keys: list[list[int]],
     return out
 
 
-def pack_adapters(entries: Sequence[AdapterEntry]) -> tuple[list[list[int]], bytes]:
+def pack_adapters(entries: Sequence[AdapterEntry]
+                  ) -> tuple[list[list[int]], dict[str, torch.Tensor]]:
     """Entries as the workers receive them: for each bank, its shape and capacity
-    [N, T, R, capacity], and in one safetensors blob its slots and stacked rows, named
-    "<bank index>.<field>" (safetensors bytes are what vLLM's messaging carries unchanged)."""
+    [N, T, R, capacity], and its slots and stacked rows as tensors named
+    "<bank index>.<field>", for one safetensors file or blob (what crosses vLLM's messaging
+    unchanged: its serializer cannot carry these tensors)."""
     by_bank: dict[AdapterBank, list[AdapterEntry]] = {}
     for entry in entries:
         by_bank.setdefault(entry.bank, []).append(entry)
@@ -214,13 +216,12 @@ def pack_adapters(entries: Sequence[AdapterEntry]) -> tuple[list[list[int]], byt
         tensors[f"{i}.slots"] = torch.tensor([e.slot for e in members])
         for field, rows in bank_rows([e.adapter for e in members]).items():
             tensors[f"{i}.{field}"] = rows.contiguous()
-    return banks, safetensors.torch.save(tensors)
+    return banks, tensors
 
 
-def unpack_adapters(banks: list[list[int]], data: bytes
+def unpack_adapters(banks: list[list[int]], tensors: dict[str, torch.Tensor]
                     ) -> Iterator[tuple[BankShape, torch.Tensor, dict[str, torch.Tensor], int]]:
     """`pack_adapters`' output as (shape, slots, rows, capacity), one per bank."""
-    tensors = safetensors.torch.load(data)
     for i, (n, t, r, capacity) in enumerate(banks):
         rows = {field.split(".", 1)[1]: tensor for field, tensor in tensors.items()
                 if field.startswith(f"{i}.") and field != f"{i}.slots"}
@@ -230,10 +231,13 @@ def unpack_adapters(banks: list[list[int]], data: bytes
 class PtMoeWorkerExtension:
     """Methods vLLM mixes into its workers, called through `collective_rpc`."""
 
-    def ptmoe_write(self, banks: list[list[int]], data: bytes) -> None:
-        """Write adapters into this worker's banks: `pack_adapters`' output."""
+    def ptmoe_write(self, banks: list[list[int]], tensors: bytes | str) -> None:
+        """Write adapters into this worker's banks: `pack_adapters`' output, its tensors in
+        safetensors bytes or a file of them."""
+        tensors = (safetensors.torch.load(tensors) if isinstance(tensors, bytes)
+                   else safetensors.torch.load_file(tensors))
         model = self.get_model()
-        for shape, slots, rows, capacity in unpack_adapters(banks, data):
+        for shape, slots, rows, capacity in unpack_adapters(banks, tensors):
             model.ptmoe_write(shape, slots, rows, capacity)
 
 

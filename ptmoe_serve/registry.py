@@ -94,7 +94,8 @@ class AdapterBank:
         if not self._free:
             self._grow(max(INITIAL_CAPACITY, 2 * self.capacity))
         slot = self._free.pop()
-        self._write_rows(torch.tensor([slot]), bank_rows([adapter]))
+        if not self.slots_only:
+            self._write_rows(torch.tensor([slot]), bank_rows([adapter]))
         return slot
 
     def write_rows(self, slots: torch.Tensor, rows: dict[str, torch.Tensor],
@@ -109,8 +110,13 @@ class AdapterBank:
         self._free = [slot for slot in self._free if slot not in taken]
         self._write_rows(slots, rows)
 
+    @property
+    def slots_only(self) -> bool:
+        """A bank on the meta device keeps slots, no tensors (its adapters live elsewhere)."""
+        return self.device.type == "meta"
+
     def _write_rows(self, slots: torch.Tensor, rows: dict[str, torch.Tensor]) -> None:
-        if self.device.type == "meta":  # a bank that only keeps the slots
+        if self.slots_only:
             return
         index = slots.to(self.device)
         for key, tensor in self._tensors.items():

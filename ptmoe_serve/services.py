@@ -87,8 +87,7 @@ async def start_services(settings: ServerSettings) -> Services:
     manager = AdapterManager(registry, AdapterStore(settings.adapters_dir),
                              list(settings.allowed_adapter_roots), on_load=routing.preload)
     # Into the engine's banks a batch at a time: this process holds one batch's tensors.
-    for entries in manager.start_in_batches():
-        await routing.write(entries)
+    await routing.write_all(manager.start_in_batches())
     serving = Serving(engine, registry, routing, tokenizer, metrics,
                       settings.engine.served_model_name)
     access = AccessPolicy(settings.api_key, settings.admin_api_key, is_loopback(settings.host),

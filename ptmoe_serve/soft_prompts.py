@@ -14,7 +14,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from safetensors import safe_open
@@ -85,8 +85,10 @@ class SoftPromptBatcher:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
 
-    async def write(self, entries: list[AdapterEntry]) -> None:
-        """Adapters loaded at start-up are in this process's banks already: nothing to move."""
+    async def write_all(self, batches: Iterable[list[AdapterEntry]]) -> None:
+        """Adapters loaded at start-up land in this process's banks: nothing to move."""
+        for _ in batches:
+            pass
 
     def preload(self, entry: AdapterEntry) -> None:
         """So is an adapter loaded while serving."""
