@@ -40,7 +40,9 @@ bench: model
 bench-full: model
 	$(PY) -m bench.run --preset full --out bench/results/run-full.json
 	$(PY) -m bench.hotload --loads 500
-	$(PY) -m bench.routing_step --hidden 576 4096 --resident 1 1000 10000 --batch 1 8 64 256
+	$(PY) -m bench.routing_step --hidden 576 --resident 1 1000 100000 --batch 1 8 64 256
+	$(PY) -m bench.routing_step --hidden 4096 8192 --resident 1 1000 --batch 1 8 64 256 --repeats 10 --out bench/results/routing_step_large.json
+	$(PY) -m bench.startup --adapters 100000
 
 # Train the shipped task adapters and their baselines (PT, LoRA) and score them all through
 # the servers (about an hour here); writes adapters/<task> and bench/results/quality.json.

@@ -219,6 +219,13 @@ def pack_adapters(entries: Sequence[AdapterEntry]
     return banks, tensors
 
 
+def read_packed(tensors: bytes | str) -> dict[str, torch.Tensor]:
+    """`pack_adapters`' tensors from safetensors bytes, or from a safetensors file's path."""
+    if isinstance(tensors, bytes):
+        return safetensors.torch.load(tensors)
+    return safetensors.torch.load_file(tensors)
+
+
 def unpack_adapters(banks: list[list[int]], tensors: dict[str, torch.Tensor]
                     ) -> Iterator[tuple[BankShape, torch.Tensor, dict[str, torch.Tensor], int]]:
     """`pack_adapters`' output as (shape, slots, rows, capacity), one per bank."""
@@ -234,10 +241,8 @@ class PtMoeWorkerExtension:
     def ptmoe_write(self, banks: list[list[int]], tensors: bytes | str) -> None:
         """Write adapters into this worker's banks: `pack_adapters`' output, its tensors in
         safetensors bytes or a file of them."""
-        tensors = (safetensors.torch.load(tensors) if isinstance(tensors, bytes)
-                   else safetensors.torch.load_file(tensors))
         model = self.get_model()
-        for shape, slots, rows, capacity in unpack_adapters(banks, tensors):
+        for shape, slots, rows, capacity in unpack_adapters(banks, read_packed(tensors)):
             model.ptmoe_write(shape, slots, rows, capacity)
 
 

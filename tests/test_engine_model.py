@@ -72,13 +72,14 @@ def test_the_workers_step_routes_every_request_by_its_key():
     assert BankShape(1, 9, 1) not in banks
 
 
-def test_adapters_reach_the_workers_banks_in_batches_of_mixed_shapes():
-    """What crosses to the workers (`pack_adapters`) rebuilds banks there that route as the
-    server's own: slots, sizes and every field of each adapter."""
+def test_adapters_reach_the_workers_banks_in_batches_of_mixed_shapes(tmp_path):
+    """What crosses to the workers (`pack_adapters`, as bytes or a file) rebuilds banks there
+    that route as the server's own: slots, sizes and every field of each adapter."""
+    import safetensors.torch
     import torch
 
     from helpers import random_adapter
-    from ptmoe_serve.engine_model import pack_adapters, unpack_adapters
+    from ptmoe_serve.engine_model import pack_adapters, read_packed, unpack_adapters
     from ptmoe_serve.registry import AdapterBank, AdapterRegistry
 
     registry = AdapterRegistry(16, 256, torch.device("cpu"))
@@ -86,8 +87,14 @@ def test_adapters_reach_the_workers_banks_in_batches_of_mixed_shapes():
         seed=i, num_experts=2 + i % 2, top_k=1 + i % 2, prompt_length=4 + i % 2,
         router_scaling=("probability", "none")[i % 3 == 0])) for i in range(11)]
     workers: dict = {}
-    for batch in (entries[6:], entries[:6]):
-        for shape, slots, rows, capacity in unpack_adapters(*pack_adapters(batch)):
+    for batch, transport in ((entries[6:], "bytes"), (entries[:6], "file")):
+        banks, tensors = pack_adapters(batch)
+        if transport == "bytes":  # where workers run on other machines
+            packed = safetensors.torch.save(tensors)
+        else:  # a file in shared memory, where they share this one
+            packed = str(tmp_path / "packed.safetensors")
+            safetensors.torch.save_file(tensors, packed)
+        for shape, slots, rows, capacity in unpack_adapters(banks, read_packed(packed)):
             bank = workers.setdefault(shape, AdapterBank(shape, 16, torch.device("cpu")))
             bank.write_rows(slots, rows, capacity)
     assert len(workers) == 2
