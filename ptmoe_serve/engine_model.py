@@ -6,9 +6,9 @@ version): the input processor puts T placeholder positions before the prompt and
 with the prompt, and the worker computes the soft prompts of all requests of a step in one
 `embed_multimodal` call, from banks of adapters it holds on the engine's device. Only token ids
 and keys cross process boundaries; adapters reach the workers through `collective_rpc`
-(`PtMoeWorkerExtension`), each tensor-parallel rank holding the whole bank (an adapter is tens
-of kilobytes; the routing step reads the full embedding rows, which vLLM's embedding layer
-gathers across ranks)."""
+(`PtMoeWorkerExtension`), many per call (`pack_adapters`), each tensor-parallel rank holding
+the whole bank (an adapter is tens of kilobytes; the routing step reads the full embedding
+rows, which vLLM's embedding layer gathers across ranks)."""
 
 from __future__ import annotations
 
