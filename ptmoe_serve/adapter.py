@@ -92,7 +92,7 @@ class PtMoeAdapter:
         """This adapter with its prompt weights (A, B) as shape-only meta tensors: what a
         process keeps that computes routings but never soft prompts."""
         return replace(self, experts_a=self.experts_a.to("meta"),
-                                   shared_b=self.shared_b.to("meta"))
+                       shared_b=self.shared_b.to("meta"))
 
 
 def validate_name(name: str) -> str:

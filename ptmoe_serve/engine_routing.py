@@ -1,8 +1,8 @@
 """The in-engine route, seen from this process: a request with an adapter goes to the engine
 as its token ids and a routing key, and the engine's workers compute the soft prompts of each
 step (engine_model.py). Each adapter version is written into the workers' banks once: in bulk
-at start-up, else before its first request; the key names that version, so no cache can serve
-an older one. Once written, this process keeps of an adapter only what routing needs (its
+at start-up, else from its load on (a request that comes first waits for it); the key names
+that version, so no cache can serve an older one. Once written, this process keeps of an adapter only what routing needs (its
 router), for the responses that show the routing."""
 
 from __future__ import annotations

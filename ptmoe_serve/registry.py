@@ -116,8 +116,6 @@ class AdapterBank:
         return self.device.type == "meta"
 
     def _write_rows(self, slots: torch.Tensor, rows: dict[str, torch.Tensor]) -> None:
-        if self.slots_only:
-            return
         index = slots.to(self.device)
         for key, tensor in self._tensors.items():
             tensor.index_copy_(0, index, rows[key].to(self.device, tensor.dtype))
