@@ -74,7 +74,7 @@ def measure(hidden: int, resident: int, batch: int, prompt_tokens: int, device: 
             route_reference(entries[p].adapter, table[i]).soft_prompt.to(torch.bfloat16)
 
     batcher = SoftPromptBatcher(registry, table, torch.bfloat16, fused=False)
-    pending = [_Pending(entries[p], i.tolist(), None) for p, i in zip(picks, ids)]
+    pending = [_Pending(entries[p], i.tolist(), len(i), None) for p, i in zip(picks, ids)]
     batched = median_seconds(engine_step(fused=False), repeats)
     looped = median_seconds(loop, repeats)
     # The kernels' timings mean something only compiled for a GPU, not interpreted.

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
-from ptmoe_serve.serving import RequestError
+from ptmoe_serve.errors import RequestError
 
 
 def is_loopback(host: str) -> bool:

@@ -37,15 +37,15 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve_parser(sub) -> None:
-    p = sub.add_parser("serve", help="serve adapters over an OpenAI-compatible HTTP API")
+    p = sub.add_parser(
+        "serve", help="serve adapters over vLLM's OpenAI-compatible server", allow_abbrev=False,
+        description="Serve PT-MoE adapters over vLLM's own OpenAI-compatible server. Every "
+                    "option of vLLM's server (`vllm serve --help`: --max-model-len, --dtype, "
+                    "--tensor-parallel-size, --enable-auto-tool-choice, --tool-call-parser, "
+                    "--max-num-seqs, --shutdown-timeout, ...) is accepted beside these.")
     _add_model_args(p)
-    p.add_argument("--served-model-name", help="the base model's name in the API "
-                   "(default: the model folder's name)")
     p.add_argument("--adapters", type=Path, default=Path("adapters"),
                    help="folder of adapters to load at start (default: %(default)s)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     lifecycle = p.add_argument_group("adapters and access")
     lifecycle.add_argument("--allow-adapter-path", type=Path, action="append", default=[],
                            metavar="DIR", help="a further folder POST /v1/adapters may load "
@@ -56,44 +56,50 @@ def _serve_parser(sub) -> None:
     lifecycle.add_argument("--max-upload-mb", type=float, default=64.0,
                            help="largest adapter upload accepted (default: %(default)s)")
     lifecycle.add_argument("--api-key", default=os.environ.get("PTMOE_API_KEY"),
-                           help="require 'Authorization: Bearer KEY' on every /v1 call "
-                                "(default: $PTMOE_API_KEY)")
+                           help="require 'Authorization: Bearer KEY' on every route but /health, "
+                                "/ping and /metrics (default: $PTMOE_API_KEY)")
     lifecycle.add_argument("--admin-api-key", default=os.environ.get("PTMOE_ADMIN_API_KEY"),
                            help="the key adapter management needs; without it management is "
                                 "open on loopback only (default: $PTMOE_ADMIN_API_KEY)")
     lifecycle.add_argument("--metrics-need-key", action="store_true",
                            help="require the API key on /metrics too")
-    lifecycle.add_argument("--drain-timeout", type=float, default=30.0,
-                           help="on SIGTERM, seconds to let running requests finish "
-                                "(default: %(default)s)")
-    p.add_argument("--routing-location", choices=["auto", "engine", "api"], default="auto",
-                   help="where the routing step runs: engine (in vLLM's workers, beside the "
-                        "adapter banks; Llama-architecture models), api (in this process, "
-                        "handing vLLM prompt embeddings; any model), or auto: engine where "
-                        "the model allows (default: %(default)s)")
-    p.add_argument("--max-soft-prompt-length", type=int, default=128,
-                   help="longest soft prompt (T) on the engine route (default: %(default)s)")
-    p.add_argument("--routing-kernel", choices=["auto", "triton", "torch"], default="auto",
-                   help="the routing step's implementation: auto is the fused Triton kernels "
-                        "on CUDA and batched torch elsewhere (default: %(default)s)")
-    p.add_argument("--routing-device", default=None,
-                   help="device of the adapter bank and routing step (default: cuda if "
-                        "available, else cpu)")
-    engine = p.add_argument_group("vLLM engine options (passed through)")
-    engine.add_argument("--max-model-len", type=int, default=None)
-    engine.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    engine.add_argument("--kv-cache-gib", type=float, default=None,
-                        help="KV cache size in GiB; overrides --gpu-memory-utilization "
-                             f"(default on CPU: {CPU_KV_CACHE_GIB})")
-    engine.add_argument("--tensor-parallel-size", type=int, default=1)
-    engine.add_argument("--pipeline-parallel-size", type=int, default=1)
-    engine.add_argument("--max-num-seqs", type=int, default=None)
-    engine.add_argument("--max-num-batched-tokens", type=int, default=None)
-    engine.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
-                        help="disable CUDA graphs / compilation (default: on for CPU)")
-    engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
-                        default=None)
-    engine.add_argument("--seed", type=int, default=0)
+    routing = p.add_argument_group("the routing step")
+    routing.add_argument("--routing-location", choices=["auto", "engine", "api"],
+                         default="auto",
+                         help="where the routing step runs: engine (in vLLM's workers, beside "
+                              "the adapter banks; Llama-architecture models), api (in this "
+                              "process, handing vLLM prompt embeddings; any model), or auto: "
+                              "engine where the model allows (default: %(default)s)")
+    routing.add_argument("--max-soft-prompt-length", type=int, default=128,
+                         help="longest soft prompt (T) on the engine route (default: "
+                              "%(default)s)")
+    routing.add_argument("--routing-kernel", choices=["auto", "triton", "torch"], default="auto",
+                         help="the routing step's implementation: auto is the fused Triton "
+                              "kernels on CUDA and batched torch elsewhere (default: "
+                              "%(default)s)")
+    routing.add_argument("--routing-device", default=None,
+                         help="api route: device of the adapter bank and routing step "
+                              "(default: cuda if available, else cpu)")
+    p.add_argument("--kv-cache-gib", type=float, default=None,
+                   help="KV cache size in GiB; overrides --gpu-memory-utilization "
+                        f"(default on CPU: {CPU_KV_CACHE_GIB})")
+
+
+def _vllm_args(rest: list[str], on_gpu: bool) -> argparse.Namespace:
+    """vLLM's own server options, parsed by vLLM's parser, with this project's defaults: a
+    loopback bind, a 30 s drain on SIGTERM, and (on CPU) eager execution."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser(prog="ptmoe-serve serve"))
+    parser.set_defaults(host="127.0.0.1", shutdown_timeout=30, enforce_eager=not on_gpu)
+    args = parser.parse_args(rest)
+    for name in ("model_tag", "api_key"):
+        if getattr(args, name, None):
+            raise SystemExit(f"ptmoe-serve serve: give the model with --model and keys with "
+                             f"--api-key before vLLM's options (got {name})")
+    validate_parsed_serve_args(args)
+    return args
 
 
 def _init_parser(sub) -> None:
@@ -210,49 +216,38 @@ def _routing_in_engine(location: str, model_dir: Path) -> bool:
     return location == "engine" or (location == "auto" and supports(model_dir))
 
 
-def serve(args: argparse.Namespace) -> None:
+def serve(args: argparse.Namespace, rest: list[str]) -> None:
     import torch
-    import uvicorn
 
-    from ptmoe_serve.engine import EngineSettings
-    from ptmoe_serve.server import create_app
-    from ptmoe_serve.settings import ServerSettings
+    from ptmoe_serve.server import serve as run_server
+    from ptmoe_serve.settings import EngineSettings, ServerSettings
 
     model_dir, name = _resolve_model(args.model, args.cache_dir)
     on_gpu = torch.cuda.is_available()
+    vllm_args = _vllm_args(rest, on_gpu)
+    vllm_args.model = str(model_dir)
+    served_name = (vllm_args.served_model_name or [name])[0]
+    vllm_args.served_model_name = [served_name]
     settings = ServerSettings(
         engine=EngineSettings(
             model_dir=str(model_dir),
-            served_model_name=args.served_model_name or name,
-            dtype=args.dtype,
-            max_model_len=args.max_model_len,
-            gpu_memory_utilization=args.gpu_memory_utilization,
-            kv_cache_gib=args.kv_cache_gib if args.kv_cache_gib or on_gpu else CPU_KV_CACHE_GIB,
-            tensor_parallel_size=args.tensor_parallel_size,
-            pipeline_parallel_size=args.pipeline_parallel_size,
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            enforce_eager=args.enforce_eager if args.enforce_eager is not None else not on_gpu,
-            enable_prefix_caching=args.enable_prefix_caching,
-            seed=args.seed,
+            served_model_name=served_name,
             routing_in_engine=_routing_in_engine(args.routing_location, model_dir),
             max_soft_prompt_length=args.max_soft_prompt_length,
+            kv_cache_gib=args.kv_cache_gib if args.kv_cache_gib or on_gpu else CPU_KV_CACHE_GIB,
         ),
         adapters_dir=args.adapters.resolve(),
+        vllm_args=vllm_args,
         allowed_adapter_roots=tuple(p.resolve() for p in args.allow_adapter_path),
         routing_device=args.routing_device or ("cuda" if on_gpu else "cpu"),
         routing_kernel=args.routing_kernel,
-        host=args.host,
-        port=args.port,
         api_key=args.api_key,
         admin_api_key=args.admin_api_key,
         metrics_need_key=args.metrics_need_key,
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
         watch_interval=args.watch_interval,
-        drain_timeout=args.drain_timeout,
     )
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                timeout_graceful_shutdown=int(settings.drain_timeout))
+    run_server(settings)
 
 
 def init_adapter(args: argparse.Namespace) -> None:
@@ -299,10 +294,13 @@ def main(argv: list[str] | None = None) -> None:
     convert.add_argument("source", type=Path, help="the PEFT checkpoint folder")
     convert.add_argument("output", type=Path, help="adapter folder to write; its name is the "
                                                    "adapter's")
-    args = parser.parse_args(argv)
+    # `serve` hands what it does not know to vLLM's parser.
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "serve":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
-        serve(args)
+        serve(args, rest)
     elif args.command == "prepare-model":
         print(ensure_default_model(args.cache_dir))
     elif args.command == "convert-peft":

@@ -42,11 +42,13 @@ MAX_PROMPT_LENGTH = "ptmoe_max_prompt_length"
 KEY_FIELDS = ("num_experts", "prompt_length", "rank", "slot")
 
 
-def routing_key(shape: BankShape, slot: int, version: str) -> dict:
-    """What a request tells the worker: which bank and slot, and the adapter version that
-    keys vLLM's prefix and encoder caches."""
+def routing_key(shape: BankShape, slot: int, version: str, route_tokens: int | None = None
+                ) -> dict:
+    """What a request tells the worker: which bank and slot, the adapter version that keys
+    vLLM's prefix and encoder caches, and how many leading prompt tokens the router reads
+    (None: all)."""
     return {"num_experts": shape.num_experts, "prompt_length": shape.prompt_length,
-            "rank": shape.rank, "slot": slot, "version": version}
+            "rank": shape.rank, "slot": slot, "version": version, "route_tokens": route_tokens}
 
 
 class _RoutingKeys(ModalityDataItems[dict, dict]):
@@ -106,17 +108,20 @@ class PtMoeProcessor(BaseMultiModalProcessor[PtMoeProcessingInfo]):
     def apply(self, inputs: ProcessorInputs, timing_ctx: TimingContext) -> MultiModalInput:
         key = inputs.mm_data_items[MODALITY].get(0)
         prompt = list(inputs.prompt)
+        routed = prompt[: key.get("route_tokens") or len(prompt)]
         length = key["prompt_length"]
         fields = BatchFeature({
             "ptmoe_key": torch.tensor([[key[f] for f in KEY_FIELDS]]),
-            "ptmoe_prompt_ids": torch.tensor([prompt or [0]]),
+            "ptmoe_prompt_ids": torch.tensor([routed or [0]]),
         })
         kwargs = MultiModalKwargsItems.from_hf_inputs(fields, self._get_mm_fields_config(fields, {}))
-        # The soft prompt depends on the adapter's version and on the whole prompt: both key
-        # vLLM's encoder and prefix caches, or a replaced adapter could answer from the cache.
+        # The soft prompt depends on the adapter's version and on the routed prompt tokens:
+        # both key vLLM's encoder and prefix caches, or a replaced adapter could answer from
+        # the cache. Prompts that share their routed tokens share the soft prompt and its KV
+        # blocks (vLLM's block hashes chain the tokens after it).
         digest = hashlib.sha256(
             f"{key['version']}|{[key[f] for f in KEY_FIELDS]}|".encode()
-            + torch.tensor(prompt, dtype=torch.int64).numpy().tobytes()).hexdigest()
+            + torch.tensor(routed, dtype=torch.int64).numpy().tobytes()).hexdigest()
         return mm_input(prompt_token_ids=[0] * length + prompt, mm_kwargs=kwargs,
                         mm_hashes={MODALITY: [digest]},
                         mm_placeholders={MODALITY: [PlaceholderRange(offset=0, length=length)]})

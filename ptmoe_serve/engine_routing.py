@@ -2,8 +2,8 @@
 as its token ids and a routing key, and the engine's workers compute the soft prompts of each
 step (engine_model.py). Each adapter version is written into the workers' banks once: in bulk
 at start-up, else from its load on (a request that comes first waits for it); the key names
-that version, so no cache can serve an older one. Once written, this process keeps of an adapter only what routing needs (its
-router), for the responses that show the routing."""
+that version, so no cache can serve an older one. Once written, this process keeps of an
+adapter only its router, for showing a prompt's routing (`routing`)."""
 
 from __future__ import annotations
 
@@ -26,9 +26,6 @@ from ptmoe_serve.soft_prompts import load_input_embeddings
 class KeyedPrompt:
     token_ids: list[int]
     key: dict
-    # Filled only when the caller asks to see the routing (computed here, for the response).
-    expert_weights: list[float] | None = None
-    expert_probabilities: list[float] | None = None
 
     @property
     def engine_prompt(self) -> dict:
@@ -44,19 +41,25 @@ class EngineRouting:
         self._table: torch.Tensor | None = None
 
     async def build(self, entry: AdapterEntry, token_ids: list[int],
-                    with_routing: bool = False) -> KeyedPrompt:
-        key = routing_key(entry.bank.shape, entry.slot, f"{entry.name}@{entry.version}")
+                    route_tokens: int | None = None) -> KeyedPrompt:
+        """The request as the engine takes it: its token ids and the routing key (the
+        router reads the first `route_tokens` of them, all by default), once the adapter is
+        in the workers' banks."""
+        key = routing_key(entry.bank.shape, entry.slot, f"{entry.name}@{entry.version}",
+                          route_tokens or len(token_ids))
         written = self._written.get(entry)
         # A write that failed is tried again by the next request.
         if written is None or (written.done() and (written.cancelled()
                                                    or written.exception() is not None)):
             written = self._start_write([entry])
         await asyncio.shield(written)
-        if not with_routing:
-            return KeyedPrompt(token_ids, key)
+        return KeyedPrompt(token_ids, key)
+
+    def routing(self, entry: AdapterEntry, token_ids: list[int]) -> tuple[list[float], list[float]]:
+        """Expert weights and router probabilities for a prompt (the router alone)."""
         weights, probabilities = gate_reference(entry.adapter,
                                                 self._embeddings()[torch.tensor(token_ids)])
-        return KeyedPrompt(token_ids, key, weights.tolist(), probabilities.tolist())
+        return weights.tolist(), probabilities.tolist()
 
     async def write_all(self, batches: Iterable[list[AdapterEntry]]) -> None:
         """A bulk load: each batch goes to the workers' banks in one call. (Reading the next
@@ -86,7 +89,7 @@ class EngineRouting:
             entry.adapter = entry.adapter.routing_only()
 
     def _embeddings(self) -> torch.Tensor:
-        # Only `return_routing` needs the table in this process: read it on first use.
+        # Only `routing` (/v1/routing) needs the table in this process: read it on first use.
         if self._table is None:
             self._table = load_input_embeddings(self.model_dir)
         return self._table

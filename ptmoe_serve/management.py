@@ -18,7 +18,7 @@ from ptmoe_serve import protocol
 from ptmoe_serve.adapter import CONFIG_FILE, WEIGHTS_FILE, AdapterError
 from ptmoe_serve.lifecycle import PathNotAllowed
 from ptmoe_serve.registry import AdapterEntry, AdapterExists, AdapterNotFound
-from ptmoe_serve.serving import RequestError
+from ptmoe_serve.errors import RequestError
 
 
 def _require_admin(request: Request) -> None:

@@ -1,34 +1,33 @@
-"""Prometheus collectors, in a registry of their own, labelled by adapter where it matters.
+"""The project's Prometheus series, labelled by adapter, registered beside vLLM's `vllm:*`
+series in the one registry that vLLM's `/metrics` serves.
 
-Requests for a model that does not exist are counted under the adapter label "unknown", so a
-client cannot grow the label set with made-up names."""
+Only requests that reach the engine are counted, so the adapter label takes only the names of
+adapters that existed (and the base model's): a client cannot grow the label set."""
 
 from __future__ import annotations
 
-from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info,
-                               generate_latest)
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 ROUTING_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-UNKNOWN_ADAPTER = "unknown"
 
 
 class Metrics:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
+    def __init__(self, registry: CollectorRegistry, adapters_loaded: Callable[[], int],
+                 engine_requests: Callable[[], int]) -> None:
+        r = registry
         self.requests = Counter(
-            "ptmoe_requests", "Requests finished, by adapter, endpoint and HTTP status.",
-            ["adapter", "endpoint", "status"], registry=r)
+            "ptmoe_requests", "Engine requests (one per prompt) by adapter and outcome: "
+            "finished, aborted (the client went away) or error.",
+            ["adapter", "outcome"], registry=r)
         self.prompt_tokens = Counter(
             "ptmoe_prompt_tokens", "Prompt tokens processed (soft-prompt positions not included).",
             ["adapter"], registry=r)
         self.generation_tokens = Counter(
             "ptmoe_generation_tokens", "Tokens generated.", ["adapter"], registry=r)
-        self.errors = Counter(
-            "ptmoe_request_errors", "Requests answered with an error, by adapter and error type.",
-            ["adapter", "type"], registry=r)
         self.e2e_latency = Histogram(
             "ptmoe_e2e_request_latency_seconds", "Time from request to last token.",
             ["adapter"], buckets=LATENCY_BUCKETS, registry=r)
@@ -36,19 +35,19 @@ class Metrics:
             "ptmoe_time_to_first_token_seconds", "Time from request to first generated token.",
             ["adapter"], buckets=LATENCY_BUCKETS, registry=r)
         self.routing_step = Histogram(
-            "ptmoe_routing_step_seconds", "Time of one batched routing step in this process "
+            "ptmoe_routing_step_seconds", "Time of one batched routing step in the API process "
             "(the api route; on the engine route it runs in vLLM's workers).",
             buckets=ROUTING_BUCKETS, registry=r)
         self.routing_batch_size = Histogram(
             "ptmoe_routing_batch_size", "Prompts routed together in one step.",
             buckets=BATCH_BUCKETS, registry=r)
-        self.adapters_loaded = Gauge(
-            "ptmoe_adapters_loaded", "Adapters resident on the routing device.", registry=r)
-        self.engine_requests = Gauge(
-            "ptmoe_engine_requests_unfinished", "Requests the vLLM engine holds (per prompt).",
-            registry=r)
+        Gauge("ptmoe_adapters_loaded", "Adapters resident on the routing device.",
+              registry=r).set_function(adapters_loaded)
+        Gauge("ptmoe_engine_requests_unfinished", "Requests the vLLM engine holds (per prompt).",
+              registry=r).set_function(engine_requests)
         self.requests_running = Gauge(
-            "ptmoe_requests_running", "Requests accepted and not yet finished.", registry=r)
+            "ptmoe_requests_running", "Engine requests accepted and not yet finished.",
+            registry=r)
         self.server = Info(
             "ptmoe_server", "The base model and where the routing step runs (engine or api).",
             registry=r)
@@ -56,6 +55,3 @@ class Metrics:
     def observe_routing_step(self, batch_size: int, seconds: float) -> None:
         self.routing_step.observe(seconds)
         self.routing_batch_size.observe(batch_size)
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)

@@ -1,211 +1,11 @@
-"""The OpenAI wire protocol: request and response models and the error shape. Data only.
-
-Unknown request fields are ignored, as the OpenAI API and vLLM's server do. Ranges follow the
-OpenAI API, with vLLM's sampling extras (top_k, min_tokens, ignore_eos, repetition_penalty)."""
+"""The project's own wire models, beside vLLM's OpenAI ones: adapter management, adapter cards
+in /v1/models, and the routing a prompt gets. Data only."""
 
 from __future__ import annotations
 
-import time
-import uuid
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-
-MAX_N = 64
-MAX_LOGPROBS = 20
-
-
-def random_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
-class ErrorInfo(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorInfo
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class SamplingFields(BaseModel):
-    """Fields shared by completions and chat completions."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    model: str
-    n: int = Field(1, ge=1, le=MAX_N)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    user: str | None = None
-    # vLLM's extras
-    top_k: int | None = Field(None, ge=-1)
-    min_tokens: int = Field(0, ge=0)
-    ignore_eos: bool = False
-    repetition_penalty: float | None = Field(None, gt=0.0)
-    stop_token_ids: list[int] | None = None
-    # as vLLM's server: return the prompt's and the output's token ids
-    return_token_ids: bool = False
-    # ptmoe_serve's extra: report each prompt's expert weights
-    return_routing: bool = False
-
-
-class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    echo: bool = False
-
-
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[TextPart]
-    name: str | None = None
-
-
-class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    # Soft-prompt positions the adapter put in front of the prompts (not in prompt_tokens).
-    soft_prompt_tokens: int = 0
-
-
-class Routing(BaseModel):
-    """Which experts fired for one prompt."""
-
-    prompt_index: int
-    adapter: str
-    expert_weights: list[float]
-    expert_probabilities: list[float]
-
-
-class CompletionLogprobs(BaseModel):
-    tokens: list[str] = []
-    token_logprobs: list[float | None] = []
-    top_logprobs: list[dict[str, float] | None] = []
-    text_offset: list[int] = []
-
-
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    logprobs: CompletionLogprobs | None = None
-    finish_reason: str | None = None
-    prompt_token_ids: list[int] | None = None
-    token_ids: list[int] | None = None
-
-
-class CompletionResponse(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-    routing: list[Routing] | None = None
-
-
-class TopLogprob(BaseModel):
-    token: str
-    logprob: float
-    bytes: list[int] | None = None
-
-
-class TokenLogprob(TopLogprob):
-    top_logprobs: list[TopLogprob] = []
-
-
-class ChatLogprobs(BaseModel):
-    content: list[TokenLogprob] | None = None
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: AssistantMessage
-    logprobs: ChatLogprobs | None = None
-    finish_reason: str | None = None
-    token_ids: list[int] | None = None
-
-
-class ChatCompletionResponse(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage | None = None
-    prompt_token_ids: list[int] | None = None
-    routing: list[Routing] | None = None
-
-
-class DeltaMessage(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class ChatChunkChoice(BaseModel):
-    index: int
-    delta: DeltaMessage
-    logprobs: ChatLogprobs | None = None
-    finish_reason: str | None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[ChatChunkChoice]
-    usage: Usage | None = None
-    routing: list[Routing] | None = None
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str
-    root: str
-    parent: str | None = None
-    max_model_len: int
-    # The adapter's shape and state; None for the base model.
-    adapter: dict | None = None
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
 
 
 class LoadAdapterRequest(BaseModel):
@@ -239,3 +39,32 @@ class AdapterInfo(BaseModel):
 class AdapterList(BaseModel):
     object: Literal["list"] = "list"
     data: list[AdapterInfo]
+
+
+class RoutingRequest(BaseModel):
+    """The prompts of a completion (`prompt`) or of a chat (`messages`), rendered by vLLM
+    exactly as those endpoints render them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    prompt: str | list[int] | list[str] | list[list[int]] | None = None
+    messages: list[dict] | None = None
+    # How many leading prompt tokens the router reads (all when unset), as in a request's
+    # vllm_xargs.
+    route_tokens: int | None = Field(None, ge=1)
+
+
+class PromptRouting(BaseModel):
+    prompt_index: int
+    prompt_tokens: int
+    routed_tokens: int
+    expert_probabilities: list[float]
+    expert_weights: list[float]
+
+
+class RoutingResponse(BaseModel):
+    object: Literal["routing"] = "routing"
+    model: str
+    version: int
+    data: list[PromptRouting]

@@ -225,7 +225,9 @@ class AdapterRegistry:
             source: Path | None = None) -> AdapterEntry:
         validate_name(name)
         if name in self.reserved_names:
-            raise AdapterExists(f"{name!r} is the base model's name; choose another adapter name")
+            raise AdapterExists(f"{name!r} is reserved (the base model's name, or a chat "
+                                "content-part type that vLLM matches adapter names against); "
+                                "choose another adapter name")
         self.check_compatible(adapter.config)
         old = self._entries.get(name)
         if old is not None and not replace:

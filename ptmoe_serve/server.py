@@ -1,278 +1,207 @@
-"""FastAPI routes: OpenAI-compatible completions, chat, models, health and metrics.
+"""The HTTP server: vLLM's own OpenAI application, built by vLLM's launcher functions over the
+adapter-aware engine client (engine_client.py), with the project's routes added: adapter
+management, adapter cards in /v1/models, a prompt's routing, and API keys on every route but
+the health and metrics probes.
 
-Transport only: requests are parsed by the protocol models, the work is done by `Serving`, and
-every failure leaves as an OpenAI-shaped error. A client that disconnects cancels its handler,
-which aborts its generation in vLLM."""
+Every OpenAI and vLLM endpoint, field, error and metric is vLLM's; an adapter's name is one
+more model name to it."""
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable
-from contextlib import asynccontextmanager
-from typing import TypeVar
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel
-from starlette.exceptions import HTTPException
-from vllm.outputs import RequestOutput
+from starlette.middleware import Middleware
+from starlette.routing import BaseRoute
+from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+from vllm.entrypoints.launchers.api_server.entry import (
+    build_async_engine_client_from_engine_args)
+from vllm.entrypoints.launchers.app import build_app
+from vllm.entrypoints.launchers.launcher import serve_http, setup_server
+from vllm.entrypoints.serve.engine.protocol import ErrorResponse, ModelCard, ModelList
+from vllm.entrypoints.serve.tokenize.protocol import (TokenizeChatRequest,
+                                                      TokenizeCompletionRequest)
+from vllm.exceptions import VLLMValidationError
+from vllm.v1.metrics.prometheus import get_prometheus_registry
 
-from ptmoe_serve import management, protocol
-from ptmoe_serve.metrics import UNKNOWN_ADAPTER
+from ptmoe_serve import management
+from ptmoe_serve.engine import engine_args
+from ptmoe_serve.engine_client import AdapterNames
+from ptmoe_serve.errors import RequestError, request_error_handler
+from ptmoe_serve.protocol import PromptRouting, RoutingRequest, RoutingResponse
+from ptmoe_serve.registry import AdapterNotFound
 from ptmoe_serve.services import Services, start_services
-from ptmoe_serve.serving import Prepared, RequestError, Serving
 from ptmoe_serve.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
+OWNER = "ptmoe_serve"
+# Probes that answer without a key (and /metrics unless --metrics-need-key).
+OPEN_PATHS = frozenset({"/health", "/ping"})
 
 
-def create_app(settings: ServerSettings) -> FastAPI:
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        services = await start_services(settings)
-        app.state.services = services
+async def run(settings: ServerSettings) -> None:
+    """Serve until SIGTERM or SIGINT, then drain for vLLM's --shutdown-timeout."""
+    args = settings.vllm_args
+    listen_address, sock = setup_server(args, reuse_port=False)
+    async with build_async_engine_client_from_engine_args(
+            engine_args(settings.engine, args)) as llm:
+        services = await start_services(settings, llm, get_prometheus_registry())
         try:
-            yield
+            tasks = await llm.get_supported_tasks()
+            app = build_app(args, tasks, llm.model_config)
+            await init_app_state(services.client, app.state, args, tasks)
+            add_project_routes(app, services)
+            logger.info("ptmoe_serve on %s", listen_address)
+            shutdown = await serve_http(
+                app, sock=sock, host=args.host, port=args.port,
+                log_level=args.uvicorn_log_level,
+                access_log=not args.disable_uvicorn_access_log,
+                h11_max_incomplete_event_size=args.h11_max_incomplete_event_size,
+                h11_max_header_count=args.h11_max_header_count)
         finally:
             await services.stop()
-
-    app = FastAPI(title="ptmoe_serve", lifespan=lifespan)
-    _add_error_handlers(app)
-    _add_routes(app)
-    app.include_router(management.router)
-    return app
-
-
-def _services(request: Request) -> Services:
-    return request.app.state.services
-
-
-def _require_api_key(request: Request) -> None:
-    _services(request).access.check_api(request)
-
-
-def _error(status: int, message: str, code: str | None, param: str | None = None,
-           type_: str = "BadRequestError") -> JSONResponse:
-    body = protocol.ErrorResponse(error=protocol.ErrorInfo(
-        message=message, type=type_, param=param, code=code))
-    return JSONResponse(body.model_dump(), status_code=status)
-
-
-def _record(request: Request, status: int, error_type: str | None = None) -> None:
-    if request.url.path not in ("/v1/completions", "/v1/chat/completions"):
-        return
-    metrics = _services(request).metrics
-    adapter = getattr(request.state, "adapter", UNKNOWN_ADAPTER)
-    metrics.requests.labels(adapter, request.url.path, str(status)).inc()
-    if error_type is not None:
-        metrics.errors.labels(adapter, error_type).inc()
-
-
-def _add_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(RequestError)
-    async def request_error(request: Request, e: RequestError):
-        _record(request, e.status, e.code)
-        return _error(e.status, e.message, e.code, e.param, e.type)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, e: RequestValidationError):
-        problems = []
-        for err in e.errors():
-            if err["type"] == "json_invalid":
-                problems.append(f"malformed JSON body: {err.get('ctx', {}).get('error', '')} "
-                                f"at character {err['loc'][-1]}")
-                continue
-            where = ".".join(str(part) for part in err["loc"] if part != "body")
-            problems.append(f"{where}: {err['msg']}" if where else err["msg"])
-        _record(request, 400, "invalid_request")
-        return _error(400, "; ".join(problems) or "invalid request", "invalid_request")
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, e: HTTPException):
-        type_ = "NotFoundError" if e.status_code == 404 else "BadRequestError"
-        return _error(e.status_code, str(e.detail), None, type_=type_)
-
-    @app.exception_handler(Exception)
-    async def unexpected_error(request: Request, e: Exception):
-        logger.exception("unexpected error on %s", request.url.path)
-        _record(request, 500, "internal_error")
-        return _error(500, f"internal error: {type(e).__name__}", "internal_error",
-                      type_="InternalServerError")
-
-
-async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Run `work`, cancelling it (and with it the generation) if the client goes away."""
-    task = asyncio.ensure_future(work)
-
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    watcher = asyncio.ensure_future(disconnected())
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        await shutdown
     finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-    return task.result()
+        sock.close()
 
 
-async def _collect(serving: Serving, prepared: Prepared) -> list[RequestOutput]:
-    outputs: list[RequestOutput | None] = [None] * len(prepared.engine_prompts)
-    async for i, output in serving.generate(prepared):
-        outputs[i] = output
-    return outputs
+def add_project_routes(app: FastAPI, services: Services) -> None:
+    state = app.state
+    state.services = services
+    # vLLM's serving layer resolves model names through this table: adapters are in it.
+    state.openai_serving_models.lora_requests = AdapterNames(services.registry)
+    for name in ("openai_serving_completion", "openai_serving_chat"):
+        serving = getattr(state, name, None)
+        if serving is not None:
+            serving.beam_search = _without_adapters(serving.beam_search)
+    _replace_route(app, "/v1/models", "GET", _models)
+    app.add_api_route("/v1/routing", _routing, methods=["POST"],
+                      response_model=RoutingResponse)
+    app.include_router(management.router)
+    app.add_exception_handler(RequestError, request_error_handler)
+    # Outermost: a request without a valid key is refused before its body is read. vLLM's
+    # app has built its middleware stack already: built again, as vLLM's launcher does.
+    app.user_middleware.insert(0, Middleware(_ApiKeyMiddleware, services=services))
+    app.middleware_stack = app.build_middleware_stack()
 
 
-def _sse(chunks: AsyncIterator[BaseModel]) -> StreamingResponse:
-    async def events():
+def _without_adapters(beam_search):
+    """Beam search renders each step's beams as new prompts, which would route anew at every
+    step: refused for adapters, served for the base model."""
+
+    @functools.wraps(beam_search)
+    def guarded(prompt, request_id, params, lora_request=None, **kwargs):
+        if lora_request is not None:
+            raise VLLMValidationError(
+                f"beam search is not supported with adapter '{lora_request.lora_name}': an "
+                "adapter routes once per prompt, and beam search would route every step's "
+                "beams anew; use sampling or greedy decoding", parameter="use_beam_search")
+        return beam_search(prompt, request_id, params, lora_request=lora_request, **kwargs)
+
+    return guarded
+
+
+def _replace_route(app: FastAPI, path: str, method: str, endpoint) -> None:
+    def other(route: BaseRoute) -> bool:
+        return not (getattr(route, "path", None) == path
+                    and method in (getattr(route, "methods", None) or ()))
+
+    app.router.routes[:] = [route for route in app.router.routes if other(route)]
+    app.add_api_route(path, endpoint, methods=[method])
+
+
+async def _models(request: Request) -> ModelList:
+    """vLLM's model list, with each adapter's card: its shape and state under `adapter`."""
+    services: Services = request.app.state.services
+    base = await request.app.state.openai_serving_models.registry.show_available_models()
+    for card in base.data:
+        card.owned_by, card.adapter = OWNER, None
+    max_model_len = services.engine.max_model_len
+    base.data += [
+        ModelCard(id=entry.name, created=int(entry.loaded_at), owned_by=OWNER,
+                  root=str(entry.source or entry.name), parent=base.data[0].id,
+                  max_model_len=max_model_len, adapter=entry.describe())
+        for entry in services.registry.entries()]
+    return base
+
+
+async def _routing(body: RoutingRequest, request: Request) -> RoutingResponse:
+    """The routing each prompt gets: rendered as the completions (`prompt`) or chat
+    (`messages`) endpoint renders it, routed on its first `route_tokens` tokens."""
+    services: Services = request.app.state.services
+    try:
+        entry = services.registry.get(body.model)
+    except AdapterNotFound:
+        raise RequestError(404, f"The model `{body.model}` is not an adapter of this server.",
+                           code="model_not_found", param="model") from None
+    if (body.prompt is None) == (body.messages is None):
+        raise RequestError(400, "give either prompt or messages", param="prompt")
+    routed = []
+    for i, ids in enumerate(await _render(request, body)):
+        if not ids:
+            raise RequestError(400, f"prompt {i} is empty", param="prompt")
+        if max(ids) >= services.engine.vocab_size or min(ids) < 0:
+            raise RequestError(400, f"prompt {i} holds token ids outside the vocabulary of "
+                                    f"{services.engine.vocab_size}", param="prompt")
+        count = min(body.route_tokens or len(ids), len(ids))
+        weights, probabilities = services.routing.routing(entry, ids[:count])
+        routed.append(PromptRouting(prompt_index=i, prompt_tokens=len(ids),
+                                    routed_tokens=count, expert_weights=weights,
+                                    expert_probabilities=probabilities))
+    return RoutingResponse(model=entry.name, version=entry.version, data=routed)
+
+
+async def _render(request: Request, body: RoutingRequest) -> list[list[int]]:
+    tokenization = request.app.state.serving_tokenization
+    if body.messages is not None:
+        rendered = [TokenizeChatRequest(model=body.model, messages=body.messages)]
+    else:
+        prompts = body.prompt
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not prompts:
+            raise RequestError(400, "prompt must not be an empty list", param="prompt")
+        rendered = [p if isinstance(p, list) else TokenizeCompletionRequest(model=body.model,
+                                                                            prompt=p)
+                    for p in prompts]
+    results = []
+    for item in rendered:
+        if isinstance(item, list):
+            results.append(item)
+            continue
+        response = await tokenization.create_tokenize(item, request)
+        if isinstance(response, ErrorResponse):
+            raise RequestError(response.error.code, response.error.message)
+        results.append(response.tokens)
+    return results
+
+
+class _ApiKeyMiddleware:
+    """The API key on every route but the open probes; management routes check the admin key
+    themselves."""
+
+    def __init__(self, app, services: Services):
+        self.app = app
+        self.access = services.access
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or self._open(scope["path"]):
+            return await self.app(scope, receive, send)
         try:
-            async for chunk in chunks:
-                yield f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
+            self.access.check_api(Request(scope))
         except RequestError as e:
-            error = protocol.ErrorInfo(message=e.message, type=e.type, code=e.code)
-            yield f"data: {protocol.ErrorResponse(error=error).model_dump_json()}\n\n"
-        except Exception as e:  # the status line is sent already: report in the stream
-            logger.exception("stream failed")
-            error = protocol.ErrorInfo(message=f"internal error: {type(e).__name__}",
-                                       type="InternalServerError", code="internal_error")
-            yield f"data: {protocol.ErrorResponse(error=error).model_dump_json()}\n\n"
-        yield "data: [DONE]\n\n"
+            return await e.response()(scope, receive, send)
+        return await self.app(scope, receive, send)
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    def _open(self, path: str) -> bool:
+        return path in OPEN_PATHS or (path == "/metrics" or path.startswith("/metrics/")) \
+            and not self.access.metrics_need_key
 
 
-def _add_routes(app: FastAPI) -> None:
-    @app.get("/health")
-    async def health(request: Request):
-        services = _services(request)
-        if not services.engine.is_running:
-            return _error(503, "the engine is not running", "engine_dead",
-                          type_="ServiceUnavailableError")
-        return Response(status_code=200)
+def serve(settings: ServerSettings) -> None:
+    import uvloop
 
-    @app.get("/metrics")
-    async def metrics(request: Request):
-        services = _services(request)
-        services.access.check_metrics(request)
-        services.metrics.adapters_loaded.set(len(services.registry))
-        services.metrics.engine_requests.set(services.engine.num_unfinished_requests)
-        return Response(services.metrics.render(), media_type="text/plain; version=0.0.4")
+    uvloop.run(run(settings))
 
-    @app.get("/v1/models", dependencies=[Depends(_require_api_key)])
-    async def models(request: Request) -> protocol.ModelList:
-        return _services(request).model_list()
-
-    @app.post("/v1/completions", dependencies=[Depends(_require_api_key)])
-    async def completions(body: protocol.CompletionRequest, request: Request):
-        serving = _services(request).serving
-        if body.echo and body.logprobs is not None:
-            raise RequestError(400, "echo together with logprobs is not supported: prompt "
-                                    "logprobs are not computed under a soft prompt", param="echo")
-        token_ids = serving.completion_token_ids(body.prompt)
-        request.state.adapter = _label(serving, body.model)
-        prepared = await serving.prepare(protocol.random_id("cmpl"), body, token_ids,
-                                         body.max_tokens, body.logprobs)
-        prefixes = _echo_prefixes(serving, body, token_ids)
-        _record(request, 200)
-        if body.stream:
-            return _sse(_completion_chunks(serving, prepared, body, prefixes))
-        outputs = await _until_disconnect(request, _collect(serving, prepared))
-        choices = [serving.completion_choice(prepared, i, o, prefixes[i])
-                   for i, out in enumerate(outputs) for o in out.outputs]
-        generated = sum(len(o.token_ids) for out in outputs for o in out.outputs)
-        return protocol.CompletionResponse(
-            id=prepared.request_id, model=body.model, choices=sorted(choices, key=lambda c: c.index),
-            usage=serving.usage(prepared, generated), routing=prepared.routing)
-
-    @app.post("/v1/chat/completions", dependencies=[Depends(_require_api_key)])
-    async def chat_completions(body: protocol.ChatCompletionRequest, request: Request):
-        serving = _services(request).serving
-        token_ids = [serving.chat_token_ids(body.messages)]
-        request.state.adapter = _label(serving, body.model)
-        top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        prepared = await serving.prepare(protocol.random_id("chatcmpl"), body, token_ids,
-                                         body.max_completion_tokens or body.max_tokens,
-                                         top_logprobs)
-        _record(request, 200)
-        if body.stream:
-            return _sse(_chat_chunks(serving, prepared, body))
-        (output,) = await _until_disconnect(request, _collect(serving, prepared))
-        choices = [
-            protocol.ChatChoice(index=o.index, message=protocol.AssistantMessage(content=o.text),
-                                logprobs=serving.chat_logprobs(prepared, o),
-                                finish_reason=o.finish_reason,
-                                token_ids=list(o.token_ids) if body.return_token_ids else None)
-            for o in sorted(output.outputs, key=lambda o: o.index)
-        ]
-        generated = sum(len(o.token_ids) for o in output.outputs)
-        return protocol.ChatCompletionResponse(
-            id=prepared.request_id, model=body.model, choices=choices,
-            usage=serving.usage(prepared, generated), routing=prepared.routing,
-            prompt_token_ids=token_ids[0] if body.return_token_ids else None)
-
-
-def _label(serving: Serving, model: str) -> str:
-    if model == serving.base_model_name or model in serving.registry:
-        return model
-    return UNKNOWN_ADAPTER
-
-
-def _echo_prefixes(serving: Serving, body: protocol.CompletionRequest,
-                   token_ids: list[list[int]]) -> list[str]:
-    if not body.echo:
-        return [""] * len(token_ids)
-    if isinstance(body.prompt, str):
-        return [body.prompt]
-    texts = body.prompt if all(isinstance(p, str) for p in body.prompt) else None
-    return texts or [serving.tokenizer.decode(ids) for ids in token_ids]
-
-
-def _stream_usage(body: protocol.SamplingFields) -> bool:
-    return bool(body.stream_options and body.stream_options.include_usage)
-
-
-async def _completion_chunks(serving: Serving, prepared: Prepared,
-                             body: protocol.CompletionRequest,
-                             prefixes: list[str]) -> AsyncIterator[protocol.CompletionResponse]:
-    def chunk(choices, **extra) -> protocol.CompletionResponse:
-        return protocol.CompletionResponse(id=prepared.request_id, model=body.model,
-                                           choices=choices, **extra)
-
-    if body.echo:
-        yield chunk([protocol.CompletionChoice(index=i * body.n + j, text=prefixes[i])
-                     for i in range(len(prefixes)) for j in range(body.n)])
-    if prepared.routing is not None:
-        yield chunk([], routing=prepared.routing)
-    generated = 0
-    async for i, output in serving.generate(prepared):
-        generated += sum(len(o.token_ids) for o in output.outputs)
-        yield chunk([serving.completion_choice(prepared, i, o) for o in output.outputs])
-    if _stream_usage(body):
-        yield chunk([], usage=serving.usage(prepared, generated))
-
-
-async def _chat_chunks(serving: Serving, prepared: Prepared,
-                       body: protocol.ChatCompletionRequest) -> AsyncIterator[protocol.ChatCompletionChunk]:
-    def chunk(choices, **extra) -> protocol.ChatCompletionChunk:
-        return protocol.ChatCompletionChunk(id=prepared.request_id, model=body.model,
-                                            choices=choices, **extra)
-
-    yield chunk([protocol.ChatChunkChoice(index=j, delta=protocol.DeltaMessage(role="assistant",
-                                                                               content=""))
-                 for j in range(body.n)], routing=prepared.routing)
-    generated = 0
-    async for _, output in serving.generate(prepared):
-        generated += sum(len(o.token_ids) for o in output.outputs)
-        yield chunk([
-            protocol.ChatChunkChoice(index=o.index, delta=protocol.DeltaMessage(content=o.text),
-                                     logprobs=serving.chat_logprobs(prepared, o),
-                                     finish_reason=o.finish_reason)
-            for o in output.outputs
-        ])
-    if _stream_usage(body):
-        yield chunk([], usage=serving.usage(prepared, generated))

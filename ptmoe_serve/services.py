@@ -1,6 +1,6 @@
-"""Builds the running parts from the settings, in order, and stops them: the engine, the
-tokenizer, the adapter registry and store (loaded as they were left), the routing step, the
-serving logic and the access policy. The HTTP layer holds one `Services` and nothing else."""
+"""Builds the project's running parts around vLLM's engine, in order, and stops them: the
+adapter registry and store (loaded as they were left), the routing step, the engine client
+that vLLM's serving layer calls, the metrics and the access policy."""
 
 from __future__ import annotations
 
@@ -12,22 +12,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
+from prometheus_client import CollectorRegistry
+from vllm.v1.engine.async_llm import AsyncLLM
 
-from ptmoe_serve import protocol
 from ptmoe_serve.auth import AccessPolicy, is_loopback
 from ptmoe_serve.engine import Engine
+from ptmoe_serve.engine_client import AdapterEngineClient
 from ptmoe_serve.engine_routing import EngineRouting
 from ptmoe_serve.lifecycle import AdapterManager
 from ptmoe_serve.metrics import Metrics
 from ptmoe_serve.registry import AdapterRegistry
-from ptmoe_serve.serving import Serving
 from ptmoe_serve.settings import ServerSettings
 from ptmoe_serve.soft_prompts import SoftPromptBatcher, load_input_embeddings
 from ptmoe_serve.store import AdapterStore
 
 logger = logging.getLogger(__name__)
-OWNER = "ptmoe_serve"
+# Chat content-part types (their part before "_"), which vLLM matches against adapter names
+# to pick a default adapter for multimodal chats: an adapter of such a name would apply to
+# base-model chats.
+CONTENT_PART_NAMES = frozenset({"text", "thinking", "input", "output", "image", "audio",
+                                "video", "prompt", "refusal", "tool", "file"})
 
 
 @dataclass
@@ -37,29 +41,16 @@ class Services:
     registry: AdapterRegistry
     manager: AdapterManager
     routing: SoftPromptBatcher | EngineRouting
-    serving: Serving
+    client: AdapterEngineClient
     metrics: Metrics
     access: AccessPolicy
     started_at: int
     watcher: asyncio.Task | None = None
 
-    def model_list(self) -> protocol.ModelList:
-        base = self.serving.base_model_name
-        cards = [protocol.ModelCard(id=base, created=self.started_at, owned_by=OWNER,
-                                    root=self.settings.engine.model_dir,
-                                    max_model_len=self.engine.max_model_len)]
-        for entry in self.registry.entries():
-            cards.append(protocol.ModelCard(
-                id=entry.name, created=int(entry.loaded_at), owned_by=OWNER,
-                root=str(entry.source or entry.name), parent=base,
-                max_model_len=self.engine.max_model_len, adapter=entry.describe()))
-        return protocol.ModelList(data=cards)
-
     async def stop(self) -> None:
         if self.watcher is not None:
             self.watcher.cancel()
         await self.routing.stop()
-        self.engine.shutdown()
 
 
 def release_freed_memory() -> None:
@@ -72,20 +63,21 @@ def release_freed_memory() -> None:
         pass
 
 
-async def start_services(settings: ServerSettings) -> Services:
+async def start_services(settings: ServerSettings, llm: AsyncLLM,
+                         metrics_registry: CollectorRegistry) -> Services:
     started = time.time()
-    engine = Engine(settings.engine)
+    engine = Engine(llm)
     model_dir = Path(settings.engine.model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     in_engine = settings.engine.routing_in_engine
     # On the in-engine route the adapters' tensors live in the workers; here the banks only
     # keep the slots (meta tensors take no memory).
     device = torch.device("meta" if in_engine else settings.routing_device)
     registry = AdapterRegistry(
         engine.hidden_size, engine.max_model_len, device,
-        reserved_names={settings.engine.served_model_name},
+        reserved_names={settings.engine.served_model_name, *CONTENT_PART_NAMES},
         max_prompt_length=settings.engine.max_soft_prompt_length if in_engine else None)
-    metrics = Metrics()
+    metrics = Metrics(metrics_registry, lambda: len(registry),
+                      lambda: engine.num_unfinished_requests)
     metrics.server.info({"model": settings.engine.served_model_name,
                          "routing": "engine" if in_engine else "api"})
     if in_engine:
@@ -100,11 +92,12 @@ async def start_services(settings: ServerSettings) -> Services:
     # Into the engine's banks a batch at a time: this process holds one batch's tensors.
     await routing.write_all(manager.start_in_batches())
     release_freed_memory()
-    serving = Serving(engine, registry, routing, tokenizer, metrics,
-                      settings.engine.served_model_name)
-    access = AccessPolicy(settings.api_key, settings.admin_api_key, is_loopback(settings.host),
-                          settings.metrics_need_key)
-    services = Services(settings, engine, registry, manager, routing, serving, metrics, access,
+    client = AdapterEngineClient(llm, registry, routing, metrics,
+                                 settings.engine.served_model_name,
+                                 routes_prompt_logprobs=in_engine)
+    access = AccessPolicy(settings.api_key, settings.admin_api_key,
+                          is_loopback(settings.vllm_args.host), settings.metrics_need_key)
+    services = Services(settings, engine, registry, manager, routing, client, metrics, access,
                         int(started))
     if settings.watch_interval > 0:
         services.watcher = asyncio.create_task(manager.watch(settings.watch_interval))

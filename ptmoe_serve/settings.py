@@ -1,28 +1,39 @@
-"""One settings object, built from the command line and handed to the constructors."""
+"""One settings object, built from the command line and handed to the constructors. vLLM's
+own server options travel as the namespace its parser made."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import argparse
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ptmoe_serve.engine import EngineSettings
+
+@dataclass(frozen=True)
+class EngineSettings:
+    model_dir: str
+    served_model_name: str
+    # The routing step in vLLM's workers (engine_model.py) rather than in the API process.
+    routing_in_engine: bool = False
+    # The longest soft prompt the in-engine route accepts (vLLM sizes its encoder cache by it).
+    max_soft_prompt_length: int = 128
+    # KV cache size; None leaves it to --gpu-memory-utilization.
+    kv_cache_gib: float | None = None
 
 
 @dataclass(frozen=True)
 class ServerSettings:
     engine: EngineSettings
     adapters_dir: Path
+    # vLLM's server options (host, port, engine and serving flags), as its parser made them.
+    vllm_args: argparse.Namespace = field(default_factory=argparse.Namespace)
     # Further folders that POST /v1/adapters may load from.
     allowed_adapter_roots: tuple[Path, ...] = ()
     routing_device: str = "cpu"
     # "auto": the fused Triton kernels on CUDA, else batched torch; "triton" or "torch" forces.
     routing_kernel: str = "auto"
-    host: str = "127.0.0.1"
-    port: int = 8000
     api_key: str | None = None
     admin_api_key: str | None = None
     metrics_need_key: bool = False
     max_upload_bytes: int = 64 * 1024 * 1024
     # Seconds between looks at the adapters folder; 0 turns the watching off.
     watch_interval: float = 2.0
-    drain_timeout: float = 30.0

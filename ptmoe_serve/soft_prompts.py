@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 
 from ptmoe_serve.registry import AdapterEntry, AdapterRegistry
-from ptmoe_serve.routing import segment_means
+from ptmoe_serve.routing import gate_reference, segment_means
 
 # Names of the input embedding matrix in common Hugging Face architectures.
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
@@ -47,8 +47,6 @@ def load_input_embeddings(model_dir: Path) -> torch.Tensor:
 @dataclass(frozen=True)
 class PromptEmbeds:
     embeds: torch.Tensor  # [T + L, H] in the model dtype, on the CPU, ready for the engine
-    expert_weights: list[float]
-    expert_probabilities: list[float]
 
     @property
     def engine_prompt(self) -> dict:
@@ -59,6 +57,7 @@ class PromptEmbeds:
 class _Pending:
     entry: AdapterEntry
     token_ids: list[int]
+    route_tokens: int  # the router reads token_ids[:route_tokens]
     future: asyncio.Future
 
 
@@ -99,11 +98,12 @@ class SoftPromptBatcher:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def build(self, entry: AdapterEntry, token_ids: list[int],
-                    with_routing: bool = False) -> PromptEmbeds:
-        """The request's prompt embeddings (and its routing, which comes with them)."""
+                    route_tokens: int | None = None) -> PromptEmbeds:
+        """The request's prompt embeddings; the router reads the first `route_tokens` token
+        ids (all by default)."""
         future = asyncio.get_running_loop().create_future()
         self.registry.acquire(entry)
-        self._queue.append(_Pending(entry, token_ids, future))
+        self._queue.append(_Pending(entry, token_ids, route_tokens or len(token_ids), future))
         self._wakeup.set()
         return await future
 
@@ -131,11 +131,12 @@ class SoftPromptBatcher:
     @torch.inference_mode()
     def compute(self, batch: list[_Pending]) -> list[PromptEmbeds]:
         device = self.registry.device
-        lengths = torch.tensor([len(item.token_ids) for item in batch], device=device)
+        lengths = [len(item.token_ids) for item in batch]
+        routed = torch.tensor([item.route_tokens for item in batch], device=device)
         flat_ids = torch.tensor([t for item in batch for t in item.token_ids], device=device)
-        token_embeds = self.table.index_select(0, flat_ids)
-        means = None if self.fused else segment_means(token_embeds, lengths)
-        per_request = token_embeds.split(lengths.tolist())
+        per_request = self.table.index_select(0, flat_ids).split(lengths)
+        means = None if self.fused else segment_means(
+            torch.cat([e[: item.route_tokens] for e, item in zip(per_request, batch)]), routed)
 
         by_bank: dict[int, list[int]] = defaultdict(list)
         for i, item in enumerate(batch):
@@ -147,20 +148,23 @@ class SoftPromptBatcher:
             if self.fused:
                 from ptmoe_serve.routing_kernel import route_fused
 
-                group_ids = torch.cat([flat_ids.new_tensor(batch[i].token_ids) for i in rows])
-                offsets = torch.nn.functional.pad(lengths[rows].cumsum(0), (1, 0))
-                prompts, weights_t, probabilities_t = route_fused(
-                    self.table, group_ids, offsets, slots, bank.tensors)
+                group_ids = torch.cat([flat_ids.new_tensor(batch[i].token_ids[: batch[i].route_tokens])
+                                       for i in rows])
+                offsets = torch.nn.functional.pad(routed[rows].cumsum(0), (1, 0))
+                prompts = route_fused(self.table, group_ids, offsets, slots, bank.tensors)[0]
             else:
-                routing = bank.route(slots, means[rows])
-                prompts, weights_t, probabilities_t = (
-                    routing.soft_prompt, routing.weights, routing.probabilities)
+                prompts = bank.route(slots, means[rows]).soft_prompt
             soft_prompts = prompts.to(self.model_dtype)
-            weights, probabilities = weights_t.tolist(), probabilities_t.tolist()
             for j, i in enumerate(rows):
-                embeds = torch.cat([soft_prompts[j], per_request[i]]).cpu()
-                results[i] = PromptEmbeds(embeds, weights[j], probabilities[j])
+                results[i] = PromptEmbeds(torch.cat([soft_prompts[j], per_request[i]]).cpu())
         return results
+
+    def routing(self, entry: AdapterEntry, token_ids: list[int]) -> tuple[list[float], list[float]]:
+        """Expert weights and router probabilities for a prompt (the router alone)."""
+        embeddings = self.table[torch.tensor(token_ids, device=self.table.device)]
+        weights, probabilities = gate_reference(
+            entry.adapter, embeddings.to(entry.adapter.router_weight.device))
+        return weights.tolist(), probabilities.tolist()
 
 
 def _fused_available(device: torch.device) -> bool:

@@ -64,11 +64,12 @@ def adapters_dir(tmp_path_factory, model_dir, tokenizer) -> Path:
     return folder
 
 
-def _server(model_dir, adapters_dir, tmp_path_factory, routing_location: str):
+def _server(model_dir, adapters_dir, tmp_path_factory, routing_location: str,
+            *vllm_args: str):
     log = tmp_path_factory.mktemp("server") / "server.log"
     running = start_server(["--model", str(model_dir), "--dtype", "float32",
                             "--adapters", str(adapters_dir), "--max-model-len", str(MAX_MODEL_LEN),
-                            "--routing-location", routing_location], log)
+                            "--routing-location", routing_location, *vllm_args], log)
     assert routing_location_of(running) == routing_location
     return running
 
@@ -84,8 +85,11 @@ def routing_location_of(server) -> str:
 
 @pytest.fixture(scope="session")
 def server(model_dir, adapters_dir, tmp_path_factory):
-    """The server as users start it: on this model, the routing step runs in the engine."""
-    running = _server(model_dir, adapters_dir, tmp_path_factory, "engine")
+    """The server as users start it: on this model, the routing step runs in the engine. With
+    vLLM's own serving flags for tool calls and compact JSON."""
+    running = _server(model_dir, adapters_dir, tmp_path_factory, "engine",
+                      "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+                      "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}')
     yield running
     stop_server(running)
 

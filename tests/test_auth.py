@@ -2,7 +2,7 @@ import pytest
 from starlette.requests import Request
 
 from ptmoe_serve.auth import AccessPolicy, is_loopback
-from ptmoe_serve.serving import RequestError
+from ptmoe_serve.errors import RequestError
 
 
 def request(token: str | None = None) -> Request:

@@ -71,6 +71,52 @@ def test_chat_equals_transformers(routed_server, hf_model, tokenizer, adapters_d
         assert body["choices"][0]["token_ids"] == expected, (model, question)
 
 
+@torch.inference_mode()
+def transformers_prompt_logprobs(hf_model, adapters_dir, model: str, ids: list[int]
+                                 ) -> list[float]:
+    """log p(prompt token j | soft prompt, tokens before j), for every j the model scores:
+    all of them under a soft prompt, all but the first for the bare model."""
+    embeds = hf_model.get_input_embeddings()(torch.tensor(ids))
+    soft = 0
+    if model != BASE:
+        prompt = reference_soft_prompt(adapters_dir / model, embeds)
+        embeds, soft = torch.cat([prompt, embeds]), len(prompt)
+    logprobs = torch.log_softmax(hf_model(inputs_embeds=embeds[None]).logits[0].double(), -1)
+    first = 0 if soft else 1
+    return [logprobs[soft + j - 1, ids[j]].item() for j in range(first, len(ids))]
+
+
+@pytest.mark.parametrize("model", ["top1", "dense", "arithmetic", BASE])
+def test_echo_logprobs_and_prompt_logprobs_equal_transformers(server, hf_model, tokenizer,
+                                                              adapters_dir, model):
+    """What lm-eval's log-likelihood tasks read (echo + logprobs) and vLLM's prompt_logprobs,
+    with the T soft-prompt positions stripped: position j scores prompt token j."""
+    ids = tokenizer.encode(PROMPTS[2])
+    expected = transformers_prompt_logprobs(hf_model, adapters_dir, model, ids)
+    response = httpx.post(f"{server.url}/v1/completions", timeout=300, json={
+        "model": model, "prompt": ids, "max_tokens": 1, "temperature": 0, "echo": True,
+        "logprobs": 1, "prompt_logprobs": 0})
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    echoed = choice["logprobs"]["token_logprobs"][:len(ids)]
+    assert choice["logprobs"]["tokens"][:len(ids)] == [tokenizer.decode([t]) for t in ids]
+    served = echoed if model != BASE else echoed[1:]
+    assert served == pytest.approx(expected, abs=2e-3)
+    prompt_logprobs = choice["prompt_logprobs"]
+    assert len(prompt_logprobs) == len(ids)
+    from_prompt_logprobs = [prompt_logprobs[j][str(t)]["logprob"] for j, t in enumerate(ids)
+                            if prompt_logprobs[j] is not None]
+    assert from_prompt_logprobs == pytest.approx(expected, abs=2e-3)
+    assert response.json()["usage"]["prompt_tokens"] == len(ids)
+
+
+def test_the_api_route_refuses_prompt_logprobs_for_adapters(api_route_server):
+    response = httpx.post(f"{api_route_server.url}/v1/completions", timeout=60, json={
+        "model": "top1", "prompt": "Hello", "max_tokens": 1, "echo": True, "logprobs": 1})
+    assert response.status_code == 400
+    assert "--routing-location engine" in response.json()["error"]["message"]
+
+
 def test_adapters_change_the_answer(server):
     """Guards the comparisons above against adapters too weak to matter."""
     texts = {}

@@ -54,7 +54,7 @@ def server_args(lab, model_dir) -> list[str]:
     return ["--model", str(model_dir), "--dtype", "float32", "--max-model-len", "512",
             "--adapters", str(lab["store"]), "--allow-adapter-path", str(lab["library"]),
             "--api-key", USER, "--admin-api-key", ADMIN, "--watch-interval", "0.5",
-            "--max-upload-mb", str(UPLOAD_LIMIT_MB), "--drain-timeout", "60",
+            "--max-upload-mb", str(UPLOAD_LIMIT_MB), "--shutdown-timeout", "60",
             # Cached prefixes must never answer for a replaced adapter (tested below).
             "--enable-prefix-caching"]
 

@@ -47,7 +47,32 @@ def test_requests_arriving_together_share_one_step_and_match_the_reference():
         assert result.embeds.shape == (t + len(ids), HIDDEN)
         torch.testing.assert_close(result.embeds[:t], reference.soft_prompt, rtol=1e-5, atol=1e-5)
         assert torch.equal(result.embeds[t:], tokens)
-        torch.testing.assert_close(torch.tensor(result.expert_weights), reference.weights)
+
+
+def test_the_router_reads_only_the_routed_tokens_and_routing_shows_its_weights():
+    table = torch.randn(VOCAB, HIDDEN)
+    reg = AdapterRegistry(HIDDEN, 128, torch.device("cpu"))
+    adapter = random_adapter(seed=4, num_experts=3, top_k=2)
+    entry = reg.add("a", adapter)
+    question, options = [3, 9, 4, 1], [[7, 7, 2], [11]]
+
+    async def run():
+        batcher = SoftPromptBatcher(reg, table, torch.float32)
+        batcher.start()
+        try:
+            built = await asyncio.gather(*(batcher.build(entry, question + o, len(question))
+                                           for o in options))
+            return built, batcher.routing(entry, question)
+        finally:
+            await batcher.stop()
+
+    built, (weights, probabilities) = asyncio.run(run())
+    reference = route_reference(adapter, table[torch.tensor(question)])
+    for result, option in zip(built, options):
+        torch.testing.assert_close(result.embeds[:4], reference.soft_prompt, rtol=1e-5, atol=1e-5)
+        assert torch.equal(result.embeds[4:], table[torch.tensor(question + option)])
+    torch.testing.assert_close(torch.tensor(weights), reference.weights)
+    torch.testing.assert_close(torch.tensor(probabilities), reference.probabilities)
 
 
 def test_output_is_cast_to_the_model_dtype():

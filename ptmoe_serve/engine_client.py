@@ -1,0 +1,218 @@
+"""The one seam between vLLM's OpenAI serving layer and PT-MoE adapters: vLLM's engine client,
+as its handlers see it, with `generate` taught what an adapter's name means.
+
+vLLM resolves `model` to a `LoRARequest` through `AdapterNames` (the adapter registry seen as
+its table of LoRA names), renders the prompt (chat template, tokenization, truncation), and
+calls `generate` with the token ids and that request. For an adapter, `generate` checks the
+prompt against the context (a 400 before any stream starts), then routes: the engine route
+attaches a routing key, the api route builds prompt embeddings. It holds the adapter's slot
+for the request's life and strips the T soft-prompt positions from what comes back (prompt
+token ids, prompt logprobs, cached-token counts), so echo, prompt logprobs and usage describe
+the caller's prompt. Everything else is vLLM's engine client, unchanged."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncGenerator, Iterator, Mapping
+from typing import Any
+
+from vllm.exceptions import VLLMNotFoundError, VLLMValidationError
+from vllm.lora.request import LoRARequest
+from vllm.outputs import RequestOutput
+from vllm.sampling_params import RequestOutputKind, SamplingParams
+from vllm.v1.engine.async_llm import AsyncLLM
+
+from ptmoe_serve.metrics import Metrics
+from ptmoe_serve.registry import AdapterEntry, AdapterNotFound, AdapterRegistry
+
+# vllm_xargs key: how many leading prompt tokens the router reads (all when absent).
+ROUTE_TOKENS = "ptmoe_route_tokens"
+
+
+class AdapterNames(Mapping[str, LoRARequest]):
+    """The adapter registry as vLLM's serving layer's table of adapter names
+    (`OpenAIServingModels.lora_requests`): a live view, so a load, replace or unload is seen
+    by the next request with no copy to keep in step."""
+
+    def __init__(self, registry: AdapterRegistry):
+        self._registry = registry
+
+    def __getitem__(self, name: str) -> LoRARequest:
+        try:
+            entry = self._registry.get(name)
+        except AdapterNotFound:
+            raise KeyError(name) from None
+        return LoRARequest(lora_name=name, lora_int_id=entry.version,
+                           lora_path=str(entry.source or name))
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in self._registry
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([entry.name for entry in self._registry.entries()])
+
+    def __len__(self) -> int:
+        return len(self._registry)
+
+
+class AdapterEngineClient:
+    """vLLM's `AsyncLLM`, passed through but for `generate`."""
+
+    def __init__(self, llm: AsyncLLM, registry: AdapterRegistry, routing, metrics: Metrics,
+                 base_model_name: str, routes_prompt_logprobs: bool):
+        self._llm = llm
+        self._registry = registry
+        self._routing = routing
+        self._metrics = metrics
+        self._base_model_name = base_model_name
+        # Prompt logprobs need token ids at every position: the engine route has them, the
+        # api route hands vLLM embeddings, for which vLLM computes none.
+        self._routes_prompt_logprobs = routes_prompt_logprobs
+        self._max_model_len = llm.model_config.max_model_len
+        self._vocab_size = llm.model_config.get_vocab_size()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._llm, name)
+
+    def generate(self, prompt, sampling_params: SamplingParams, request_id: str, *,
+                 lora_request: LoRARequest | None = None, **kwargs
+                 ) -> AsyncGenerator[RequestOutput, None]:
+        """vLLM's `generate`. Refusals are raised here, before the caller iterates: a
+        streaming request gets its 400 before the stream starts."""
+        if lora_request is None:
+            return self._observed(self._base_model_name, None, sampling_params,
+                                  self._llm.generate(prompt, sampling_params, request_id,
+                                                     **kwargs))
+        entry = self._resolve(lora_request.lora_name)
+        ids = self._token_ids(prompt, entry)
+        route_tokens = self._route_tokens(sampling_params, len(ids))
+        params = self._fit(sampling_params, entry, len(ids))
+        return self._observed(entry.name, entry, params, self._generate_routed(
+            entry, prompt, ids, route_tokens, params, request_id, kwargs))
+
+    # -- checks, before anything runs ------------------------------------------------------
+
+    def _resolve(self, name: str) -> AdapterEntry:
+        try:
+            return self._registry.get(name)
+        except AdapterNotFound:  # unloaded since vLLM looked the name up
+            raise VLLMNotFoundError(f"The model `{name}` does not exist.") from None
+
+    def _token_ids(self, prompt, entry: AdapterEntry) -> list[int]:
+        kind = prompt.get("type") if isinstance(prompt, dict) else None
+        if kind != "token":
+            raise VLLMValidationError(
+                f"adapter '{entry.name}' takes text or token-id prompts; this request's prompt "
+                f"is of type {kind!r} (prompt embeddings and multimodal inputs carry no tokens "
+                "to route on)", parameter="prompt")
+        ids = list(prompt["prompt_token_ids"])
+        if not ids:
+            raise VLLMValidationError("prompt is empty: it must hold at least one token",
+                                      parameter="prompt")
+        # Checked here, not in the engine: the routing step reads these ids' embeddings.
+        bad = next((t for t in ids if not 0 <= t < self._vocab_size), None)
+        if bad is not None:
+            raise VLLMValidationError(f"Token id {bad} is out of vocabulary (the model has "
+                                      f"{self._vocab_size} tokens)", parameter="prompt")
+        length = entry.adapter.config.prompt_length
+        if len(ids) + length >= self._max_model_len:
+            raise VLLMValidationError(
+                f"This model's maximum context length is {self._max_model_len} tokens. "
+                f"However, your prompt has {len(ids)} tokens and {length} soft-prompt positions "
+                f"of adapter '{entry.name}' ({len(ids) + length} in all), which leaves no room "
+                "to generate. Please shorten the prompt.", parameter="prompt")
+        return ids
+
+    def _route_tokens(self, params: SamplingParams, prompt_tokens: int) -> int:
+        value = (params.extra_args or {}).get(ROUTE_TOKENS)
+        if value is None:
+            return prompt_tokens
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise VLLMValidationError(
+                f"vllm_xargs.{ROUTE_TOKENS} must be a positive integer: the number of leading "
+                f"prompt tokens the router reads; got {value!r}", parameter="vllm_xargs")
+        return min(value, prompt_tokens)
+
+    def _fit(self, params: SamplingParams, entry: AdapterEntry, prompt_tokens: int
+             ) -> SamplingParams:
+        if params.prompt_logprobs is not None and not self._routes_prompt_logprobs:
+            raise VLLMValidationError(
+                "prompt logprobs (echo with logprobs, prompt_logprobs) are not computed for "
+                "adapters on this server's api routing route, which hands vLLM prompt "
+                "embeddings; the engine route (--routing-location engine) computes them",
+                parameter="prompt_logprobs")
+        # vLLM sized max_tokens for the prompt alone; the soft prompt takes room too.
+        room = self._max_model_len - entry.adapter.config.prompt_length - prompt_tokens
+        if params.max_tokens is not None and params.max_tokens <= room:
+            return params
+        params = params.clone()
+        params.max_tokens = room
+        return params
+
+    # -- generating --------------------------------------------------------------------------
+
+    async def _generate_routed(self, entry: AdapterEntry, prompt: dict, ids: list[int],
+                               route_tokens: int, params: SamplingParams, request_id: str,
+                               kwargs: dict) -> AsyncGenerator[RequestOutput, None]:
+        # Held until the request ends: the engine may read the adapter's slot again (a
+        # preempted request is prefilled anew), so the slot is not reused before then.
+        self._registry.acquire(entry)
+        try:
+            routed = await self._routing.build(entry, ids, route_tokens=route_tokens)
+            engine_prompt = routed.engine_prompt
+            for field in ("prompt", "cache_salt"):
+                if field in prompt:
+                    engine_prompt[field] = prompt[field]
+            soft = entry.adapter.config.prompt_length
+            async for output in self._llm.generate(engine_prompt, params, request_id,
+                                                   **kwargs):
+                yield _without_soft_prompt(output, ids, soft)
+        finally:
+            self._registry.release(entry)
+
+    async def _observed(self, label: str, entry: AdapterEntry | None, params: SamplingParams,
+                        outputs: AsyncGenerator[RequestOutput, None]
+                        ) -> AsyncGenerator[RequestOutput, None]:
+        """The outputs, counted in the project's per-adapter series."""
+        metrics = self._metrics
+        started = time.perf_counter()
+        first_token_seen, generated, prompt_tokens, outcome = False, 0, 0, "error"
+        delta = params.output_kind == RequestOutputKind.DELTA
+        if entry is not None:
+            entry.requests_served += 1
+        metrics.requests_running.inc()
+        try:
+            async for output in outputs:
+                count = sum(len(o.token_ids) for o in output.outputs)
+                generated = generated + count if delta else count
+                if output.prompt_token_ids is not None:
+                    prompt_tokens = len(output.prompt_token_ids)
+                if not first_token_seen and count:
+                    first_token_seen = True
+                    metrics.time_to_first_token.labels(label).observe(
+                        time.perf_counter() - started)
+                yield output
+            outcome = "finished"
+            metrics.e2e_latency.labels(label).observe(time.perf_counter() - started)
+        except (GeneratorExit, asyncio.CancelledError):
+            outcome = "aborted"
+            raise
+        finally:
+            metrics.requests_running.dec()
+            metrics.requests.labels(label, outcome).inc()
+            metrics.prompt_tokens.labels(label).inc(prompt_tokens)
+            metrics.generation_tokens.labels(label).inc(generated)
+
+
+def _without_soft_prompt(output: RequestOutput, ids: list[int], soft: int) -> RequestOutput:
+    """The output as if the caller's prompt had been all there was: the T placeholder
+    positions (and their prompt logprobs) gone. Position 0's logprob stays: with a soft prompt
+    before it, the first prompt token has one."""
+    if output.prompt_token_ids is not None:
+        output.prompt_token_ids = ids
+    if output.prompt_logprobs is not None:
+        output.prompt_logprobs = output.prompt_logprobs[soft:]
+    if output.num_cached_tokens:
+        output.num_cached_tokens = max(0, output.num_cached_tokens - soft)
+    return output
