@@ -24,10 +24,9 @@ from vllm.sampling_params import RequestOutputKind, SamplingParams
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from ptmoe_serve.metrics import Metrics
+from ptmoe_serve.protocol import ROUTE_TOKENS
 from ptmoe_serve.registry import AdapterEntry, AdapterNotFound, AdapterRegistry
 
-# vllm_xargs key: how many leading prompt tokens the router reads (all when absent).
-ROUTE_TOKENS = "ptmoe_route_tokens"
 
 
 class AdapterNames(Mapping[str, LoRARequest]):

@@ -93,3 +93,22 @@ def test_small_run_against_the_real_server(server, tokenizer, arrival):
     assert summary["output_tokens"] == 6 * 4
     assert 0 < summary["ttft_p50"] <= summary["latency_p50"]
     json.dumps(summary)
+
+
+def test_vllms_benchmark_client_drives_an_adapter(server, model_dir):
+    """vLLM's own benchmark client (`vllm bench serve`) with an adapter as the model: every
+    request completes with the tokens asked for."""
+    import argparse
+
+    from vllm.benchmarks import serve as vllm_bench
+
+    parser = argparse.ArgumentParser()
+    vllm_bench.add_cli_args(parser)
+    args = parser.parse_args([
+        "--backend", "openai", "--base-url", server.url, "--endpoint", "/v1/completions",
+        "--model", "top1", "--tokenizer", str(model_dir), "--dataset-name", "random",
+        "--random-input-len", "12", "--random-output-len", "4", "--num-prompts", "6",
+        "--ignore-eos", "--max-concurrency", "3", "--disable-tqdm"])
+    result = vllm_bench.main(args)
+    assert result["completed"] == 6 and result["failed"] == 0
+    assert result["total_output_tokens"] == 6 * 4
