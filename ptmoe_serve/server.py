@@ -20,6 +20,7 @@ from vllm.entrypoints.launchers.api_server.entry import (
 from vllm.entrypoints.launchers.app import build_app
 from vllm.entrypoints.launchers.launcher import serve_http, setup_server
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse, ModelCard, ModelList
+from vllm.entrypoints.serve.engine.serving import BaseServing
 from vllm.entrypoints.serve.tokenize.protocol import (TokenizeChatRequest,
                                                       TokenizeCompletionRequest)
 from vllm.exceptions import VLLMValidationError
@@ -72,10 +73,15 @@ def add_project_routes(app: FastAPI, services: Services) -> None:
     state.services = services
     # vLLM's serving layer resolves model names through this table: adapters are in it.
     state.openai_serving_models.lora_requests = AdapterNames(services.registry)
-    for name in ("openai_serving_completion", "openai_serving_chat"):
-        serving = getattr(state, name, None)
-        if serving is not None:
+    for serving in state._state.values():
+        if not isinstance(serving, BaseServing):
+            continue
+        if hasattr(serving, "beam_search"):
             serving.beam_search = _without_adapters(serving.beam_search)
+        # vLLM picks a "default multimodal adapter" by matching chat content-part types
+        # against every adapter's name, for each base-model chat: with content-part names
+        # reserved it never finds one, so skip the walk over 100,000 adapters.
+        serving._get_active_default_mm_loras = lambda request: None
     _replace_route(app, "/v1/models", "GET", _models)
     app.add_api_route("/v1/routing", _routing, methods=["POST"],
                       response_model=RoutingResponse)
