@@ -86,6 +86,7 @@ class AdapterEngineClient:
         entry = self._resolve(lora_request.lora_name)
         ids = self._token_ids(prompt, entry)
         route_tokens = self._route_tokens(sampling_params, len(ids))
+        self._check_prompt_logprobs(sampling_params)
         params = self._fit(sampling_params, entry, len(ids))
         return self._observed(entry.name, entry, params, self._generate_routed(
             entry, prompt, ids, route_tokens, params, request_id, kwargs))
@@ -133,15 +134,17 @@ class AdapterEngineClient:
                 f"prompt tokens the router reads; got {value!r}", parameter="vllm_xargs")
         return min(value, prompt_tokens)
 
-    def _fit(self, params: SamplingParams, entry: AdapterEntry, prompt_tokens: int
-             ) -> SamplingParams:
+    def _check_prompt_logprobs(self, params: SamplingParams) -> None:
         if params.prompt_logprobs is not None and not self._routes_prompt_logprobs:
             raise VLLMValidationError(
                 "prompt logprobs (echo with logprobs, prompt_logprobs) are not computed for "
                 "adapters on this server's api routing route, which hands vLLM prompt "
                 "embeddings; the engine route (--routing-location engine) computes them",
                 parameter="prompt_logprobs")
-        # vLLM sized max_tokens for the prompt alone; the soft prompt takes room too.
+
+    def _fit(self, params: SamplingParams, entry: AdapterEntry, prompt_tokens: int
+             ) -> SamplingParams:
+        """vLLM sized max_tokens for the prompt alone; the soft prompt takes room too."""
         room = self._max_model_len - entry.adapter.config.prompt_length - prompt_tokens
         if params.max_tokens is not None and params.max_tokens <= room:
             return params

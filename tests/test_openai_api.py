@@ -8,7 +8,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import BASE, E2E_ADAPTERS, MAX_MODEL_LEN, SHIPPED
+from conftest import BASE, E2E_ADAPTERS, SHIPPED
 
 PROMPT = "Once upon a time, there was a little"
 
@@ -186,7 +186,7 @@ def test_unknown_model_is_404(client, server):
     ({"model": "top1", "prompt": "x", "max_tokens": 5000}, "max_model_len"),
     ({"model": "top1", "prompt": "x", "seed": 2**64}, "seed"),
     ({"model": "top1", "prompt": [7] * 1015}, "your prompt has 1015 tokens and 12 "
-     f"soft-prompt positions of adapter 'top1' (1027 in all)"),
+     "soft-prompt positions of adapter 'top1' (1027 in all)"),
     ({"model": "top1", "prompt": "x", "use_beam_search": True, "n": 2, "max_tokens": 2},
      "beam search is not supported with adapter 'top1'"),
 ])
