@@ -85,8 +85,9 @@ def routing_location_of(server) -> str:
 
 @pytest.fixture(scope="session")
 def server(model_dir, adapters_dir, tmp_path_factory):
-    """The server as users start it: on this model, the routing step runs in the engine. With
-    vLLM's own serving flags for tool calls and compact JSON."""
+    """The server as users start it: on this model, the routing step runs in the engine, and
+    vLLM compiles the model (its default, on the CPU too). With vLLM's own serving flags for
+    tool calls and compact JSON."""
     running = _server(model_dir, adapters_dir, tmp_path_factory, "engine",
                       "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
                       "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}')

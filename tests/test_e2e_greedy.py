@@ -22,6 +22,14 @@ def routed_server(request):
     return request.getfixturevalue("server" if request.param == "engine" else "api_route_server")
 
 
+def test_both_routes_run_the_compiled_model_by_default(routed_server):
+    """What the tests below compare with transformers is the model as users get it: compiled
+    by vLLM (torch.compile) on the CPU too, the setting that runs at the bare model's speed.
+    vLLM prints its engine configuration at start-up."""
+    log = routed_server.log.read_text()
+    assert "enforce_eager=False" in log and "enforce_eager=True" not in log
+
+
 @pytest.fixture(scope="module")
 def hf_model(model_dir):
     from transformers import AutoModelForCausalLM
@@ -136,7 +144,9 @@ def tensor_parallel_server(model_dir, adapters_dir, tmp_path_factory):
 
     running = start_server(
         ["--model", str(model_dir), "--dtype", "float32", "--adapters", str(adapters_dir),
-         "--max-model-len", str(MAX_MODEL_LEN), "--tensor-parallel-size", "3"],
+         "--max-model-len", str(MAX_MODEL_LEN), "--tensor-parallel-size", "3",
+         # Three ranks compiling on two cores would take many minutes.
+         "--enforce-eager"],
         tmp_path_factory.mktemp("tp") / "server.log",
         env={"VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"})
     assert routing_location_of(running) == "engine"

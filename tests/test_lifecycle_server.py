@@ -56,7 +56,10 @@ def server_args(lab, model_dir) -> list[str]:
             "--api-key", USER, "--admin-api-key", ADMIN, "--watch-interval", "0.5",
             "--max-upload-mb", str(UPLOAD_LIMIT_MB), "--shutdown-timeout", "60",
             # Cached prefixes must never answer for a replaced adapter (tested below).
-            "--enable-prefix-caching"]
+            "--enable-prefix-caching",
+            # Starts in seconds instead of compiling (minutes on two cores; it starts twice);
+            # the compiled default is what the shared `server` fixture runs.
+            "--enforce-eager"]
 
 
 @pytest.fixture(scope="module")
