@@ -31,7 +31,8 @@ serve: model
 test: model
 	$(PY) -m pytest
 
-# Throughput against the peers (under 10 minutes here), hot-loading, the routing step alone.
+# Throughput against the peers (all servers up at once, 3 alternating rounds), hot-loading,
+# the routing step alone.
 bench: model
 	$(PY) -m bench.run --preset quick
 	$(PY) -m bench.hotload --loads 100

@@ -16,8 +16,9 @@ from ptmoe_serve.soft_prompts import load_input_embeddings
 
 def write_ptmoe_adapters(folder: Path, model_dir: Path, base_name: str, count: int,
                          prompt_length: int, num_experts: int, rank: int,
-                         seed: int = 0) -> list[Path]:
-    """`count` adapters, each initialised from random tokens' embeddings, random routers."""
+                         seed: int = 0, prefix: str = "ptmoe") -> list[Path]:
+    """`count` adapters `<prefix><i>`, each initialised from random tokens' embeddings, random
+    routers."""
     table = load_input_embeddings(model_dir)
     config = AdapterConfig(peft_type="PT_MOE", format_version=1, base_model_name_or_path=base_name,
                            hidden_size=table.shape[1], num_experts=num_experts,
@@ -29,7 +30,7 @@ def write_ptmoe_adapters(folder: Path, model_dir: Path, base_name: str, count: i
         ids = torch.randint(0, table.shape[0], (prompt_length,), generator=g)
         adapter = init_from_text(table[ids], config)
         adapter.router_weight.normal_(generator=g)
-        folders.append(folder / f"ptmoe{i}")
+        folders.append(folder / f"{prefix}{i}")
         write_adapter(adapter, folders[-1])
     return folders
 

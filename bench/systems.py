@@ -1,16 +1,19 @@
 """The systems compared, each started by the benchmark with the same model, dtype and engine
-settings:
+settings (vLLM's defaults: compiled, prefix caching on), all up at once so that rounds can
+alternate between them:
 
-- `ptmoe`: this server with N PT-MoE adapters of prompt length T, the routing step in vLLM's
-  workers; `ptmoe-api`: the same with the routing step in the API process, handing vLLM
+- `ptmoe`: this server with N PT-MoE adapters of each prompt length T, the routing step in
+  vLLM's workers; `ptmoe-api`: the same with the routing step in the API process, handing vLLM
   prompt embeddings;
 - `vllm`: vLLM's own OpenAI server with the bare model, prompts T tokens longer (the limit);
+  `vllm-instruction`: the same server, every prompt behind one long system prompt (what an
+  adapter replaces), served from vLLM's prefix cache;
 - `vllm-lora`: vLLM's own server with N LoRA adapters of about the same parameter count,
   loaded on demand from a folder (vLLM's filesystem resolver), as multi-LoRA users run it;
 - `transformers`: a Hugging Face generation loop with the soft prompt, in batches.
 
-The HTTP systems are context managers yielding an `Endpoint`; the transformers loop runs the
-workload in process and returns the same summary as the load generator."""
+The HTTP systems are context managers yielding an `Endpoint` (or one per T); the transformers
+loop runs the workload in process and returns the same summary as the load generator."""
 
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -39,7 +42,7 @@ class SystemConfig:
     base_name: str
     work_dir: Path
     dtype: str = "bfloat16"
-    prompt_length: int = 40  # T
+    prompt_lengths: tuple[int, ...] = (40,)  # T of the adapters, one bank each
     num_experts: int = 2
     rank: int = 36
     lora_rank: int = 1
@@ -48,15 +51,20 @@ class SystemConfig:
     kv_cache_gib: float = 2.0
     max_num_seqs: int = 64
     max_loras: int = 16
+    enforce_eager: bool = False  # vLLM compiles the model by default, on the CPU too
+    ptmoe_args: tuple[str, ...] = ()  # more `ptmoe-serve serve` options, for this server only
     # vLLM's CPU build keeps one core from its worker by default; on a 2-core machine that
     # halves the compute (43 against 27 tokens/s at 16 concurrent requests, measured here).
     # The same value goes to every vLLM-based system. None keeps vLLM's default.
     cpu_reserved_cores: int | None = 0
 
     def engine_env(self) -> dict[str, str]:
-        if self.cpu_reserved_cores is None:
-            return {}
-        return {"VLLM_CPU_NUM_OF_RESERVED_CPU": str(self.cpu_reserved_cores)}
+        # What `ptmoe-serve serve` sets on the CPU (vLLM 0.32 cannot load its AOT artifacts
+        # there): every vLLM-based system compiles the same way.
+        env = {} if torch.cuda.is_available() else {"VLLM_USE_AOT_COMPILE": "0"}
+        if self.cpu_reserved_cores is not None:
+            env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(self.cpu_reserved_cores)
+        return env
 
 
 @dataclass(frozen=True)
@@ -85,27 +93,44 @@ class Endpoint:
 
 def _engine_args(config: SystemConfig) -> list[str]:
     return ["--dtype", config.dtype, "--max-model-len", str(config.max_model_len),
-            "--max-num-seqs", str(config.max_num_seqs), "--enforce-eager",
-            "--served-model-name", config.base_name]
+            "--max-num-seqs", str(config.max_num_seqs), "--served-model-name", config.base_name,
+            *(["--enforce-eager"] if config.enforce_eager else [])]
+
+
+def ptmoe_store(config: SystemConfig, num_adapters: int) -> dict[int, list[Path]]:
+    """`num_adapters` adapters of each prompt length T in one store, `t<T>-<i>`, written once."""
+    store = config.work_dir / f"ptmoe-{num_adapters}"
+    folders = {}
+    for length in config.prompt_lengths:
+        folders[length] = [store / f"t{length}-{i}" for i in range(num_adapters)]
+        if not folders[length][-1].exists():
+            # Initialised from T token embeddings, an adapter's rank is at most T.
+            write_ptmoe_adapters(store, config.model_dir, config.base_name, num_adapters,
+                                 length, config.num_experts, min(config.rank, length),
+                                 prefix=f"t{length}-")
+    return folders
 
 
 @contextmanager
 def ptmoe(config: SystemConfig, num_adapters: int, routing_location: str = "engine"
-          ) -> Iterator[Endpoint]:
+          ) -> Iterator[dict[int, Endpoint]]:
+    """One server holding the adapters of every T; an endpoint per T."""
+    folders = ptmoe_store(config, num_adapters)
     store = config.work_dir / f"ptmoe-{num_adapters}"
-    folders = write_ptmoe_adapters(store, config.model_dir, config.base_name, num_adapters,
-                                   config.prompt_length, config.num_experts, config.rank)
     server = start_server(["--model", str(config.model_dir), "--adapters", str(store),
                            "--kv-cache-gib", str(config.kv_cache_gib), "--watch-interval", "0",
-                           "--routing-location", routing_location, *_engine_args(config)],
+                           "--routing-location", routing_location, *_engine_args(config),
+                           *config.ptmoe_args],
                           config.work_dir / f"ptmoe-{routing_location}-{num_adapters}.log",
                           env=config.engine_env())
     try:
-        names = [f.name for f in folders]
-        yield Endpoint(server.url, lambda i: names[i], lambda r: r.prompt_ids,
-                       {"adapter_parameters": read_adapter(folders[0]).num_parameters,
-                        "routing_location": routing_location},
-                       server.process.pid)
+        def endpoint(names: list[str], parameters: int) -> Endpoint:
+            return Endpoint(server.url, lambda i: names[i], lambda r: r.prompt_ids,
+                            {"adapter_parameters": parameters,
+                             "routing_location": routing_location}, server.process.pid)
+
+        yield {length: endpoint([f.name for f in group], read_adapter(group[0]).num_parameters)
+               for length, group in folders.items()}
     finally:
         stop_server(server)
 
@@ -130,15 +155,27 @@ def with_filler(prompt_ids: list[int], length: int) -> list[int]:
 
 @contextmanager
 def vllm_bare(config: SystemConfig) -> Iterator[Endpoint]:
-    """The bare model; each prompt gets T more tokens in front, where a soft prompt would be."""
+    """The bare model, prompts as they are; `padded` and `instructed` make the peers."""
     server = start_server(_vllm_args(config), config.work_dir / "vllm.log",
                           command=vllm_command(), env=config.engine_env())
     try:
-        yield Endpoint(server.url, lambda i: config.base_name,
-                       lambda r: with_filler(r.prompt_ids, config.prompt_length),
-                       {"extra_prompt_tokens": config.prompt_length}, server.process.pid)
+        yield Endpoint(server.url, lambda i: config.base_name, lambda r: r.prompt_ids, {},
+                       server.process.pid)
     finally:
         stop_server(server)
+
+
+def padded(bare: Endpoint, length: int) -> Endpoint:
+    """Each prompt gets `length` more tokens in front, where a soft prompt of T=length is."""
+    return replace(bare, prompt_ids=lambda r: with_filler(r.prompt_ids, length),
+                   info={"extra_prompt_tokens": length})
+
+
+def instructed(bare: Endpoint, instruction: list[int]) -> Endpoint:
+    """Every prompt behind the same instruction tokens (a system prompt): after the first
+    request vLLM's prefix cache holds its KV blocks, so only the prompt itself is prefilled."""
+    return replace(bare, prompt_ids=lambda r: instruction + r.prompt_ids,
+                   info={"instruction_tokens": len(instruction)})
 
 
 @contextmanager
@@ -172,17 +209,14 @@ def transformers_loop(config: SystemConfig, requests: list[BenchRequest], num_ad
                       batch_size: int) -> dict:
     """What a prompt-tuning user runs today: route each prompt with the plain reference, then
     `generate` from inputs_embeds, `batch_size` requests at a time (prompts have equal length,
-    so batches need no padding)."""
+    so batches need no padding). Adapters of the longest T."""
     from transformers import AutoModelForCausalLM
 
     from ptmoe_serve.routing import route_reference
 
     dtype = getattr(torch, config.dtype)
-    store = config.work_dir / f"ptmoe-{num_adapters}"
-    if not store.exists():
-        write_ptmoe_adapters(store, config.model_dir, config.base_name, num_adapters,
-                             config.prompt_length, config.num_experts, config.rank)
-    adapters = [read_adapter(store / f"ptmoe{i}") for i in range(num_adapters)]
+    folders = ptmoe_store(config, num_adapters)[max(config.prompt_lengths)]
+    adapters = [read_adapter(folder) for folder in folders]
     model = AutoModelForCausalLM.from_pretrained(config.model_dir, dtype=dtype).eval()
     embed = model.get_input_embeddings()
     records: list[RequestRecord] = []

@@ -8,7 +8,7 @@ import pytest
 
 from bench.loadgen import RequestRecord, percentile, run_workload, summarize
 from bench.plot import plot_results
-from bench.run import ratios
+from bench.run import medians, ratios
 from bench.workload import WorkloadSpec, make_workload
 
 CORPUS_IDS = list(range(1000, 1500))
@@ -65,20 +65,73 @@ def test_filler_makes_prompts_longer_without_a_shared_prefix():
     assert with_filler([1, 2], 3)[:3] != with_filler([3, 4], 3)[:3]
 
 
-def result(system, tok_s, n=16):
-    return {"system": system, "output_tokens_per_second": tok_s, "ttft_p50": 0.5,
+def result(system, tok_s, tpot=0.05, length=None, round_index=1, n=16):
+    return {"system": system, "prompt_length": length, "round": round_index,
+            "output_tokens_per_second": tok_s, "tpot_p50": tpot, "ttft_p50": 0.5,
+            "latency_p50": 2.0,
             "workload": {"num_adapters": n, "popularity": "uniform", "arrival": "closed"}}
 
 
-def test_ratios_and_plot(tmp_path):
-    results = [result("ptmoe", 90.0), result("vllm", 100.0), result("vllm-lora", 30.0),
-               result("transformers", 3.0)]
-    (row,) = ratios(results)
-    assert row["vs_vllm"] == pytest.approx(0.9) and row["vs_vllm-lora"] == pytest.approx(3.0)
-    assert row["vs_transformers"] == pytest.approx(30.0)
-    report = {"results": results, "model": "m", "dtype": "bfloat16", "machine": {"cpus": 2}}
+def test_ratios_are_of_medians_over_rounds_at_the_same_soft_prompt_length(tmp_path):
+    results = [
+        # Three rounds each; one round of each hit by noise, which the median ignores.
+        *(result("ptmoe", tok, 0.05, 16, k) for k, tok in enumerate([95.0, 60.0, 97.0], 1)),
+        *(result("vllm", tok, 0.05, 16, k) for k, tok in enumerate([100.0, 100.0, 10.0], 1)),
+        *(result("ptmoe", tok, 0.06, 40, k) for k, tok in enumerate([90.0, 90.0, 90.0], 1)),
+        *(result("vllm", tok, 0.05, 40, k) for k, tok in enumerate([99.0, 100.0, 101.0], 1)),
+        result("vllm-instruction", 60.0, 0.1), result("vllm-lora", 30.0),
+        result("transformers", 3.0, None, 40),
+    ]
+    rows = {row["prompt_length"]: row for row in ratios(results)}
+    assert rows[16]["vs_vllm"] == pytest.approx(95.0 / 100.0)
+    assert rows[16]["tpot_vs_vllm"] == pytest.approx(1.0)
+    # The instruction, LoRA and transformers peers are compared at the longest T only.
+    assert "vs_vllm-instruction" not in rows[16]
+    assert rows[40]["vs_vllm"] == pytest.approx(0.9)
+    assert rows[40]["tpot_vs_vllm"] == pytest.approx(1.2)
+    assert rows[40]["vs_vllm-instruction"] == pytest.approx(1.5)
+    assert rows[40]["tpot_vs_vllm-instruction"] == pytest.approx(0.6)
+    assert rows[40]["vs_vllm-lora"] == pytest.approx(3.0)
+    assert rows[40]["vs_transformers"] == pytest.approx(30.0)
+    assert "tpot_vs_transformers" not in rows[40]
+    report = {"results": results, "medians": medians(results), "model": "m",
+              "dtype": "bfloat16", "machine": {"cpus": 2}}
     plot_results(report, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rounds_rotate_the_order_of_systems():
+    from bench.run import rotated
+
+    arms = ["a", "b", "c"]
+    orders = [rotated(arms, k) for k in range(3)]
+    assert orders == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]
+    # Every system runs first once in three rounds.
+    assert {order[0] for order in orders} == set(arms)
+
+
+def test_instruction_peer_shares_one_prefix_and_pads_do_not():
+    from bench.systems import Endpoint, instructed, padded
+    from bench.workload import BenchRequest
+
+    bare = Endpoint("http://x", lambda i: "m", lambda r: r.prompt_ids, {}, 0)
+    first, second = BenchRequest(0, [5, 6, 7], 4, 0.0), BenchRequest(0, [8, 9], 4, 0.0)
+    instruction = [1, 2, 3, 4]
+    peer = instructed(bare, instruction)
+    assert peer.prompt_ids(first) == [1, 2, 3, 4, 5, 6, 7]
+    assert peer.prompt_ids(second)[:4] == instruction
+    pads = padded(bare, 4)
+    assert len(pads.prompt_ids(first)) == 7 and pads.info == {"extra_prompt_tokens": 4}
+    assert pads.prompt_ids(first)[:4] != pads.prompt_ids(second)[:4]
+
+
+def test_instruction_is_a_system_turn_of_about_500_tokens(tokenizer):
+    from bench.workload import INSTRUCTION, instruction_ids
+
+    ids = instruction_ids(tokenizer)
+    assert 450 <= len(ids) <= 600
+    assert INSTRUCTION in tokenizer.decode(ids)
+    assert tokenizer.decode(ids).startswith("<|im_start|>system")
 
 
 @pytest.mark.parametrize("arrival", ["closed", "poisson"])
