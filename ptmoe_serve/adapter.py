@@ -26,7 +26,8 @@ MAX_CONFIG_BYTES = 64 * 1024
 MAX_WEIGHTS_BYTES = 512 * 1024 * 1024
 MAX_HEADER_BYTES = 1024 * 1024
 MAX_NAME_LENGTH = 128
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# Matched against the whole name (fullmatch): "$" alone would let a trailing newline through.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 class AdapterError(ValueError):
@@ -96,7 +97,7 @@ class PtMoeAdapter:
 
 
 def validate_name(name: str) -> str:
-    if not name or len(name) > MAX_NAME_LENGTH or not NAME_PATTERN.match(name) or ".." in name:
+    if not name or len(name) > MAX_NAME_LENGTH or not NAME_PATTERN.fullmatch(name) or ".." in name:
         raise AdapterError(
             f"invalid adapter name {name!r}: use 1 to {MAX_NAME_LENGTH} letters, digits, "
             "'.', '_' or '-', starting with a letter or digit, without '..'"

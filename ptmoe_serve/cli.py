@@ -55,12 +55,20 @@ def _serve_parser(sub) -> None:
                                 "removed; 0 turns it off (default: %(default)s)")
     lifecycle.add_argument("--max-upload-mb", type=float, default=64.0,
                            help="largest adapter upload accepted (default: %(default)s)")
+    lifecycle.add_argument("--max-request-mb", type=float, default=8.0,
+                           help="largest request body but uploads (completions, chat, ...); "
+                                "larger ones get 413 before they are parsed (default: "
+                                "%(default)s)")
     lifecycle.add_argument("--api-key", default=os.environ.get("PTMOE_API_KEY"),
                            help="require 'Authorization: Bearer KEY' on every route but /health, "
                                 "/ping and /metrics (default: $PTMOE_API_KEY)")
     lifecycle.add_argument("--admin-api-key", default=os.environ.get("PTMOE_ADMIN_API_KEY"),
                            help="the key adapter management needs; without it management is "
                                 "open on loopback only (default: $PTMOE_ADMIN_API_KEY)")
+    lifecycle.add_argument("--api-key-file", type=Path, metavar="FILE",
+                           help="read the API key from FILE (keeps it out of the process list)")
+    lifecycle.add_argument("--admin-api-key-file", type=Path, metavar="FILE",
+                           help="read the admin key from FILE")
     lifecycle.add_argument("--metrics-need-key", action="store_true",
                            help="require the API key on /metrics too")
     routing = p.add_argument_group("the routing step")
@@ -83,6 +91,35 @@ def _serve_parser(sub) -> None:
     p.add_argument("--kv-cache-gib", type=float, default=None,
                    help="KV cache size in GiB; overrides --gpu-memory-utilization "
                         f"(default on CPU: {CPU_KV_CACHE_GIB})")
+
+
+def _keys(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """The API and admin keys, from options, files or the environment. Refuses what would
+    quietly weaken access: an empty key (an empty variable included), a key with surrounding
+    whitespace (no client could send it), one key given two ways, the same key for both."""
+    keys = []
+    for name, variable in (("api_key", "PTMOE_API_KEY"), ("admin_api_key", "PTMOE_ADMIN_API_KEY")):
+        flag = "--" + name.replace("_", "-")
+        key, path = getattr(args, name), getattr(args, f"{name}_file")
+        if path is not None:
+            if key is not None:
+                raise SystemExit(f"ptmoe-serve serve: give {flag} or {flag}-file (or "
+                                 f"${variable}), not two of them")
+            try:
+                key = path.read_text().strip()
+            except (OSError, UnicodeDecodeError) as e:
+                raise SystemExit(f"ptmoe-serve serve: cannot read {flag}-file {path}: {e}")
+        if key is not None and not key:
+            raise SystemExit(f"ptmoe-serve serve: {flag} is empty (from the option, its file or "
+                             f"${variable}); give a key, or unset it to run without one")
+        if key is not None and key != key.strip():
+            raise SystemExit(f"ptmoe-serve serve: {flag} starts or ends with whitespace")
+        keys.append(key)
+    api_key, admin_api_key = keys
+    if admin_api_key is not None and admin_api_key == api_key:
+        raise SystemExit("ptmoe-serve serve: the admin key must differ from the API key: "
+                         "every caller holds the API key")
+    return api_key, admin_api_key
 
 
 def _vllm_args(rest: list[str]) -> argparse.Namespace:
@@ -218,6 +255,8 @@ def _routing_in_engine(location: str, model_dir: Path) -> bool:
 
 
 def serve(args: argparse.Namespace, rest: list[str]) -> None:
+    api_key, admin_api_key = _keys(args)  # before anything slow starts
+
     import torch
 
     from ptmoe_serve.server import serve as run_server
@@ -247,10 +286,11 @@ def serve(args: argparse.Namespace, rest: list[str]) -> None:
         allowed_adapter_roots=tuple(p.resolve() for p in args.allow_adapter_path),
         routing_device=args.routing_device or ("cuda" if on_gpu else "cpu"),
         routing_kernel=args.routing_kernel,
-        api_key=args.api_key,
-        admin_api_key=args.admin_api_key,
+        api_key=api_key,
+        admin_api_key=admin_api_key,
         metrics_need_key=args.metrics_need_key,
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+        max_request_bytes=int(args.max_request_mb * 1024 * 1024),
         watch_interval=args.watch_interval,
     )
     run_server(settings)

@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 OWNER = "ptmoe_serve"
 # Probes that answer without a key (and /metrics unless --metrics-need-key).
 OPEN_PATHS = frozenset({"/health", "/ping"})
+# A management call's JSON (load, replace) is a name and a path.
+MAX_MANAGEMENT_BODY_BYTES = 64 * 1024
 
 
 async def run(settings: ServerSettings) -> None:
@@ -87,9 +89,12 @@ def add_project_routes(app: FastAPI, services: Services) -> None:
                       response_model=RoutingResponse)
     app.include_router(management.router)
     app.add_exception_handler(RequestError, request_error_handler)
-    # Outermost: a request without a valid key is refused before its body is read. vLLM's
-    # app has built its middleware stack already: built again, as vLLM's launcher does.
+    # Outermost: a request without a valid key is refused before its body is read; next, one
+    # whose body is over its limit, before it is parsed. vLLM's app has built its middleware
+    # stack already: built again, as vLLM's launcher does.
     app.user_middleware.insert(0, Middleware(_ApiKeyMiddleware, services=services))
+    app.user_middleware.insert(1, Middleware(_BodyLimitMiddleware,
+                                             limit=services.settings.max_request_bytes))
     app.middleware_stack = app.build_middleware_stack()
 
 
@@ -204,6 +209,56 @@ class _ApiKeyMiddleware:
     def _open(self, path: str) -> bool:
         return path in OPEN_PATHS or (path == "/metrics" or path.startswith("/metrics/")) \
             and not self.access.metrics_need_key
+
+
+class _BodyLimitMiddleware:
+    """Bodies over their limit get a 413 before anything parses them: decided from
+    Content-Length when it is given, else from the bytes as they arrive (never more than the
+    limit is held). Management calls are small JSON; uploads are bounded by their own handler
+    (--max-upload-mb); everything else by --max-request-mb."""
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = limit
+
+    def _limit(self, scope) -> int | None:
+        if scope["path"].startswith(management.router.prefix):
+            return None if scope["method"] == "PUT" else MAX_MANAGEMENT_BODY_BYTES
+        return self.limit
+
+    async def __call__(self, scope, receive, send):
+        limit = self._limit(scope) if scope["type"] == "http" else None
+        if limit is None:
+            return await self.app(scope, receive, send)
+        declared = Request(scope).headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            return await _too_large(f"{declared} bytes", limit)(scope, receive, send)
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left before sending its body
+            body += message.get("body", b"")
+            if len(body) > limit:
+                return await _too_large(f"over {limit} bytes", limit)(scope, receive, send)
+            if not message.get("more_body"):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # what follows the body: vLLM watches for disconnects
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+
+def _too_large(size: str, limit: int):
+    option = "--max-request-mb" if limit != MAX_MANAGEMENT_BODY_BYTES else "management calls"
+    return RequestError(413, f"the request body is {size}; the limit is {limit} bytes ({option})",
+                        code="request_too_large").response()
 
 
 def serve(settings: ServerSettings) -> None:

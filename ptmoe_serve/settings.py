@@ -35,5 +35,7 @@ class ServerSettings:
     admin_api_key: str | None = None
     metrics_need_key: bool = False
     max_upload_bytes: int = 64 * 1024 * 1024
+    # Largest body of any other request (completions, chat, ...).
+    max_request_bytes: int = 8 * 1024 * 1024
     # Seconds between looks at the adapters folder; 0 turns the watching off.
     watch_interval: float = 2.0

@@ -109,7 +109,8 @@ def test_missing_files_and_folders(tmp_path):
         read_adapter(folder)
 
 
-@pytest.mark.parametrize("name", ["", "a/b", "..", "a..b", "../x", ".hidden", "x" * 129, "a b"])
+@pytest.mark.parametrize("name", ["", "a/b", "..", "a..b", "../x", ".hidden", "x" * 129, "a b",
+                                  "demo\n", "demo\r\n", "\ndemo", "de\nmo"])
 def test_bad_names(name):
     with pytest.raises(AdapterError, match="invalid adapter name"):
         validate_name(name)

@@ -51,9 +51,13 @@ def lab(tmp_path_factory, model_dir, tokenizer):
 
 
 def server_args(lab, model_dir) -> list[str]:
+    # The admin key from a file, as operators keep it out of the process list.
+    admin_key_file = lab["root"] / "admin.key"
+    admin_key_file.write_text(ADMIN + "\n")
     return ["--model", str(model_dir), "--dtype", "float32", "--max-model-len", "512",
             "--adapters", str(lab["store"]), "--allow-adapter-path", str(lab["library"]),
-            "--api-key", USER, "--admin-api-key", ADMIN, "--watch-interval", "0.5",
+            "--api-key", USER, "--admin-api-key-file", str(admin_key_file),
+            "--watch-interval", "0.5",
             "--max-upload-mb", str(UPLOAD_LIMIT_MB), "--shutdown-timeout", "60",
             # Cached prefixes must never answer for a replaced adapter (tested below).
             "--enable-prefix-caching",
@@ -114,6 +118,10 @@ def test_keys(server):
                                                                   "prompt": "x"})
     assert refused.status_code == 401
     assert refused.json()["error"]["code"] == "invalid_api_key"
+    # The key comes before the body: a large body without one is refused unread.
+    big = client(server, None).post("/v1/completions", content=b"x" * (20 * 1024 * 1024),
+                                    headers={"content-type": "application/json"})
+    assert big.status_code == 401
 
 
 def test_load_from_an_allowed_root_then_replace(server, lab):
@@ -197,6 +205,8 @@ def corrupt_uploads(lab) -> list[tuple[str, dict, int, str]]:
         ("big", {**good, WEIGHTS_FILE: (WEIGHTS_FILE, b"0" * (UPLOAD_LIMIT_MB * 2**20 + 1))},
          413, "limit"),
         ("a..b", good, 400, "invalid adapter name"),
+        # "demo\n" once passed a "^...$" pattern and became a name ending in a newline.
+        ("demo%0A", good, 400, "invalid adapter name"),
     ]
 
 

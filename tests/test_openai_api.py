@@ -210,6 +210,39 @@ def test_malformed_json_is_400(server):
     assert chat.status_code == 400
 
 
+def test_bodies_over_the_limit_are_413_before_they_are_parsed(server):
+    """8 MiB by default (--max-request-mb), 64 KiB for management calls: refused from the
+    declared length, or from the bytes as they arrive when no length is declared; the server
+    answers the next request as before."""
+    limit = 8 * 1024 * 1024
+    big = b'{"model": "top1", "prompt": "' + b"x" * limit + b'"}'
+
+    def chunks(data: bytes, size: int = 1 << 20):
+        for start in range(0, len(data), size):
+            yield data[start:start + size]
+
+    declared = httpx.post(f"{server.url}/v1/completions", content=big, timeout=60,
+                          headers={"content-type": "application/json"})
+    streamed = httpx.post(f"{server.url}/v1/completions", content=chunks(big), timeout=60,
+                          headers={"content-type": "application/json"})
+    management = httpx.post(f"{server.url}/v1/adapters", timeout=60,
+                            json={"name": "x", "path": "/" + "p" * 70_000})
+    for response, option in [(declared, "--max-request-mb"), (streamed, "--max-request-mb"),
+                             (management, "management calls")]:
+        assert response.status_code == 413, response.text
+        error = response.json()["error"]
+        assert error["code"] == "request_too_large" and option in error["message"]
+    assert "the limit is 65536 bytes" in management.json()["error"]["message"]
+    # Under the limit, a body is parsed as ever (here: vLLM's own validation answers).
+    fits = httpx.post(f"{server.url}/v1/completions", timeout=60,
+                      json={"model": "top1", "prompt": "x" * 100_000, "max_tokens": 1})
+    assert fits.status_code in (200, 400) and fits.json().get("error", {}).get("code") != \
+        "request_too_large"
+    ok = httpx.post(f"{server.url}/v1/completions", timeout=60,
+                    json={"model": "top1", "prompt": "Hello", "max_tokens": 2})
+    assert ok.status_code == 200
+
+
 def wait_for_engine_idle(server, seconds: float) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
