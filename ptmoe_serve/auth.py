@@ -48,6 +48,13 @@ class AccessPolicy:
             raise RequestError(401, "adapter management needs the admin API key: send "
                                     "'Authorization: Bearer <admin key>'", code="invalid_api_key")
 
+    def allows_admin(self, request: Request) -> bool:
+        try:
+            self.check_admin(request)
+        except RequestError:
+            return False
+        return True
+
     def check_metrics(self, request: Request) -> None:
         if self.metrics_need_key:
             self.check_api(request)

@@ -124,16 +124,20 @@ def _replace_route(app: FastAPI, path: str, method: str, endpoint) -> None:
 
 
 async def _models(request: Request) -> ModelList:
-    """vLLM's model list, with each adapter's card: its shape and state under `adapter`."""
+    """vLLM's model list, with each adapter's card: its shape and state under `adapter`. An
+    adapter's `root` is the folder it was loaded from only for callers who may manage
+    adapters; for the others, its name: the server's file layout is not theirs to see."""
     services: Services = request.app.state.services
     base = await request.app.state.openai_serving_models.registry.show_available_models()
     for card in base.data:
         card.owned_by, card.adapter = OWNER, None
     max_model_len = services.engine.max_model_len
+    show_paths = services.access.allows_admin(request)
     base.data += [
         ModelCard(id=entry.name, created=int(entry.loaded_at), owned_by=OWNER,
-                  root=str(entry.source or entry.name), parent=base.data[0].id,
-                  max_model_len=max_model_len, adapter=entry.describe())
+                  root=str(entry.source) if show_paths and entry.source else entry.name,
+                  parent=base.data[0].id, max_model_len=max_model_len,
+                  adapter=entry.describe())
         for entry in services.registry.entries()]
     return base
 

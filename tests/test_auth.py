@@ -27,6 +27,14 @@ def test_api_key():
     assert status(AccessPolicy().check_api, request()) == 200
 
 
+def test_allows_admin_answers_what_check_admin_decides():
+    policy = AccessPolicy(api_key="user", admin_api_key="admin")
+    assert policy.allows_admin(request("admin"))
+    assert not policy.allows_admin(request("user")) and not policy.allows_admin(request())
+    assert AccessPolicy(loopback_only=True).allows_admin(request())
+    assert not AccessPolicy(loopback_only=False).allows_admin(request())
+
+
 def test_admin_key():
     policy = AccessPolicy(api_key="user", admin_api_key="admin", loopback_only=False)
     assert status(policy.check_admin, request("user")) == 401

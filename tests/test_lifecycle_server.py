@@ -106,7 +106,7 @@ def wait_until(condition, seconds: float = 10) -> bool:
     return False
 
 
-def test_keys(server):
+def test_keys(server, lab):
     assert httpx.get(f"{server.url}/health").status_code == 200
     assert httpx.get(f"{server.url}/metrics").status_code == 200
     for key, models, admin in [(None, 401, 401), ("wrong", 401, 401), (USER, 200, 401),
@@ -118,6 +118,11 @@ def test_keys(server):
                                                                   "prompt": "x"})
     assert refused.status_code == 401
     assert refused.json()["error"]["code"] == "invalid_api_key"
+    # Adapter folders are shown to whoever may manage adapters, not to every caller.
+    for key, shows_path in [(USER, False), (ADMIN, True)]:
+        cards = {m["id"]: m for m in client(server, key).get("/v1/models").json()["data"]}
+        assert cards["stable"]["root"] == (str(lab["store"] / "stable") if shows_path
+                                           else "stable"), cards["stable"]
     # The key comes before the body: a large body without one is refused unread.
     big = client(server, None).post("/v1/completions", content=b"x" * (20 * 1024 * 1024),
                                     headers={"content-type": "application/json"})
