@@ -125,7 +125,8 @@ def _keys(args: argparse.Namespace) -> tuple[str | None, str | None]:
 def _vllm_args(rest: list[str]) -> argparse.Namespace:
     """vLLM's own server options, parsed by vLLM's parser, with this project's defaults: a
     loopback bind and a 30 s drain on SIGTERM. Everything else is vLLM's default, compiling
-    the model on the CPU as on a GPU: eager execution costs a quarter of the throughput."""
+    the model on the CPU as on a GPU (run eagerly, the engine route fell to 0.90x of vLLM's
+    own server on 2 CPU cores; see BENCHMARKS.md)."""
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
