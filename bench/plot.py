@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-SYSTEMS = ("ptmoe", "ptmoe-api", "vllm", "vllm-instruction", "vllm-lora", "transformers")
+from bench.systems import SYSTEMS  # noqa: E402
 
 
 def workload_label(row: dict) -> str:

@@ -56,7 +56,6 @@ PRESETS = {
     "full": Preset((1, 16, 256, 4096), ("uniform", "zipf"), ("closed", "poisson"), 128, 16, 1.0,
                    64, 32, (40,), 3, (16,)),
 }
-SYSTEMS = ("ptmoe", "ptmoe-api", "vllm", "vllm-instruction", "vllm-lora", "transformers")
 
 
 @dataclass(frozen=True)
@@ -117,7 +116,7 @@ def main() -> None:
     parser.add_argument("--output-tokens", type=int, help="new tokens per request (preset's)")
     parser.add_argument("--prompt-lengths", type=int, nargs="+",
                         help="soft prompt lengths T (preset's)")
-    parser.add_argument("--systems", default=",".join(SYSTEMS),
+    parser.add_argument("--systems", default=",".join(systems.SYSTEMS),
                         help="comma-separated subset to run")
     parser.add_argument("--adapters", type=int, nargs="+", help="adapter counts (preset's)")
     parser.add_argument("--popularity", nargs="+", choices=["uniform", "zipf"])

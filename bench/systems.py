@@ -36,6 +36,10 @@ from ptmoe_serve.adapter import read_adapter
 GIB = 2**30
 
 
+# Every system `bench.run` knows, in the order reports list them.
+SYSTEMS = ("ptmoe", "ptmoe-api", "vllm", "vllm-instruction", "vllm-lora", "transformers")
+
+
 @dataclass(frozen=True)
 class SystemConfig:
     model_dir: Path
@@ -97,9 +101,13 @@ def _engine_args(config: SystemConfig) -> list[str]:
             *(["--enforce-eager"] if config.enforce_eager else [])]
 
 
+def ptmoe_store_dir(config: SystemConfig, num_adapters: int) -> Path:
+    return config.work_dir / f"ptmoe-{num_adapters}"
+
+
 def ptmoe_store(config: SystemConfig, num_adapters: int) -> dict[int, list[Path]]:
     """`num_adapters` adapters of each prompt length T in one store, `t<T>-<i>`, written once."""
-    store = config.work_dir / f"ptmoe-{num_adapters}"
+    store = ptmoe_store_dir(config, num_adapters)
     folders = {}
     for length in config.prompt_lengths:
         folders[length] = [store / f"t{length}-{i}" for i in range(num_adapters)]
@@ -116,7 +124,7 @@ def ptmoe(config: SystemConfig, num_adapters: int, routing_location: str = "engi
           ) -> Iterator[dict[int, Endpoint]]:
     """One server holding the adapters of every T; an endpoint per T."""
     folders = ptmoe_store(config, num_adapters)
-    store = config.work_dir / f"ptmoe-{num_adapters}"
+    store = ptmoe_store_dir(config, num_adapters)
     server = start_server(["--model", str(config.model_dir), "--adapters", str(store),
                            "--kv-cache-gib", str(config.kv_cache_gib), "--watch-interval", "0",
                            "--routing-location", routing_location, *_engine_args(config),
