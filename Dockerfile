@@ -1,5 +1,9 @@
 # ptmoe_serve on an NVIDIA GPU: `docker build -t ptmoe-serve .` then
-# `docker run --gpus all -p 8000:8000 -v $PWD/adapters:/adapters ptmoe-serve`
+# `docker run --gpus all -p 8000:8000 -v $PWD/adapters:/adapters -e PTMOE_API_KEY=... \
+#     -e PTMOE_ADMIN_API_KEY=... ptmoe-serve`
+# The container listens on every address, so it refuses to start without an API key unless
+# given --allow-unauthenticated (a gateway in front checks callers). Without an admin key it
+# generates one into /opt/ptmoe-cache/admin.key (`docker exec <container> cat` it).
 FROM python:3.12-slim
 
 # Triton compiles small launchers at run time and needs a C compiler.

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import secrets
 import statistics
 import tempfile
 import time
@@ -49,8 +50,10 @@ async def first_token_seconds(client: httpx.AsyncClient, model: str, max_tokens:
     return first
 
 
-async def run(url: str, library: list[Path], loads: int, traffic: int) -> dict:
-    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+async def run(url: str, admin_key: str, library: list[Path], loads: int, traffic: int) -> dict:
+    # Management and inference on one client: the admin key is accepted as an API key too.
+    async with httpx.AsyncClient(base_url=url, timeout=300,
+                                 headers={"authorization": f"Bearer {admin_key}"}) as client:
         resident = [f"resident{i}" for i in range(max(traffic, 1))]
         for name, folder in zip(resident, library):
             (await client.post("/v1/adapters", json={"name": name, "path": str(folder)})
@@ -123,12 +126,15 @@ def main() -> None:
         library = write_ptmoe_adapters(work_dir / "library", model_dir, DEFAULT_MODEL_NAME,
                                        args.library_size, args.prompt_length, args.num_experts,
                                        args.rank)
+        admin_key = secrets.token_urlsafe(16)
+        (work_dir / "admin.key").write_text(admin_key)
         server = start_server(["--model", str(model_dir), "--dtype", args.dtype,
                                "--adapters", str(work_dir / "store"),
-                               "--allow-adapter-path", str(work_dir / "library")],
+                               "--allow-adapter-path", str(work_dir / "library"),
+                               "--admin-api-key-file", str(work_dir / "admin.key")],
                               work_dir / "server.log")
         try:
-            result = asyncio.run(run(server.url, library, args.loads, args.traffic))
+            result = asyncio.run(run(server.url, admin_key, library, args.loads, args.traffic))
         finally:
             stop_server(server)
     result["command"] = "python -m bench.hotload " + " ".join(

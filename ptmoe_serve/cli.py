@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 from pathlib import Path
 
 from ptmoe_serve.base_model import (DEFAULT_MODEL_NAME, default_cache_dir,
@@ -63,14 +64,22 @@ def _serve_parser(sub) -> None:
                            help="require 'Authorization: Bearer KEY' on every route but /health, "
                                 "/ping and /metrics (default: $PTMOE_API_KEY)")
     lifecycle.add_argument("--admin-api-key", default=os.environ.get("PTMOE_ADMIN_API_KEY"),
-                           help="the key adapter management needs; without it management is "
-                                "open on loopback only (default: $PTMOE_ADMIN_API_KEY)")
+                           help="the key adapter management needs (default: "
+                                "$PTMOE_ADMIN_API_KEY, else one generated once into "
+                                "CACHE_DIR/admin.key, readable by this user only)")
     lifecycle.add_argument("--api-key-file", type=Path, metavar="FILE",
                            help="read the API key from FILE (keeps it out of the process list)")
     lifecycle.add_argument("--admin-api-key-file", type=Path, metavar="FILE",
                            help="read the admin key from FILE")
     lifecycle.add_argument("--metrics-need-key", action="store_true",
                            help="require the API key on /metrics too")
+    lifecycle.add_argument("--allow-unauthenticated", action="store_true",
+                           help="serve inference without --api-key on an address other than "
+                                "loopback (refused otherwise)")
+    lifecycle.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                           help="a Host header name to answer besides loopback names "
+                                "(repeatable; '*' for any). Default: loopback names only when "
+                                "listening on loopback, any name otherwise")
     routing = p.add_argument_group("the routing step")
     routing.add_argument("--routing-location", choices=["auto", "engine", "api"],
                          default="auto",
@@ -122,16 +131,59 @@ def _keys(args: argparse.Namespace) -> tuple[str | None, str | None]:
     return api_key, admin_api_key
 
 
+def _generated_admin_key(path: Path) -> str:
+    """The admin key in `path`, generated there the first time (readable by this user only),
+    as notebook servers keep their tokens: management needs a key even where none is given."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staged = path.with_name(f".{path.name}.{os.getpid()}")
+        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as file:
+            file.write(secrets.token_urlsafe(32) + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+        try:
+            os.link(staged, path)  # atomic: two servers starting at once agree on one key
+        except FileExistsError:
+            pass
+        finally:
+            staged.unlink()
+    if path.stat().st_mode & 0o077:
+        raise SystemExit(f"ptmoe-serve serve: {path} (the generated admin key) can be read by "
+                         f"other users; chmod 600 it, or remove it to generate a new key")
+    key = path.read_text().strip()
+    if not key:
+        raise SystemExit(f"ptmoe-serve serve: {path} is empty; remove it to generate a new key")
+    return key
+
+
+def _host_policy(args: argparse.Namespace, host: str | None, api_key: str | None
+                 ) -> frozenset[str] | None:
+    """Refuse unauthenticated inference on a public address unless asked for; the Host names
+    answered (None: any)."""
+    from ptmoe_serve.auth import is_loopback
+
+    loopback = host is not None and is_loopback(host)
+    if not loopback and api_key is None and not args.allow_unauthenticated:
+        raise SystemExit(f"ptmoe-serve serve: listening on {host or 'every address'} without "
+                         "--api-key would let anyone who reaches the port use the model; give "
+                         "--api-key (or --api-key-file, $PTMOE_API_KEY), or "
+                         "--allow-unauthenticated if a gateway in front checks callers")
+    if args.allowed_host:
+        return frozenset(name.lower() for name in args.allowed_host)
+    return frozenset() if loopback else None
+
+
 def _vllm_args(rest: list[str]) -> argparse.Namespace:
     """vLLM's own server options, parsed by vLLM's parser, with this project's defaults: a
-    loopback bind and a 30 s drain on SIGTERM. Everything else is vLLM's default, compiling
+    loopback bind, a 30 s drain on SIGTERM, no /docs (--no-disable-fastapi-docs turns it on). Everything else is vLLM's default, compiling
     the model on the CPU as on a GPU (run eagerly, the engine route fell to 0.90x of vLLM's
     own server on 2 CPU cores; see BENCHMARKS.md)."""
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     parser = make_arg_parser(FlexibleArgumentParser(prog="ptmoe-serve serve"))
-    parser.set_defaults(host="127.0.0.1", shutdown_timeout=30)
+    parser.set_defaults(host="127.0.0.1", shutdown_timeout=30, disable_fastapi_docs=True)
     args = parser.parse_args(rest)
     for name in ("model_tag", "api_key"):
         if getattr(args, name, None):
@@ -271,6 +323,16 @@ def serve(args: argparse.Namespace, rest: list[str]) -> None:
         # AOT, inductor's cache serves later starts (here: 2 minutes the first time, then 35 s).
         os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
     vllm_args = _vllm_args(rest)
+    allowed_hosts = _host_policy(args, vllm_args.host, api_key)
+    if admin_api_key is None:
+        key_file = args.cache_dir / "admin.key"
+        admin_api_key = _generated_admin_key(key_file)
+        if admin_api_key == api_key:
+            raise SystemExit(f"ptmoe-serve serve: {key_file} holds the API key; the admin key "
+                             "must differ")
+        logging.getLogger("ptmoe_serve").info(
+            "adapter management needs the admin key in %s (give --admin-api-key-file to choose "
+            "one)", key_file)
     vllm_args.model = str(model_dir)
     served_name = (vllm_args.served_model_name or [name])[0]
     vllm_args.served_model_name = [served_name]
@@ -289,6 +351,7 @@ def serve(args: argparse.Namespace, rest: list[str]) -> None:
         routing_kernel=args.routing_kernel,
         api_key=api_key,
         admin_api_key=admin_api_key,
+        allowed_hosts=allowed_hosts,
         metrics_need_key=args.metrics_need_key,
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
         max_request_bytes=int(args.max_request_mb * 1024 * 1024),

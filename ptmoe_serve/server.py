@@ -92,7 +92,7 @@ def add_project_routes(app: FastAPI, services: Services) -> None:
     # Outermost: a request without a valid key is refused before its body is read; next, one
     # whose body is over its limit, before it is parsed. vLLM's app has built its middleware
     # stack already: built again, as vLLM's launcher does.
-    app.user_middleware.insert(0, Middleware(_ApiKeyMiddleware, services=services))
+    app.user_middleware.insert(0, Middleware(_AccessMiddleware, services=services))
     app.user_middleware.insert(1, Middleware(_BodyLimitMiddleware,
                                              limit=services.settings.max_request_bytes))
     app.middleware_stack = app.build_middleware_stack()
@@ -193,19 +193,21 @@ async def _render(request: Request, body: RoutingRequest) -> list[list[int]]:
     return results
 
 
-class _ApiKeyMiddleware:
-    """The API key on every route but the open probes; management routes check the admin key
-    themselves."""
+class _AccessMiddleware:
+    """The Host header on every route; the API key on every route but the open probes;
+    management routes check the admin key themselves."""
 
     def __init__(self, app, services: Services):
         self.app = app
         self.access = services.access
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or self._open(scope["path"]):
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
         try:
-            self.access.check_api(Request(scope))
+            self.access.check_host(Request(scope))
+            if not self._open(scope["path"]):
+                self.access.check_api(Request(scope))
         except RequestError as e:
             return await e.response()(scope, receive, send)
         return await self.app(scope, receive, send)

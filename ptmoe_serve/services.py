@@ -15,7 +15,7 @@ import torch
 from prometheus_client import CollectorRegistry
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from ptmoe_serve.auth import AccessPolicy, is_loopback
+from ptmoe_serve.auth import AccessPolicy
 from ptmoe_serve.engine import Engine
 from ptmoe_serve.engine_client import AdapterEngineClient
 from ptmoe_serve.engine_routing import EngineRouting
@@ -95,8 +95,8 @@ async def start_services(settings: ServerSettings, llm: AsyncLLM,
     client = AdapterEngineClient(llm, registry, routing, metrics,
                                  settings.engine.served_model_name,
                                  routes_prompt_logprobs=in_engine)
-    access = AccessPolicy(settings.api_key, settings.admin_api_key,
-                          is_loopback(settings.vllm_args.host), settings.metrics_need_key)
+    access = AccessPolicy(settings.admin_api_key, settings.api_key, settings.metrics_need_key,
+                          settings.allowed_hosts)
     services = Services(settings, engine, registry, manager, routing, client, metrics, access,
                         int(started))
     if settings.watch_interval > 0:

@@ -31,8 +31,11 @@ class ServerSettings:
     routing_device: str = "cpu"
     # "auto": the fused Triton kernels on CUDA, else batched torch; "triton" or "torch" forces.
     routing_kernel: str = "auto"
-    api_key: str | None = None
+    # Management's key: given, or generated at start-up (cli.py); never the API key.
     admin_api_key: str | None = None
+    api_key: str | None = None
+    # Host header names answered besides loopback ones; None: any (see auth.py).
+    allowed_hosts: frozenset[str] | None = frozenset()
     metrics_need_key: bool = False
     max_upload_bytes: int = 64 * 1024 * 1024
     # Largest body of any other request (completions, chat, ...).

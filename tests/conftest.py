@@ -74,6 +74,13 @@ def _server(model_dir, adapters_dir, tmp_path_factory, routing_location: str,
     return running
 
 
+def admin_headers() -> dict[str, str]:
+    """Management's credentials on the shared servers: the admin key generated at their first
+    start, as a user without --admin-api-key finds it (the server's log names the file)."""
+    key = (default_cache_dir() / "admin.key").read_text().strip()
+    return {"authorization": f"Bearer {key}"}
+
+
 def routing_location_of(server) -> str:
     import httpx
     from prometheus_client.parser import text_string_to_metric_families

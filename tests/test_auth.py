@@ -1,12 +1,14 @@
 import pytest
 from starlette.requests import Request
 
-from ptmoe_serve.auth import AccessPolicy, is_loopback
+from ptmoe_serve.auth import AccessPolicy, host_name, is_loopback
 from ptmoe_serve.errors import RequestError
 
 
-def request(token: str | None = None) -> Request:
-    headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
+def request(token: str | None = None, host: str = "127.0.0.1:8000") -> Request:
+    headers = [(b"host", host.encode())]
+    if token:
+        headers.append((b"authorization", f"Bearer {token}".encode()))
     return Request({"type": "http", "headers": headers})
 
 
@@ -24,28 +26,41 @@ def test_api_key():
     assert status(policy.check_api, request("wrong")) == 401
     assert status(policy.check_api, request("user")) == 200
     assert status(policy.check_api, request("admin")) == 200
-    assert status(AccessPolicy().check_api, request()) == 200
+    assert status(AccessPolicy(admin_api_key="admin").check_api, request()) == 200
 
 
-def test_allows_admin_answers_what_check_admin_decides():
-    policy = AccessPolicy(api_key="user", admin_api_key="admin")
-    assert policy.allows_admin(request("admin"))
-    assert not policy.allows_admin(request("user")) and not policy.allows_admin(request())
-    assert AccessPolicy(loopback_only=True).allows_admin(request())
-    assert not AccessPolicy(loopback_only=False).allows_admin(request())
-
-
-def test_admin_key():
-    policy = AccessPolicy(api_key="user", admin_api_key="admin", loopback_only=False)
-    assert status(policy.check_admin, request("user")) == 401
+@pytest.mark.parametrize("api_key", ["user", None])
+def test_management_needs_the_admin_key_whatever_else_is_set(api_key):
+    """No key, the API key, a wrong key, an empty Bearer: 401; only the admin key manages."""
+    policy = AccessPolicy(api_key=api_key, admin_api_key="admin")
+    for token in (None, "user", "wrong", " "):
+        assert status(policy.check_admin, request(token)) == 401
+        assert not policy.allows_admin(request(token))
     assert status(policy.check_admin, request("admin")) == 200
+    assert policy.allows_admin(request("admin"))
 
 
-@pytest.mark.parametrize("loopback, token, expected", [
-    (True, None, 401), (True, "user", 200), (False, "user", 403)])
-def test_management_without_admin_key_only_on_loopback(loopback, token, expected):
-    policy = AccessPolicy(api_key="user", loopback_only=loopback)
-    assert status(policy.check_admin, request(token)) == expected
+@pytest.mark.parametrize("admin, api", [("", None), (None, None), ("same", "same"), ("a", "")])
+def test_a_policy_without_a_distinct_admin_key_cannot_be_built(admin, api):
+    with pytest.raises(ValueError):
+        AccessPolicy(admin_api_key=admin, api_key=api)
+
+
+@pytest.mark.parametrize("allowed, host, expected", [
+    (frozenset(), "127.0.0.1:8000", 200), (frozenset(), "localhost:8000", 200),
+    (frozenset(), "[::1]:8000", 200), (frozenset(), "localhost", 200),
+    (frozenset(), "rebind.attacker.example:8000", 400), (frozenset(), "", 400),
+    (frozenset({"llm.internal"}), "llm.internal:443", 200),
+    (frozenset({"llm.internal"}), "other.example", 400),
+    (frozenset({"*"}), "other.example", 200), (None, "other.example", 200)])
+def test_host_header(allowed, host, expected):
+    policy = AccessPolicy(admin_api_key="admin", allowed_hosts=allowed)
+    assert status(policy.check_host, request(host=host)) == expected
+
+
+def test_host_names():
+    assert [host_name(h) for h in ("a:1", "a", "[::1]:80", "[::1]", "::1")] == \
+        ["a", "a", "::1", "::1", "::1"]
 
 
 def test_loopback_hosts():
@@ -101,3 +116,29 @@ def test_keys_are_read_from_files_without_their_newline(key_files):
     assert _keys(args) == ("user-key", "admin-key")
     assert _keys(Namespace(api_key=None, api_key_file=None, admin_api_key=None,
                            admin_api_key_file=None)) == (None, None)
+
+
+def test_the_generated_admin_key_is_private_and_kept(tmp_path):
+    from ptmoe_serve.cli import _generated_admin_key
+
+    path = tmp_path / "cache" / "admin.key"
+    key = _generated_admin_key(path)
+    assert len(key) >= 32 and path.stat().st_mode & 0o777 == 0o600
+    assert _generated_admin_key(path) == key  # later starts keep it: scripts keep working
+    assert list(path.parent.iterdir()) == [path]
+    path.chmod(0o644)
+    with pytest.raises(SystemExit, match="chmod 600"):
+        _generated_admin_key(path)
+
+
+def test_a_public_address_without_an_api_key_is_refused_unless_asked_for():
+    import os
+    import subprocess
+    import sys
+
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PTMOE_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "ptmoe_serve.cli", "serve", "--host", "0.0.0.0"],
+        env=environ, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "without --api-key" in done.stderr and "--allow-unauthenticated" in done.stderr

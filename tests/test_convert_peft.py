@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import admin_headers
 from ptmoe_serve.adapter import AdapterError, read_adapter, write_adapter
 from ptmoe_serve.convert_peft import convert_prompt_tuning
 from ptmoe_serve.routing import route_reference
@@ -48,7 +49,7 @@ def test_served_greedy_output_equals_peft_generation(peft_model, server, tokeniz
     write_adapter(convert_prompt_tuning(folder), tmp_path / "peft-pirate")
     files = {name: (name, (tmp_path / "peft-pirate" / name).read_bytes())
              for name in ("adapter_config.json", "adapter_model.safetensors")}
-    assert httpx.put(f"{server.url}/v1/adapters/peft-pirate", files=files).status_code == 200
+    assert httpx.put(f"{server.url}/v1/adapters/peft-pirate", files=files, headers=admin_headers()).status_code == 200
     try:
         for question in QUESTIONS:
             messages = [{"role": "user", "content": question}]
@@ -65,7 +66,8 @@ def test_served_greedy_output_equals_peft_generation(peft_model, server, tokeniz
                 "temperature": 0, "return_token_ids": True})
             assert response.json()["choices"][0]["token_ids"] == expected, question
     finally:
-        httpx.delete(f"{server.url}/v1/adapters/peft-pirate", params={"purge": "true"})
+        httpx.delete(f"{server.url}/v1/adapters/peft-pirate", params={"purge": "true"},
+                     headers=admin_headers())
 
 
 def test_other_checkpoints_are_refused(tmp_path):

@@ -123,10 +123,26 @@ def test_keys(server, lab):
         cards = {m["id"]: m for m in client(server, key).get("/v1/models").json()["data"]}
         assert cards["stable"]["root"] == (str(lab["store"] / "stable") if shows_path
                                            else "stable"), cards["stable"]
-    # The key comes before the body: a large body without one is refused unread.
-    big = client(server, None).post("/v1/completions", content=b"x" * (20 * 1024 * 1024),
-                                    headers={"content-type": "application/json"})
-    assert big.status_code == 401
+    # The key comes before the body: a 40 MB body of nested lists (about 1 GB once parsed)
+    # is refused unread without a key, and over the size limit with one.
+    api_process = psutil.Process(server.process.pid)
+    before = api_process.memory_info().rss
+    big = b'{"model": "stable", "prompt": [' + b"[1]," * 10_000_000 + b"[1]]}"
+    for key, expected in [(None, 401), (USER, 413)]:
+        refused = client(server, key).post("/v1/completions", content=big,
+                                           headers={"content-type": "application/json"})
+        assert refused.status_code == expected, refused.text
+    assert api_process.memory_info().rss - before < 150 * 1024 * 1024
+    # A page on another site, its name rebound to 127.0.0.1, cannot reach the server (DNS
+    # rebinding); nor can a proxy in front that was not named with --allowed-host.
+    for path, key in [("/v1/adapters", ADMIN), ("/v1/models", USER), ("/health", None)]:
+        rebound = client(server, key).get(path, headers={"host": "rebind.example:80"})
+        assert rebound.status_code == 400, rebound.text
+        assert "--allowed-host rebind.example" in rebound.json()["error"]["message"]
+    # FastAPI's /docs and schema are off unless asked for (--no-disable-fastapi-docs).
+    assert client(server, USER).get("/docs").status_code == 404
+    assert client(server, USER).get("/openapi.json").status_code == 404
+    assert greedy(server, "stable")
 
 
 def test_load_from_an_allowed_root_then_replace(server, lab):

@@ -8,7 +8,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import BASE, E2E_ADAPTERS, SHIPPED
+from conftest import BASE, E2E_ADAPTERS, SHIPPED, admin_headers
 
 PROMPT = "Once upon a time, there was a little"
 
@@ -225,7 +225,7 @@ def test_bodies_over_the_limit_are_413_before_they_are_parsed(server):
                           headers={"content-type": "application/json"})
     streamed = httpx.post(f"{server.url}/v1/completions", content=chunks(big), timeout=60,
                           headers={"content-type": "application/json"})
-    management = httpx.post(f"{server.url}/v1/adapters", timeout=60,
+    management = httpx.post(f"{server.url}/v1/adapters", timeout=60, headers=admin_headers(),
                             json={"name": "x", "path": "/" + "p" * 70_000})
     for response, option in [(declared, "--max-request-mb"), (streamed, "--max-request-mb"),
                              (management, "management calls")]:
@@ -298,6 +298,20 @@ def test_the_api_route_reports_its_routing_steps(api_route_server):
     # The four prompts of one request were routed in one step.
     assert metric_value(api_route_server, "ptmoe_routing_batch_size_bucket", le="2.0") < \
         metric_value(api_route_server, "ptmoe_routing_batch_size_count")
+
+
+def test_management_needs_the_admin_key_generated_at_start(server):
+    """Started without keys, the server still guards management: by the admin key it wrote
+    into the cache folder, readable by its user alone."""
+    from ptmoe_serve.base_model import default_cache_dir
+
+    assert (default_cache_dir() / "admin.key").stat().st_mode & 0o077 == 0
+    for headers in ({}, {"authorization": "Bearer "}, {"authorization": "Bearer wrong"}):
+        refused = httpx.get(f"{server.url}/v1/adapters", headers=headers)
+        assert refused.status_code == 401 and "admin key" in refused.json()["error"]["message"]
+    listed = httpx.get(f"{server.url}/v1/adapters", headers=admin_headers())
+    assert listed.status_code == 200 and "top1" in [a["name"] for a in listed.json()["data"]]
+    assert "admin.key" in server.log.read_text()
 
 
 def test_health(server):

@@ -8,6 +8,7 @@ import httpx
 import pytest
 import torch
 
+from conftest import admin_headers
 from helpers import random_adapter
 from ptmoe_serve.adapter import read_adapter
 from ptmoe_serve.train.module import PtMoePrompt
@@ -49,7 +50,7 @@ def test_training_lowers_the_loss_and_the_server_loads_the_adapter(model_dir, da
     assert adapter.config.num_experts == 2 and adapter.config.prompt_length == 8
     files = {name: (name, (tmp_path / "pirate" / name).read_bytes())
              for name in ("adapter_config.json", "adapter_model.safetensors")}
-    response = httpx.put(f"{server.url}/v1/adapters/trained-pirate", files=files)
+    response = httpx.put(f"{server.url}/v1/adapters/trained-pirate", files=files, headers=admin_headers())
     try:
         assert response.status_code == 200, response.text
         answer = httpx.post(f"{server.url}/v1/completions", timeout=120, json={
@@ -57,7 +58,8 @@ def test_training_lowers_the_loss_and_the_server_loads_the_adapter(model_dir, da
             "temperature": 0})
         assert answer.status_code == 200
     finally:
-        httpx.delete(f"{server.url}/v1/adapters/trained-pirate", params={"purge": "true"})
+        httpx.delete(f"{server.url}/v1/adapters/trained-pirate", params={"purge": "true"},
+                     headers=admin_headers())
 
 
 def test_resuming_follows_the_same_trajectory(model_dir, data, tmp_path):
