@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import struct
 from dataclasses import dataclass, replace
@@ -15,7 +16,8 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
+                      model_validator)
 from safetensors.torch import load, save_file
 
 CONFIG_FILE = "adapter_config.json"
@@ -26,6 +28,11 @@ MAX_CONFIG_BYTES = 64 * 1024
 MAX_WEIGHTS_BYTES = 512 * 1024 * 1024
 MAX_HEADER_BYTES = 1024 * 1024
 MAX_NAME_LENGTH = 128
+# Far above any PT-MoE adapter (the paper's: 2-8 experts, rank 36, tens of thousands of
+# parameters), low enough that one folder or upload cannot claim gigabytes of bank memory.
+MAX_EXPERTS = 256
+MAX_RANK = 4096
+MAX_PARAMETERS = 1 << 25
 # Matched against the whole name (fullmatch): "$" alone would let a trailing newline through.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -41,16 +48,19 @@ class AdapterConfig(BaseModel):
     format_version: Literal[1]
     base_model_name_or_path: str
     hidden_size: PositiveInt
-    num_experts: PositiveInt
+    num_experts: PositiveInt = Field(le=MAX_EXPERTS)
     prompt_length: PositiveInt
-    rank: PositiveInt
+    rank: PositiveInt = Field(le=MAX_RANK)
     top_k: PositiveInt
     router_scaling: Literal["probability", "none"]
 
     @model_validator(mode="after")
-    def _top_k_within_experts(self) -> AdapterConfig:
+    def _bounded(self) -> AdapterConfig:
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k={self.top_k} must be between 1 and num_experts={self.num_experts}")
+        if self.num_parameters > MAX_PARAMETERS:
+            raise ValueError(f"the adapter would have {self.num_parameters} parameters; the "
+                             f"limit is {MAX_PARAMETERS}")
         return self
 
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -110,7 +120,7 @@ def parse_config(raw: bytes) -> AdapterConfig:
         raise AdapterError(f"{CONFIG_FILE} is {len(raw)} bytes; the limit is {MAX_CONFIG_BYTES}")
     try:
         data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise AdapterError(f"{CONFIG_FILE} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise AdapterError(f"{CONFIG_FILE} must hold a JSON object")
@@ -126,30 +136,7 @@ def parse_config(raw: bytes) -> AdapterConfig:
 def parse_weights(raw: bytes, config: AdapterConfig) -> PtMoeAdapter:
     """Check the safetensors header against the config, then decode, then check the values."""
     header, data_bytes = _read_header(raw)
-    expected = config.tensor_shapes()
-    found = set(header) - {"__metadata__"}
-    if found != set(expected):
-        missing = sorted(set(expected) - found)
-        unexpected = sorted(found - set(expected))
-        raise AdapterError(
-            f"{WEIGHTS_FILE} must hold exactly {sorted(expected)}"
-            + (f"; missing {missing}" if missing else "")
-            + (f"; unexpected {unexpected}" if unexpected else "")
-        )
-    for key, shape in expected.items():
-        info = header[key]
-        if not isinstance(info, dict) or info.get("dtype") not in FLOAT_DTYPES:
-            dtype = info.get("dtype") if isinstance(info, dict) else None
-            raise AdapterError(f"tensor {key} has dtype {dtype}; a floating point dtype is required")
-        if tuple(info.get("shape", ())) != shape:
-            raise AdapterError(
-                f"tensor {key} has shape {list(info.get('shape', []))}; "
-                f"the config asks for {list(shape)}"
-            )
-    needed = max(_data_end(header[key]) for key in expected)
-    if needed > data_bytes:
-        raise AdapterError(f"{WEIGHTS_FILE} is truncated: its tensors need {needed} bytes of "
-                           f"data and it holds {data_bytes}")
+    check_header(header, data_bytes, config)
     try:
         tensors = load(raw)
     except Exception as e:  # safetensors raises its own error types for corrupt data
@@ -165,6 +152,35 @@ def parse_weights(raw: bytes, config: AdapterConfig) -> PtMoeAdapter:
         router_weight=as_float["router.weight"],
         router_bias=as_float["router.bias"],
     )
+
+
+def check_header(header: dict, data_bytes: int, config: AdapterConfig) -> None:
+    """The weights file's header holds exactly the config's tensors, in a float dtype, at the
+    config's shapes, within the `data_bytes` that follow it."""
+    expected = config.tensor_shapes()
+    found = set(header) - {"__metadata__"}
+    if found != set(expected):
+        missing = sorted(set(expected) - found)
+        unexpected = sorted(found - set(expected))
+        raise AdapterError(
+            f"{WEIGHTS_FILE} must hold exactly {sorted(expected)}"
+            + (f"; missing {missing}" if missing else "")
+            + (f"; unexpected {unexpected}" if unexpected else "")
+        )
+    for key, shape in expected.items():
+        info = header[key]
+        dtype = info.get("dtype") if isinstance(info, dict) else None
+        if not isinstance(dtype, str) or dtype not in FLOAT_DTYPES:
+            raise AdapterError(f"tensor {key} has dtype {dtype}; a floating point dtype is "
+                               "required")
+        found_shape = info.get("shape")
+        if not isinstance(found_shape, list) or tuple(found_shape) != shape:
+            raise AdapterError(f"tensor {key} has shape {found_shape!r}; the config asks for "
+                               f"{list(shape)}")
+    needed = max(_data_end(header[key]) for key in expected)
+    if needed > data_bytes:
+        raise AdapterError(f"{WEIGHTS_FILE} is truncated: its tensors need {needed} bytes of "
+                           f"data and it holds {data_bytes}")
 
 
 def _data_end(info: dict) -> int:
@@ -186,7 +202,7 @@ def _read_header(raw: bytes) -> tuple[dict, int]:
         )
     try:
         header = json.loads(raw[8 : 8 + length])
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise AdapterError(f"{WEIGHTS_FILE} has a corrupt header") from None
     if not isinstance(header, dict):
         raise AdapterError(f"{WEIGHTS_FILE} has a corrupt header")
@@ -221,16 +237,31 @@ def read_config(folder: Path,
     return config
 
 
+def check_weights_file(folder: Path, config: AdapterConfig) -> None:
+    """`check_header` on the folder's weights file, reading only its header: what a bulk
+    load checks of every adapter before it reserves bank memory for them all."""
+    path = folder / WEIGHTS_FILE
+    with path.open("rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        if size > MAX_WEIGHTS_BYTES:
+            raise AdapterError(f"{WEIGHTS_FILE} is {size} bytes; the limit is {MAX_WEIGHTS_BYTES}")
+        start = file.read(8)
+        length = struct.unpack("<Q", start)[0] if len(start) == 8 else 0
+        header, _ = _read_header(start + file.read(min(length, MAX_HEADER_BYTES)))
+    check_header(header, size - 8 - length, config)
+
+
 def read_weights(folder: Path, config: AdapterConfig) -> PtMoeAdapter:
     """The adapter whose config `read_config` gave, its weights checked against it."""
     return parse_weights(_read_limited(folder / WEIGHTS_FILE, MAX_WEIGHTS_BYTES), config)
 
 
 def _read_limited(path: Path, limit: int) -> bytes:
-    size = path.stat().st_size
-    if size > limit:
-        raise AdapterError(f"{path.name} is {size} bytes; the limit is {limit}")
-    return path.read_bytes()
+    with path.open("rb") as file:
+        data = file.read(limit + 1)  # never more, whatever the file grew to since a stat
+    if len(data) > limit:
+        raise AdapterError(f"{path.name} is over the limit of {limit} bytes")
+    return data
 
 
 def write_adapter(adapter: PtMoeAdapter, folder: Path) -> None:

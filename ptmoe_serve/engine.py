@@ -71,6 +71,9 @@ class Engine:
             safetensors.torch.save_file(tensors, file.name)
             await self.llm.collective_rpc("ptmoe_write", args=(banks, file.name))
 
+    async def drop_bank(self, shape: list[int]) -> None:
+        await self.llm.collective_rpc("ptmoe_drop", args=(shape,))
+
     @property
     def num_unfinished_requests(self) -> int:
         return self.llm.output_processor.get_num_unfinished_requests()

@@ -176,7 +176,9 @@ class AdapterEngineClient:
     async def _observed(self, label: str, entry: AdapterEntry | None, params: SamplingParams,
                         outputs: AsyncGenerator[RequestOutput, None]
                         ) -> AsyncGenerator[RequestOutput, None]:
-        """The outputs, counted in the project's per-adapter series."""
+        """The outputs, counted in the project's per-adapter series (while the adapter is
+        loaded: a request that ends after its adapter's unload must not bring back the series
+        the unload removed)."""
         metrics = self._metrics
         started = time.perf_counter()
         first_token_seen, generated, prompt_tokens, outcome = False, 0, 0, "error"
@@ -192,19 +194,25 @@ class AdapterEngineClient:
                     prompt_tokens = len(output.prompt_token_ids)
                 if not first_token_seen and count:
                     first_token_seen = True
-                    metrics.time_to_first_token.labels(label).observe(
-                        time.perf_counter() - started)
+                    if self._counted(label):
+                        metrics.time_to_first_token.labels(label).observe(
+                            time.perf_counter() - started)
                 yield output
             outcome = "finished"
-            metrics.e2e_latency.labels(label).observe(time.perf_counter() - started)
+            if self._counted(label):
+                metrics.e2e_latency.labels(label).observe(time.perf_counter() - started)
         except (GeneratorExit, asyncio.CancelledError):
             outcome = "aborted"
             raise
         finally:
             metrics.requests_running.dec()
-            metrics.requests.labels(label, outcome).inc()
-            metrics.prompt_tokens.labels(label).inc(prompt_tokens)
-            metrics.generation_tokens.labels(label).inc(generated)
+            if self._counted(label):
+                metrics.requests.labels(label, outcome).inc()
+                metrics.prompt_tokens.labels(label).inc(prompt_tokens)
+                metrics.generation_tokens.labels(label).inc(generated)
+
+    def _counted(self, label: str) -> bool:
+        return label == self._base_model_name or label in self._registry
 
 
 def _without_soft_prompt(output: RequestOutput, ids: list[int], soft: int) -> RequestOutput:

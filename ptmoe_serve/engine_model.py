@@ -250,6 +250,11 @@ class PtMoeWorkerExtension:
         for shape, slots, rows, capacity in unpack_adapters(banks, read_packed(tensors)):
             model.ptmoe_write(shape, slots, rows, capacity)
 
+    def ptmoe_drop(self, shape: list[int]) -> None:
+        """Free the bank of this shape (num_experts, prompt_length, rank): its last adapter
+        went, and no request reads it."""
+        self.get_model().ptmoe_banks.pop(BankShape(*shape), None)
+
 
 def supports(model_dir: Path) -> bool:
     """Whether the in-engine route can wrap this model's architecture."""

@@ -8,6 +8,7 @@ adapter only its router, for showing a prompt's routing (`routing`)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import weakref
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
@@ -17,9 +18,16 @@ import torch
 
 from ptmoe_serve.engine import Engine
 from ptmoe_serve.engine_model import MODALITY, pack_adapters, routing_key
-from ptmoe_serve.registry import AdapterEntry
+from ptmoe_serve.registry import AdapterEntry, BankShape
 from ptmoe_serve.routing import gate_reference
 from ptmoe_serve.soft_prompts import load_input_embeddings
+
+logger = logging.getLogger(__name__)
+
+
+def _log_failure(future: asyncio.Future) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        logger.error("freeing an adapter bank in the engine failed: %s", future.exception())
 
 
 @dataclass(frozen=True)
@@ -73,6 +81,13 @@ class EngineRouting:
         written = self._start_write([entry])
         # A failure is the first request's to see and retry, not the event loop's to log.
         written.add_done_callback(lambda future: future.cancelled() or future.exception())
+
+    def drop_bank(self, shape: BankShape) -> None:
+        """The registry freed this shape's bank: free the workers' copy. Sent after every write
+        started before it (messages to the engine keep their order)."""
+        dropped = asyncio.ensure_future(self.engine.drop_bank(
+            [shape.num_experts, shape.prompt_length, shape.rank]))
+        dropped.add_done_callback(_log_failure)
 
     def _start_write(self, entries: list[AdapterEntry]) -> asyncio.Future:
         # Packed and registered now, so a request arriving meanwhile waits for this write.

@@ -2,8 +2,13 @@
 the store, unload, and follow the store folder as files are copied in or removed.
 
 Every operation validates fully before it touches the registry or the store, so a refused
-adapter changes nothing. All of it runs on the event loop, between routing steps, so a replace
-is atomic for requests: each one routes with exactly one version."""
+adapter changes nothing. Registry changes run on the event loop, between routing steps, so a
+replace is atomic for requests: each one routes with exactly one version; an upload's parsing,
+checks and fsyncs run in a thread first, one upload at a time.
+
+A store folder that cannot be loaded, whatever is wrong with it, is skipped with a log line and
+listed in `failed` (GET /v1/adapters) until it loads or goes; it never stops the start-up or
+the watcher."""
 
 from __future__ import annotations
 
@@ -11,10 +16,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from ptmoe_serve.adapter import (AdapterError, PtMoeAdapter, parse_config, parse_weights,
-                                 read_adapter, read_config, read_weights, validate_name)
+from ptmoe_serve.adapter import (AdapterError, PtMoeAdapter, check_weights_file, parse_config,
+                                 parse_weights, read_adapter, read_config, read_weights,
+                                 validate_name)
 from ptmoe_serve.registry import AdapterEntry, AdapterNotFound, AdapterRegistry
 from ptmoe_serve.store import AdapterStore, FolderSignature
 
@@ -28,14 +35,21 @@ class PathNotAllowed(AdapterError):
 class AdapterManager:
     def __init__(self, registry: AdapterRegistry, store: AdapterStore,
                  extra_roots: list[Path] = (),
-                 on_load: Callable[[AdapterEntry], None] = lambda entry: None):
+                 on_load: Callable[[AdapterEntry], None] = lambda entry: None,
+                 on_unload: Callable[[str], None] = lambda name: None):
         self.registry = registry
         self.store = store
         # Told of each adapter loaded while serving (the engine route moves it to its workers).
         self.on_load = on_load
+        # Told of each name unloaded (its metric series go).
+        self.on_unload = on_unload
         self.allowed_roots = [store.root, *(Path(r).resolve() for r in extra_roots)]
         # Store folders already acted on, so the watcher loads each version once.
         self._seen: dict[str, FolderSignature] = {}
+        # Adapters (by name) whose folder could not be loaded, and why.
+        self.failed: dict[str, str] = {}
+        self._upload_lock = asyncio.Lock()
+        self._uploading: set[str] = set()
 
     def start(self) -> None:
         """Serve what was served before: the store's folders and the adapters linked from
@@ -46,31 +60,41 @@ class AdapterManager:
     def start_in_batches(self, batch_parameters: int = 1 << 24) -> Iterator[list[AdapterEntry]]:
         """`start`, loading as it is iterated: the entries come a batch (of about
         `batch_parameters` parameters) at a time, so each can move on, to the engine's
-        workers, before the next is read. The banks are sized for all of them first, so a
-        bulk load never copies a bank."""
+        workers, before the next is read. The banks are sized first for the adapters whose
+        config and weights header passed every check, so a bulk load never copies a bank."""
         self.store.recover()
         _, changed = self._scan_store()
         linked = [(name, Path(path)) for name, path in sorted(self.store.manifest.linked.items())]
         found = []
         for name, folder in changed + linked:
-            try:
-                found.append((name, folder, read_config(folder, self.registry.check_compatible)))
-            except AdapterError as e:
-                logger.error("adapter %s (from %s) not loaded: %s", name, folder, e)
+            with self._skipping(name, folder):
+                config = read_config(folder, self.registry.check_compatible)
+                check_weights_file(folder, config)
+                found.append((name, folder, config))
         self.registry.reserve(config for _, _, config in found)
         batch, size = [], 0
         for name, folder, config in found:
-            try:
-                batch.append(self.registry.add(name, read_weights(folder, config), source=folder))
-            except AdapterError as e:
-                logger.error("adapter %s (from %s) not loaded: %s", name, folder, e)
-                continue
-            size += config.num_parameters
+            with self._skipping(name, folder):
+                batch.append(self.registry.add(name, read_weights(folder, config),
+                                               source=folder))
+                size += config.num_parameters
             if size >= batch_parameters:
                 yield batch
                 batch, size = [], 0
         if batch:
             yield batch
+
+    @contextmanager
+    def _skipping(self, name: str, folder: Path) -> Iterator[None]:
+        """Any failure to load one folder skips that folder, logged and listed in `failed`."""
+        try:
+            yield
+        except Exception as e:  # whatever a hostile or half-copied folder raises
+            reason = str(e) if isinstance(e, AdapterError) else f"{type(e).__name__}: {e}"
+            self.failed[name] = reason
+            logger.error("adapter %s (from %s) not loaded: %s", name, folder, reason)
+        else:
+            self.failed.pop(name, None)
 
     # -- operations behind the management API ---------------------------------------------
 
@@ -81,21 +105,36 @@ class AdapterManager:
         self.store.remember_loaded(name, folder)
         return entry
 
-    def upload(self, name: str, config: bytes, weights: bytes) -> AdapterEntry:
-        """Create or replace `name` in the store from the two files' bytes."""
+    async def upload(self, name: str, config: bytes, weights: bytes) -> AdapterEntry:
+        """Create or replace `name` in the store from the two files' bytes: parsed, checked
+        and written durably in a thread (one upload at a time: each holds its bytes several
+        times over), then swapped in on the event loop."""
         validate_name(name)
-        parsed = parse_config(config)
-        self.registry.check_compatible(parsed)
-        adapter = parse_weights(weights, parsed)
+        self.registry.check_name(name)
         self._check_name_free_of_links(name)
-        folder = self.store.write(name, config, weights)
-        self._seen[name] = FolderSignature.of(folder)
+        async with self._upload_lock:
+            self._uploading.add(name)  # the watcher leaves the folder to this upload
+            try:
+                adapter, folder = await asyncio.to_thread(self._store_upload, name, config,
+                                                          weights)
+                self._seen[name] = FolderSignature.of(folder)
+            finally:
+                self._uploading.discard(name)
         entry = self._add(name, adapter, replace=True, source=folder)
+        self.failed.pop(name, None)
         self.store.remember_loaded(name, folder)
         return entry
 
+    def _store_upload(self, name: str, config: bytes, weights: bytes
+                      ) -> tuple[PtMoeAdapter, Path]:
+        parsed = parse_config(config)
+        self.registry.check_compatible(parsed)
+        adapter = parse_weights(weights, parsed)
+        return adapter, self.store.write(name, config, weights)
+
     def unload(self, name: str, purge: bool) -> AdapterEntry:
         entry = self.registry.remove(name)
+        self.on_unload(name)
         self.store.remember_unloaded(name)
         if purge and entry.source is not None and self.store.contains(entry.source):
             self.store.purge(entry.source.name)
@@ -118,13 +157,15 @@ class AdapterManager:
         raw = Path(path).expanduser()
         if not raw.is_absolute():
             raise AdapterError(f"path {path!r} must be absolute")
-        if not raw.exists():
-            raise AdapterError(f"adapter folder {path} does not exist")
-        folder = raw.resolve(strict=True)  # symlinks followed: the real place is what counts
+        # The roots first, on the path with its symlinks followed as far as they exist: the
+        # same 403 whether or not a path outside them exists.
+        folder = raw.resolve()
         if not any(folder.is_relative_to(root) for root in self.allowed_roots):
             raise PathNotAllowed(
                 f"{path} is outside the allowed roots ({', '.join(map(str, self.allowed_roots))});"
                 " add one with --allow-adapter-path")
+        if not folder.is_dir():
+            raise AdapterError(f"adapter folder {path} does not exist")
         return folder
 
     def _check_name_free_of_links(self, name: str) -> None:
@@ -138,15 +179,18 @@ class AdapterManager:
         """Load new or changed store folders, unload the ones removed from disk."""
         folders, changed = self._scan_store()
         for name, folder in changed:
-            try:
+            # A folder still being copied is tried again when it changes.
+            with self._skipping(name, folder):
                 self._add(name, self._read(folder), replace=True, source=folder)
-            except AdapterError as e:  # a folder still being copied is retried when it changes
-                logger.error("adapter %s not loaded: %s", name, e)
+        for name in [name for name in self.failed
+                     if name not in folders and name not in self.store.manifest.linked]:
+            del self.failed[name]
         for entry in self.registry.entries():
             if (entry.source is not None and self.store.contains(entry.source)
                     and entry.source.name not in folders):
                 logger.info("adapter %s unloaded: its folder was removed", entry.name)
                 self.registry.remove(entry.name)
+                self.on_unload(entry.name)
                 self._seen.pop(entry.source.name, None)
 
     def _scan_store(self) -> tuple[dict[str, Path], list[tuple[str, Path]]]:
@@ -157,7 +201,7 @@ class AdapterManager:
         changed = []
         for name, folder in sorted(folders.items()):
             signature = FolderSignature.of(folder)
-            if (signature is None or name in self.store.manifest.unloaded
+            if (signature is None or name in self.store.manifest.unloaded or name in self._uploading
                     or name in self.store.manifest.linked or self._seen.get(name) == signature):
                 continue
             self._seen[name] = signature
@@ -165,12 +209,14 @@ class AdapterManager:
         return folders, changed
 
     async def watch(self, interval: float) -> None:
+        """Follow the store until cancelled; no error ends it."""
         while True:
             await asyncio.sleep(interval)
             try:
                 self.sync_store()
-            except OSError as e:
-                logger.error("cannot read the adapter store: %s", e)
+            except Exception:
+                logger.exception("cannot follow the adapter store; trying again in %.1f s",
+                                 interval)
 
 
 __all__ = ["AdapterManager", "AdapterNotFound", "PathNotAllowed"]

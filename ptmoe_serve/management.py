@@ -50,8 +50,12 @@ def _info(entry: AdapterEntry, started: float | None = None) -> protocol.Adapter
 
 @router.get("")
 async def list_adapters(request: Request) -> protocol.AdapterList:
-    registry = request.app.state.services.registry
-    return protocol.AdapterList(data=[_info(e) for e in registry.entries()])
+    """The adapters loaded, and the folders that failed to load with the reason."""
+    services = request.app.state.services
+    return protocol.AdapterList(
+        data=[_info(e) for e in services.registry.entries()],
+        failed=[protocol.FailedAdapter(name=name, error=error)
+                for name, error in sorted(services.manager.failed.items())])
 
 
 @router.get("/{name}")
@@ -74,7 +78,7 @@ async def upload_adapter(name: str, request: Request) -> protocol.AdapterInfo:
     files = await _read_upload(request, services.settings.max_upload_bytes)
     started = time.perf_counter()
     with _adapter_errors(name):
-        entry = services.manager.upload(name, files[CONFIG_FILE], files[WEIGHTS_FILE])
+        entry = await services.manager.upload(name, files[CONFIG_FILE], files[WEIGHTS_FILE])
     return _info(entry, started)
 
 

@@ -2,7 +2,8 @@
 series in the one registry that vLLM's `/metrics` serves.
 
 Only requests that reach the engine are counted, so the adapter label takes only the names of
-adapters that existed (and the base model's): a client cannot grow the label set."""
+loaded adapters (and the base model's): a client cannot grow the label set, and an adapter's
+series go when it is unloaded."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 ROUTING_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+OUTCOMES = ("finished", "aborted", "error")
 
 
 class Metrics:
@@ -52,6 +54,21 @@ class Metrics:
             "ptmoe_server", "The base model and where the routing step runs (engine or api).",
             registry=r)
 
+    def forget(self, adapter: str) -> None:
+        """Remove an unloaded adapter's series (a replace keeps them: the name lives on)."""
+        for metric in (self.prompt_tokens, self.generation_tokens, self.e2e_latency,
+                       self.time_to_first_token):
+            _remove(metric, adapter)
+        for outcome in OUTCOMES:
+            _remove(self.requests, adapter, outcome)
+
     def observe_routing_step(self, batch_size: int, seconds: float) -> None:
         self.routing_step.observe(seconds)
         self.routing_batch_size.observe(batch_size)
+
+
+def _remove(metric, *labels: str) -> None:
+    try:
+        metric.remove(*labels)
+    except KeyError:  # never observed
+        pass

@@ -40,9 +40,16 @@ class AdapterInfo(BaseModel):
     load_ms: float | None = None
 
 
+class FailedAdapter(BaseModel):
+    """A folder in the store (or linked from an allowed root) that could not be loaded."""
+    name: str
+    error: str
+
+
 class AdapterList(BaseModel):
     object: Literal["list"] = "list"
     data: list[AdapterInfo]
+    failed: list[FailedAdapter] = []
 
 
 class RoutingRequest(BaseModel):

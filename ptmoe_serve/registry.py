@@ -1,15 +1,16 @@
 """Adapters resident on the routing device: names -> slots in per-shape banks.
 
 All adapters of one shape (experts, prompt length, rank) live in one `AdapterBank`: a few stacked
-tensors with a slot per adapter, so a routing step gathers its rows in one indexing op. Banks grow
-by doubling. A slot still referenced by a queued routing step is freed only once that step is
-done, so replacing or unloading an adapter never changes a request already accepted."""
+tensors with a slot per adapter, so a routing step gathers its rows in one indexing op. A new
+shape starts with one slot; banks grow by doubling, and a bank goes when its last adapter does.
+A slot still referenced by a request is freed only once that request is done, so replacing or
+unloading an adapter never changes a request already accepted."""
 
 from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,6 @@ import torch
 from ptmoe_serve.adapter import AdapterConfig, AdapterError, PtMoeAdapter, validate_name
 from ptmoe_serve.routing import Routing, route_batch
 
-INITIAL_CAPACITY = 4
 
 
 class AdapterExists(AdapterError):
@@ -72,6 +72,10 @@ class AdapterBank:
         return self._tensors["top_k"].shape[0]
 
     @property
+    def in_use(self) -> int:
+        return self.capacity - len(self._free)
+
+    @property
     def bytes_per_slot(self) -> int:
         return sum(t[0].numel() * t.element_size() for t in self._tensors.values())
 
@@ -92,7 +96,7 @@ class AdapterBank:
     def put(self, adapter: PtMoeAdapter) -> int:
         """Write the adapter into a free slot and return the slot."""
         if not self._free:
-            self._grow(max(INITIAL_CAPACITY, 2 * self.capacity))
+            self._grow(max(1, 2 * self.capacity))
         slot = self._free.pop()
         if not self.slots_only:
             self._write_rows(torch.tensor([slot]), bank_rows([adapter]))
@@ -181,7 +185,8 @@ class AdapterEntry:
 class AdapterRegistry:
     def __init__(self, hidden_size: int, max_model_len: int, device: torch.device,
                  reserved_names: frozenset[str] | set[str] = frozenset(),
-                 max_prompt_length: int | None = None):
+                 max_prompt_length: int | None = None,
+                 on_bank_dropped: Callable[[BankShape], None] = lambda shape: None):
         self.hidden_size = hidden_size
         self.max_prompt_length = max_prompt_length
         self.reserved_names = frozenset(reserved_names)
@@ -189,6 +194,8 @@ class AdapterRegistry:
         self.device = device
         self._entries: dict[str, AdapterEntry] = {}
         self._banks: dict[BankShape, AdapterBank] = {}
+        # Told when a shape's bank goes (the engine route drops the workers' copy too).
+        self.on_bank_dropped = on_bank_dropped
         self._versions = 0
 
     def __contains__(self, name: str) -> bool:
@@ -221,13 +228,16 @@ class AdapterRegistry:
                 f"prompt_length {config.prompt_length} is over this server's limit of "
                 f"{self.max_prompt_length} (--max-soft-prompt-length)")
 
-    def add(self, name: str, adapter: PtMoeAdapter, *, replace: bool = False,
-            source: Path | None = None) -> AdapterEntry:
+    def check_name(self, name: str) -> None:
         validate_name(name)
         if name in self.reserved_names:
             raise AdapterExists(f"{name!r} is reserved (the base model's name, or a chat "
                                 "content-part type that vLLM matches adapter names against); "
                                 "choose another adapter name")
+
+    def add(self, name: str, adapter: PtMoeAdapter, *, replace: bool = False,
+            source: Path | None = None) -> AdapterEntry:
+        self.check_name(name)
         self.check_compatible(adapter.config)
         old = self._entries.get(name)
         if old is not None and not replace:
@@ -259,10 +269,28 @@ class AdapterRegistry:
         self._retire(entry)
         return entry
 
+    def drop_empty_banks(self) -> None:
+        """Free every bank no adapter uses (after a bulk load whose reservations some folders
+        failed to fill, and as adapters go)."""
+        for shape, bank in list(self._banks.items()):
+            if bank.in_use == 0:
+                del self._banks[shape]
+                self.on_bank_dropped(shape)
+
+    @property
+    def banks(self) -> dict[BankShape, AdapterBank]:
+        return dict(self._banks)
+
     def _retire(self, entry: AdapterEntry) -> None:
         entry.retired = True
         if entry.pending == 0:
-            entry.bank.free(entry.slot)
+            self._free(entry)
+
+    def _free(self, entry: AdapterEntry) -> None:
+        entry.bank.free(entry.slot)
+        if entry.bank.in_use == 0 and self._banks.get(entry.bank.shape) is entry.bank:
+            del self._banks[entry.bank.shape]
+            self.on_bank_dropped(entry.bank.shape)
 
     def acquire(self, entry: AdapterEntry) -> None:
         entry.pending += 1
@@ -270,4 +298,4 @@ class AdapterRegistry:
     def release(self, entry: AdapterEntry) -> None:
         entry.pending -= 1
         if entry.retired and entry.pending == 0:
-            entry.bank.free(entry.slot)
+            self._free(entry)

@@ -88,9 +88,12 @@ async def start_services(settings: ServerSettings, llm: AsyncLLM,
                                     on_step=metrics.observe_routing_step, fused=fused)
         routing.start()
     manager = AdapterManager(registry, AdapterStore(settings.adapters_dir),
-                             list(settings.allowed_adapter_roots), on_load=routing.preload)
+                             list(settings.allowed_adapter_roots), on_load=routing.preload,
+                             on_unload=metrics.forget)
+    registry.on_bank_dropped = routing.drop_bank
     # Into the engine's banks a batch at a time: this process holds one batch's tensors.
     await routing.write_all(manager.start_in_batches())
+    registry.drop_empty_banks()  # reserved for folders that then failed their checks
     release_freed_memory()
     client = AdapterEngineClient(llm, registry, routing, metrics,
                                  settings.engine.served_model_name,

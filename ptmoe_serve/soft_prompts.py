@@ -92,6 +92,9 @@ class SoftPromptBatcher:
     def preload(self, entry: AdapterEntry) -> None:
         """So is an adapter loaded while serving."""
 
+    def drop_bank(self, shape) -> None:
+        """A bank the registry dropped is freed with it: nothing else holds its tensors."""
+
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()

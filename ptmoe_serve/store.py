@@ -90,6 +90,7 @@ class AdapterStore:
                     f.write(data)
                     f.flush()
                     os.fsync(f.fileno())
+            _fsync_dir(staging)  # its entries too, before the rename makes it the adapter
             target = self.root / name
             if target.exists():
                 retired = self.root / f"{RETIRED_PREFIX}{name}-{token}"

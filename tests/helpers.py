@@ -58,3 +58,38 @@ def reference_soft_prompt(adapter_dir: Path, token_embeddings: torch.Tensor) -> 
         weight = p[i] if config["router_scaling"] == "probability" else 1.0
         mixed += weight * w["experts.A"][i].double()
     return (mixed @ w["shared.B"].double()).float()
+
+
+# Store folders as a hostile or careless user leaves them: name -> words of the reason each
+# is skipped with.
+HOSTILE = {"huge-rank": "rank", "null-shape": "has shape None", "deep-json": "not valid JSON",
+           "not-a-config": "peft_type"}
+
+
+def null_shape(weights: bytes) -> bytes:
+    """A weights file whose header says `"shape": null` for every tensor."""
+    import struct
+
+    length = struct.unpack("<Q", weights[:8])[0]
+    header = json.loads(weights[8:8 + length])
+    raw = json.dumps({k: v if k == "__metadata__" else {**v, "shape": None}
+                      for k, v in header.items()}).encode()
+    return struct.pack("<Q", len(raw)) + raw + weights[8 + length:]
+
+
+def hostile_folders(store: Path, good: Path, prefix: str = "") -> None:
+    """Write the HOSTILE folders into `store`, made from the good adapter folder `good`."""
+    from ptmoe_serve.adapter import CONFIG_FILE, WEIGHTS_FILE
+
+    config = json.loads((good / CONFIG_FILE).read_text())
+    weights = (good / WEIGHTS_FILE).read_bytes()
+    for name, config_text, weights_bytes in [
+        ("huge-rank", json.dumps({**config, "rank": 1_000_000}), weights),
+        ("null-shape", json.dumps(config), null_shape(weights)),
+        ("deep-json", "[" * 65_000, weights),
+        ("not-a-config", '{"peft_type": 7}', weights),
+    ]:
+        folder = store / f"{prefix}{name}"
+        folder.mkdir()
+        (folder / CONFIG_FILE).write_text(config_text)
+        (folder / WEIGHTS_FILE).write_bytes(weights_bytes)

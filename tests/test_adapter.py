@@ -45,13 +45,17 @@ def test_half_precision_tensors_load_as_float32():
     ({"router_scaling": "softmax"}, "router_scaling"),
     ({"hidden_size": None}, "hidden_size: Field required"),
     ({"rank": "many"}, "rank"),
+    ({"rank": 1_000_000}, "rank: Input should be less than or equal to 4096"),
+    ({"num_experts": 10_000, "top_k": 1}, "num_experts: Input should be less than or equal"),
+    ({"num_experts": 200, "prompt_length": 4096, "rank": 64},
+     "would have 52433224 parameters; the limit is 33554432"),
 ])
 def test_bad_configs_are_refused_with_the_field_named(overrides, message):
     with pytest.raises(AdapterError, match=message):
         parse_config(config_bytes(**overrides))
 
 
-@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"\xff\xfe"])
+@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"\xff\xfe", b"[" * 65_000])
 def test_malformed_config_json(raw):
     with pytest.raises(AdapterError, match=CONFIG_FILE):
         parse_config(raw)
@@ -68,6 +72,35 @@ def test_malformed_config_json(raw):
 def test_bad_tensors_are_refused(overrides, message):
     with pytest.raises(AdapterError, match=message):
         parse_weights(weights_bytes(**overrides), make_config())
+
+
+def header_bytes(**changes) -> bytes:
+    """A weights file whose header has these fields changed on every tensor."""
+    header = {k: {"dtype": "F32", "shape": list(s), "data_offsets": [0, 4]}
+              for k, s in make_config().tensor_shapes().items()}
+    for info in header.values():
+        info.update(changes)
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + bytes(4096)
+
+
+@pytest.mark.parametrize("raw, message", [
+    (header_bytes(shape=None), "has shape None"),
+    (header_bytes(shape=7), "has shape 7"),
+    (header_bytes(dtype=["F32"]), r"has dtype \['F32'\]"),
+    (header_bytes(data_offsets=None), "corrupt header"),
+    (struct.pack("<Q", 65_000) + b"[" * 65_000, "corrupt header"),
+])
+def test_hostile_headers_are_adapter_errors(tmp_path, raw, message):
+    """Whatever the header holds, the answer is an AdapterError naming the problem (a 400 over
+    the API, a skipped folder in the store), from the bytes and from the file's header alone."""
+    from ptmoe_serve.adapter import check_weights_file
+
+    with pytest.raises(AdapterError, match=message):
+        parse_weights(raw, make_config())
+    (tmp_path / WEIGHTS_FILE).write_bytes(raw)
+    with pytest.raises(AdapterError, match=message):
+        check_weights_file(tmp_path, make_config())
 
 
 def test_truncated_weights_are_refused():

@@ -1,9 +1,10 @@
+import asyncio
 import shutil
 
 import pytest
 import torch
 
-from helpers import random_adapter
+from helpers import HOSTILE, hostile_folders, random_adapter
 from ptmoe_serve.adapter import CONFIG_FILE, WEIGHTS_FILE, AdapterError, write_adapter
 from ptmoe_serve.lifecycle import AdapterManager, PathNotAllowed
 from ptmoe_serve.registry import AdapterExists, AdapterRegistry
@@ -23,6 +24,10 @@ def manager(store_dir, library) -> AdapterManager:
     result = AdapterManager(registry, AdapterStore(store_dir), [library])
     result.start()
     return result
+
+
+def upload(m: AdapterManager, name: str, config: bytes, weights: bytes):
+    return asyncio.run(m.upload(name, config, weights))
 
 
 def files(adapter) -> tuple[bytes, bytes]:
@@ -89,12 +94,12 @@ def test_upload_validates_before_writing(roots):
     m = manager(store, library)
     config, weights = files(random_adapter(seed=1))
     with pytest.raises(AdapterError, match="hidden_size"):
-        m.upload("bad", *files(random_adapter(hidden_size=8)))
+        upload(m, "bad", *files(random_adapter(hidden_size=8)))
     with pytest.raises(AdapterError, match="corrupt|truncated"):
-        m.upload("bad", config, weights[:-7])
+        upload(m, "bad", config, weights[:-7])
     assert not (store / "bad").exists() and len(m.registry) == 0
-    first = m.upload("a", config, weights)
-    second = m.upload("a", *files(random_adapter(seed=2)))
+    first = upload(m, "a", config, weights)
+    second = upload(m, "a", *files(random_adapter(seed=2)))
     assert second.version > first.version and m.registry.get("a") is second
 
 
@@ -103,10 +108,10 @@ def test_restart_remembers_links_and_unloads(roots):
     m = manager(store, library)
     write_adapter(random_adapter(), library / "lib")
     m.load_path("linked", str(library / "lib"), replace=False)
-    m.upload("up", *files(random_adapter(seed=1)))
-    m.upload("dropped", *files(random_adapter(seed=2)))
+    upload(m, "up", *files(random_adapter(seed=1)))
+    upload(m, "dropped", *files(random_adapter(seed=2)))
     m.unload("dropped", purge=False)
-    m.upload("purged", *files(random_adapter(seed=3)))
+    upload(m, "purged", *files(random_adapter(seed=3)))
     m.unload("purged", purge=True)
     assert (store / "dropped").exists() and not (store / "purged").exists()
     again = manager(store, library)
@@ -136,7 +141,7 @@ def test_watching_the_store(roots):
 def test_an_unloaded_store_folder_is_not_reloaded_by_the_watcher(roots):
     store, library, _ = roots
     m = manager(store, library)
-    m.upload("a", *files(random_adapter()))
+    upload(m, "a", *files(random_adapter()))
     m.unload("a", purge=False)
     m.sync_store()
     assert "a" not in m.registry
@@ -145,10 +150,54 @@ def test_an_unloaded_store_folder_is_not_reloaded_by_the_watcher(roots):
 def test_a_new_folder_under_an_unloaded_name_is_served(roots):
     store, library, _ = roots
     m = manager(store, library)
-    m.upload("a", *files(random_adapter(seed=1)))
+    upload(m, "a", *files(random_adapter(seed=1)))
     m.unload("a", purge=False)
     shutil.rmtree(store / "a")
     m.sync_store()
     write_adapter(random_adapter(seed=2), store / "a")
     m.sync_store()
     assert "a" in m.registry
+
+
+def test_hostile_store_folders_are_skipped_listed_and_reserve_nothing(roots):
+    store, library, _ = roots
+    write_adapter(random_adapter(seed=1), store / "good")
+    hostile_folders(store, store / "good")
+    cases = HOSTILE
+    m = manager(store, library)
+    assert [e.name for e in m.registry.entries()] == ["good"]
+    assert sorted(m.failed) == sorted(cases)
+    for name, reason in cases.items():
+        assert reason in m.failed[name], m.failed[name]
+    # Only the good adapter's shape got a bank, of one slot.
+    assert [bank.capacity for bank in m.registry.banks.values()] == [1]
+
+
+def test_the_watcher_skips_hostile_folders_and_keeps_going(roots):
+    store, library, _ = roots
+    m = manager(store, library)
+    write_adapter(random_adapter(seed=1), library / "template")
+    hostile_folders(store, library / "template")
+    cases = HOSTILE
+    write_adapter(random_adapter(seed=2), store / "new")
+    m.sync_store()
+    assert [e.name for e in m.registry.entries()] == ["new"] and sorted(m.failed) == sorted(cases)
+    # Fixed in place, a folder loads and leaves the failed list; removed, it leaves it too.
+    shutil.rmtree(store / "huge-rank")
+    write_adapter(random_adapter(seed=3), store / "huge-rank")
+    shutil.rmtree(store / "deep-json")
+    m.sync_store()
+    assert [e.name for e in m.registry.entries()] == ["huge-rank", "new"]
+    assert sorted(m.failed) == ["not-a-config", "null-shape"]
+
+
+def test_a_path_outside_the_roots_gets_the_same_refusal_whether_or_not_it_exists(roots):
+    store, library, outside = roots
+    m = manager(store, library)
+    write_adapter(random_adapter(), outside / "real")
+    messages = []
+    for path in (outside / "real", outside / "imagined", "/etc/ssh", "/no/such/place"):
+        with pytest.raises(PathNotAllowed) as refused:
+            m.load_path("x", str(path), replace=False)
+        messages.append(str(refused.value).replace(str(path), "PATH"))
+    assert len(set(messages)) == 1, messages

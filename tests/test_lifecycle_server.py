@@ -20,7 +20,7 @@ from safetensors.torch import save
 
 from bench.server_process import start_server, stop_server
 from conftest import BASE, TEXTS
-from helpers import text_experts_adapter
+from helpers import HOSTILE, hostile_folders, null_shape, text_experts_adapter
 from ptmoe_serve.adapter import CONFIG_FILE, WEIGHTS_FILE, write_adapter
 from ptmoe_serve.soft_prompts import load_input_embeddings
 
@@ -44,6 +44,7 @@ def lab(tmp_path_factory, model_dir, tokenizer):
     for name, adapter in adapters.items():
         write_adapter(adapter, library / name)
     write_adapter(adapters["v0"], store / "stable")
+    hostile_folders(store, library / "v0")  # the server must start all the same
     write_adapter(adapters["v1"], outside / "evil")
     (library / "escape").symlink_to(outside / "evil")
     return {"root": root, "store": store, "library": library, "outside": outside,
@@ -170,6 +171,9 @@ def test_bad_loads_are_refused_and_change_nothing(server, lab):
         ({"name": "evil", "path": str(lab["library"] / "escape")}, 403, "outside"),
         ({"name": "evil", "path": str(lab["library"] / ".." / "outside" / "evil")}, 403, "outside"),
         ({"name": "x", "path": str(lab["library"] / "missing")}, 400, "does not exist"),
+        # Outside the roots, existing or not: the same 403 (no probing the host's files).
+        ({"name": "x", "path": "/etc/ssh"}, 403, "outside the allowed roots"),
+        ({"name": "x", "path": "/no/such/folder"}, 403, "outside the allowed roots"),
         ({"name": "x", "path": "library/v1"}, 400, "must be absolute"),
         ({"name": "a/b", "path": str(lab["library"] / "v1")}, 400, "invalid adapter name"),
         ({"name": "..", "path": str(lab["library"] / "v1")}, 400, "invalid adapter name"),
@@ -222,6 +226,12 @@ def corrupt_uploads(lab) -> list[tuple[str, dict, int, str]]:
         ("t7", {**good, WEIGHTS_FILE: (WEIGHTS_FILE, struct.pack("<Q", 2**62) + b"{}")}, 400,
          "header claims"),
         ("t8", {**good, WEIGHTS_FILE: (WEIGHTS_FILE, b"\x80\x04pickle")}, 400, "corrupt"),
+        ("t9", {**good, WEIGHTS_FILE: (WEIGHTS_FILE, null_shape(weights))}, 400,
+         "has shape None"),
+        ("c9", with_config(rank=1_000_000), 400, "less than or equal to 4096"),
+        ("c10", {**good, CONFIG_FILE: (CONFIG_FILE, b"[" * 60_000)}, 400, "not valid JSON"),
+        # Refused before anything is written: no folder of that name is left in the store.
+        (BASE, good, 409, "base model"),
         ("f1", {CONFIG_FILE: good[CONFIG_FILE]}, 400, f"{WEIGHTS_FILE} is missing"),
         ("big", {**good, WEIGHTS_FILE: (WEIGHTS_FILE, b"0" * (UPLOAD_LIMIT_MB * 2**20 + 1))},
          413, "limit"),
@@ -269,6 +279,26 @@ def test_unload_and_purge(server, lab):
     assert (lab["store"] / "temp").exists() and not (lab["store"] / "gone").exists()
     missing = client(server).post("/v1/completions", json={"model": "temp", "prompt": "x"})
     assert missing.status_code == 404
+
+
+def test_hostile_store_folders_are_skipped_and_listed(server, lab):
+    """Planted before the start (the server started all the same) and copied in while it
+    runs: each is skipped with its reason in GET /v1/adapters, and the watcher goes on to
+    serve a good folder copied in after them."""
+    admin = client(server, ADMIN)
+    failed = {f["name"]: f["error"] for f in admin.get("/v1/adapters").json()["failed"]}
+    for name, reason in HOSTILE.items():
+        assert reason in failed.get(name, ""), (name, failed)
+    hostile_folders(lab["store"], lab["library"] / "v2", prefix="late-")
+    shutil.copytree(lab["library"] / "v3", lab["store"] / "after-the-hostile")
+    assert wait_until(lambda: "after-the-hostile" in names(server))
+    failed = {f["name"] for f in admin.get("/v1/adapters").json()["failed"]}
+    assert {f"late-{name}" for name in HOSTILE} <= failed
+    assert greedy(server, "after-the-hostile")
+    assert admin.delete("/v1/adapters/after-the-hostile", params={"purge": "true"}
+                        ).status_code == 200
+    for name in HOSTILE:
+        shutil.rmtree(lab["store"] / f"late-{name}")
 
 
 def test_store_folder_copied_in_or_removed_is_followed(server, lab):

@@ -126,3 +126,30 @@ def test_soft_prompts_over_the_servers_limit_are_refused():
     reg.add("short", random_adapter(seed=1, prompt_length=8))
     with pytest.raises(AdapterError, match="over this server's limit of 8"):
         reg.add("long", random_adapter(seed=2, prompt_length=9))
+
+
+def test_a_new_shape_starts_with_one_slot_and_its_bank_goes_with_its_last_adapter():
+    dropped = []
+    reg = registry(on_bank_dropped=dropped.append)
+    first = reg.add("a", random_adapter(seed=1, rank=5))
+    assert first.bank.capacity == 1
+    second = reg.add("b", random_adapter(seed=2, rank=5))
+    assert second.bank is first.bank and first.bank.capacity == 2
+    reg.acquire(second)  # a request still reads b's slot
+    reg.remove("a")
+    reg.remove("b")
+    assert dropped == [] and first.bank.shape in reg.banks
+    reg.release(second)
+    assert dropped == [first.bank.shape] and reg.banks == {}
+    # The shape comes back small, in a new bank.
+    again = reg.add("c", random_adapter(seed=3, rank=5))
+    assert again.bank is not first.bank and again.bank.capacity == 1
+
+
+def test_banks_reserved_for_adapters_that_never_came_are_dropped():
+    dropped = []
+    reg = registry(on_bank_dropped=dropped.append)
+    reg.reserve([random_adapter(rank=7).config] * 100)
+    reg.add("kept", random_adapter(seed=1))
+    reg.drop_empty_banks()
+    assert [shape.rank for shape in dropped] == [7] and len(reg.banks) == 1
