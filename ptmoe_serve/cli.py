@@ -60,6 +60,13 @@ def _serve_parser(sub) -> None:
                            help="largest request body but uploads (completions, chat, ...); "
                                 "larger ones get 413 before they are parsed (default: "
                                 "%(default)s)")
+    lifecycle.add_argument("--max-sequences-per-request", type=int, default=256,
+                           help="most sequences (prompts x n) one request may ask for "
+                                "(default: %(default)s)")
+    lifecycle.add_argument("--max-logprobs-per-request", type=int, default=1_000_000,
+                           help="most logprob entries one prompt's request may return: n x "
+                                "max_tokens x (logprobs + 1), prompt logprobs included "
+                                "(default: %(default)s)")
     lifecycle.add_argument("--api-key", default=os.environ.get("PTMOE_API_KEY"),
                            help="require 'Authorization: Bearer KEY' on every route but /health, "
                                 "/ping and /metrics (default: $PTMOE_API_KEY)")
@@ -355,6 +362,8 @@ def serve(args: argparse.Namespace, rest: list[str]) -> None:
         metrics_need_key=args.metrics_need_key,
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
         max_request_bytes=int(args.max_request_mb * 1024 * 1024),
+        max_sequences=args.max_sequences_per_request,
+        max_logprobs=args.max_logprobs_per_request,
         watch_interval=args.watch_interval,
     )
     run_server(settings)

@@ -23,6 +23,7 @@ from vllm.outputs import RequestOutput
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 from vllm.v1.engine.async_llm import AsyncLLM
 
+from ptmoe_serve.limits import RequestLimits
 from ptmoe_serve.metrics import Metrics
 from ptmoe_serve.protocol import ROUTE_TOKENS
 from ptmoe_serve.registry import AdapterEntry, AdapterNotFound, AdapterRegistry
@@ -59,8 +60,9 @@ class AdapterEngineClient:
     """vLLM's `AsyncLLM`, passed through but for `generate`."""
 
     def __init__(self, llm: AsyncLLM, registry: AdapterRegistry, routing, metrics: Metrics,
-                 base_model_name: str, routes_prompt_logprobs: bool):
+                 base_model_name: str, routes_prompt_logprobs: bool, limits: RequestLimits):
         self._llm = llm
+        self._limits = limits
         self._registry = registry
         self._routing = routing
         self._metrics = metrics
@@ -79,6 +81,8 @@ class AdapterEngineClient:
                  ) -> AsyncGenerator[RequestOutput, None]:
         """vLLM's `generate`. Refusals are raised here, before the caller iterates: a
         streaming request gets its 400 before the stream starts."""
+        tokens = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else None
+        self._limits.check(sampling_params, len(tokens or ()))
         if lora_request is None:
             return self._observed(self._base_model_name, None, sampling_params,
                                   self._llm.generate(prompt, sampling_params, request_id,

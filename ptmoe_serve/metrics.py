@@ -19,7 +19,7 @@ OUTCOMES = ("finished", "aborted", "error")
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry, adapters_loaded: Callable[[], int],
-                 engine_requests: Callable[[], int]) -> None:
+                 engine_requests: Callable[[], int], bank_bytes: Callable[[], int]) -> None:
         r = registry
         self.requests = Counter(
             "ptmoe_requests", "Engine requests (one per prompt) by adapter and outcome: "
@@ -45,6 +45,9 @@ class Metrics:
             buckets=BATCH_BUCKETS, registry=r)
         Gauge("ptmoe_adapters_loaded", "Adapters resident on the routing device.",
               registry=r).set_function(adapters_loaded)
+        Gauge("ptmoe_adapter_bank_bytes", "Bytes the adapter banks take on the routing device "
+              "(in each engine worker on the engine route).",
+              registry=r).set_function(bank_bytes)
         Gauge("ptmoe_engine_requests_unfinished", "Requests the vLLM engine holds (per prompt).",
               registry=r).set_function(engine_requests)
         self.requests_running = Gauge(

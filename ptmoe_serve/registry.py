@@ -281,6 +281,10 @@ class AdapterRegistry:
     def banks(self) -> dict[BankShape, AdapterBank]:
         return dict(self._banks)
 
+    @property
+    def bank_bytes(self) -> int:
+        return sum(bank.capacity * bank.bytes_per_slot for bank in self._banks.values())
+
     def _retire(self, entry: AdapterEntry) -> None:
         entry.retired = True
         if entry.pending == 0:

@@ -21,6 +21,7 @@ from vllm.entrypoints.launchers.app import build_app
 from vllm.entrypoints.launchers.launcher import serve_http, setup_server
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse, ModelCard, ModelList
 from vllm.entrypoints.serve.engine.serving import BaseServing
+from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 from vllm.entrypoints.serve.tokenize.protocol import (TokenizeChatRequest,
                                                       TokenizeCompletionRequest)
 from vllm.exceptions import VLLMValidationError
@@ -30,6 +31,7 @@ from ptmoe_serve import management
 from ptmoe_serve.engine import engine_args
 from ptmoe_serve.engine_client import AdapterNames
 from ptmoe_serve.errors import RequestError, request_error_handler
+from ptmoe_serve.limits import RequestLimits, prompt_count
 from ptmoe_serve.protocol import PromptRouting, RoutingRequest, RoutingResponse
 from ptmoe_serve.registry import AdapterNotFound
 from ptmoe_serve.services import Services, start_services
@@ -41,6 +43,7 @@ OWNER = "ptmoe_serve"
 OPEN_PATHS = frozenset({"/health", "/ping"})
 # A management call's JSON (load, replace) is a name and a path.
 MAX_MANAGEMENT_BODY_BYTES = 64 * 1024
+RETRY_AFTER_SECONDS = b"1"
 
 
 async def run(settings: ServerSettings) -> None:
@@ -80,6 +83,9 @@ def add_project_routes(app: FastAPI, services: Services) -> None:
             continue
         if hasattr(serving, "beam_search"):
             serving.beam_search = _without_adapters(serving.beam_search)
+        if hasattr(serving, "create_completion"):
+            serving.create_completion = _sequences_bounded(serving.create_completion,
+                                                           services.limits)
         # vLLM picks a "default multimodal adapter" by matching chat content-part types
         # against every adapter's name, for each base-model chat: with content-part names
         # reserved it never finds one, so skip the walk over 100,000 adapters.
@@ -95,6 +101,7 @@ def add_project_routes(app: FastAPI, services: Services) -> None:
     app.user_middleware.insert(0, Middleware(_AccessMiddleware, services=services))
     app.user_middleware.insert(1, Middleware(_BodyLimitMiddleware,
                                              limit=services.settings.max_request_bytes))
+    app.user_middleware.insert(2, Middleware(_RetryAfterMiddleware))
     app.middleware_stack = app.build_middleware_stack()
 
 
@@ -112,6 +119,21 @@ def _without_adapters(beam_search):
         return beam_search(prompt, request_id, params, lora_request=lora_request, **kwargs)
 
     return guarded
+
+
+def _sequences_bounded(create_completion, limits: RequestLimits):
+    """Prompts x n bounded per request, before vLLM renders a prompt (each engine request is
+    bounded on its own in the engine client)."""
+
+    @functools.wraps(create_completion)
+    async def bounded(request, raw_request=None):
+        try:
+            limits.check_prompts(prompt_count(request.prompt), request.n or 1)
+        except VLLMValidationError as e:
+            return create_error_response(e)
+        return await create_completion(request, raw_request)
+
+    return bounded
 
 
 def _replace_route(app: FastAPI, path: str, method: str, endpoint) -> None:
@@ -259,6 +281,26 @@ class _BodyLimitMiddleware:
             return {"type": "http.request", "body": bytes(body), "more_body": False}
 
         return await self.app(scope, replay, send)
+
+
+class _RetryAfterMiddleware:
+    """vLLM answers 503 when its queue limits are reached (--max-num-queued-reqs,
+    --max-num-queued-tokens): say when to try again, as clients and load balancers expect."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_retry_after(message):
+            if message["type"] == "http.response.start" and message["status"] == 503:
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (b"retry-after", RETRY_AFTER_SECONDS)]}
+            await send(message)
+
+        return await self.app(scope, receive, send_with_retry_after)
 
 
 def _too_large(size: str, limit: int):

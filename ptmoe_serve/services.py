@@ -20,6 +20,7 @@ from ptmoe_serve.engine import Engine
 from ptmoe_serve.engine_client import AdapterEngineClient
 from ptmoe_serve.engine_routing import EngineRouting
 from ptmoe_serve.lifecycle import AdapterManager
+from ptmoe_serve.limits import RequestLimits
 from ptmoe_serve.metrics import Metrics
 from ptmoe_serve.registry import AdapterRegistry
 from ptmoe_serve.settings import ServerSettings
@@ -44,6 +45,7 @@ class Services:
     client: AdapterEngineClient
     metrics: Metrics
     access: AccessPolicy
+    limits: RequestLimits
     started_at: int
     watcher: asyncio.Task | None = None
 
@@ -77,7 +79,7 @@ async def start_services(settings: ServerSettings, llm: AsyncLLM,
         reserved_names={settings.engine.served_model_name, *CONTENT_PART_NAMES},
         max_prompt_length=settings.engine.max_soft_prompt_length if in_engine else None)
     metrics = Metrics(metrics_registry, lambda: len(registry),
-                      lambda: engine.num_unfinished_requests)
+                      lambda: engine.num_unfinished_requests, lambda: registry.bank_bytes)
     metrics.server.info({"model": settings.engine.served_model_name,
                          "routing": "engine" if in_engine else "api"})
     if in_engine:
@@ -95,13 +97,15 @@ async def start_services(settings: ServerSettings, llm: AsyncLLM,
     await routing.write_all(manager.start_in_batches())
     registry.drop_empty_banks()  # reserved for folders that then failed their checks
     release_freed_memory()
+    limits = RequestLimits(engine.max_model_len, engine.vocab_size, settings.max_sequences,
+                           settings.max_logprobs)
     client = AdapterEngineClient(llm, registry, routing, metrics,
                                  settings.engine.served_model_name,
-                                 routes_prompt_logprobs=in_engine)
+                                 routes_prompt_logprobs=in_engine, limits=limits)
     access = AccessPolicy(settings.admin_api_key, settings.api_key, settings.metrics_need_key,
                           settings.allowed_hosts)
     services = Services(settings, engine, registry, manager, routing, client, metrics, access,
-                        int(started))
+                        limits, int(started))
     if settings.watch_interval > 0:
         services.watcher = asyncio.create_task(manager.watch(settings.watch_interval))
     logger.info("serving %s with %d adapters (routing %s), ready in %.1f s",

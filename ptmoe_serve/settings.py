@@ -40,5 +40,8 @@ class ServerSettings:
     max_upload_bytes: int = 64 * 1024 * 1024
     # Largest body of any other request (completions, chat, ...).
     max_request_bytes: int = 8 * 1024 * 1024
+    # Sequences (prompts x n) per request, and logprob entries per engine request (limits.py).
+    max_sequences: int = 256
+    max_logprobs: int = 1_000_000
     # Seconds between looks at the adapters folder; 0 turns the watching off.
     watch_interval: float = 2.0

@@ -117,19 +117,28 @@ class SoftPromptBatcher:
             batch, self._queue = self._queue, []
             started = time.perf_counter()
             try:
-                results = self.compute(batch)
-            except Exception as e:  # hand the failure to the requests rather than kill the loop
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(e)
-            else:
-                for item, result in zip(batch, results):
-                    if not item.future.done():
-                        item.future.set_result(result)
+                for item, outcome in zip(batch, self._outcomes(batch)):
+                    if item.future.done():
+                        continue
+                    if isinstance(outcome, Exception):
+                        item.future.set_exception(outcome)
+                    else:
+                        item.future.set_result(outcome)
             finally:
                 for item in batch:
                     self.registry.release(item.entry)
             self.on_step(len(batch), time.perf_counter() - started)
+
+    def _outcomes(self, batch: list[_Pending]) -> list[PromptEmbeds | Exception]:
+        """The step's results; where the step fails, each request is computed alone, so a
+        failure fails only the request that causes it (and a step too large for memory still
+        serves its requests one by one)."""
+        try:
+            return self.compute(batch)
+        except Exception as e:
+            if len(batch) == 1:
+                return [e]
+            return [self._outcomes([item])[0] for item in batch]
 
     @torch.inference_mode()
     def compute(self, batch: list[_Pending]) -> list[PromptEmbeds]:

@@ -104,7 +104,10 @@ def server(model_dir, adapters_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def api_route_server(model_dir, adapters_dir, tmp_path_factory):
-    """The other route: soft prompts computed in the API process, handed over as embeddings."""
-    running = _server(model_dir, adapters_dir, tmp_path_factory, "api")
+    """The other route: soft prompts computed in the API process, handed over as embeddings.
+    With vLLM's admission limit at one request at a time (its tests send one at a time; the
+    admission test sends two)."""
+    running = _server(model_dir, adapters_dir, tmp_path_factory, "api",
+                      "--max-num-queued-reqs", "1")
     yield running
     stop_server(running)

@@ -41,6 +41,9 @@ def lab(tmp_path_factory, model_dir, tokenizer):
     adapters = {f"v{i}": text_experts_adapter(table, [texts[i % 3], texts[(i + 1) % 3]], seed=i,
                                               prompt_length=10, rank=8)
                 for i in range(4)}
+    # A shape no other adapter of the lab has: its bank comes and goes with it.
+    adapters["odd-shape"] = text_experts_adapter(table, texts[:2], seed=9, prompt_length=6,
+                                                 rank=3)
     for name, adapter in adapters.items():
         write_adapter(adapter, library / name)
     write_adapter(adapters["v0"], store / "stable")
@@ -325,6 +328,43 @@ def stream_text(server, model: str, max_tokens: int, started: threading.Event | 
             if started is not None:
                 started.set()
     return "".join(text), finish
+
+
+def adapter_series(server, adapter: str) -> list:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{server.url}/metrics").text
+    return [sample for family in text_string_to_metric_families(text)
+            for sample in family.samples if sample.labels.get("adapter") == adapter]
+
+
+def bank_bytes(server) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{server.url}/metrics").text
+    return next(sample.value for family in text_string_to_metric_families(text)
+                for sample in family.samples if sample.name == "ptmoe_adapter_bank_bytes")
+
+
+def test_an_unloaded_adapter_leaves_no_series_and_no_bank(server, lab):
+    """Unloaded while one of its requests still streams: once that request ends, neither its
+    metric series nor its bank (a shape of its own) is left behind."""
+    admin = client(server, ADMIN)
+    before = bank_bytes(server)
+    assert admin.post("/v1/adapters", json={"name": "odd", "path": str(lab["library"] /
+                                                                       "odd-shape")}
+                      ).status_code == 200
+    assert bank_bytes(server) > before
+    assert greedy(server, "odd")
+    assert adapter_series(server, "odd")
+    started = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        streaming = pool.submit(stream_text, server, "odd", 64, started)
+        assert started.wait(60)
+        assert admin.delete("/v1/adapters/odd").status_code == 200
+        assert streaming.result()[1] == "length"  # the request in flight ends as it began
+    assert adapter_series(server, "odd") == []
+    assert bank_bytes(server) == before
 
 
 def test_replace_and_unload_under_traffic(server, lab):

@@ -1,7 +1,9 @@
 """The HTTP API through the official `openai` client and plain HTTP, against the real server."""
 
 import json
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -298,6 +300,75 @@ def test_the_api_route_reports_its_routing_steps(api_route_server):
     # The four prompts of one request were routed in one step.
     assert metric_value(api_route_server, "ptmoe_routing_batch_size_bucket", le="2.0") < \
         metric_value(api_route_server, "ptmoe_routing_batch_size_count")
+
+
+@pytest.mark.parametrize("body, words", [
+    # vLLM's own bound on prompts per request (VLLM_MAX_COMPLETION_PROMPTS).
+    ({"prompt": [[1]] * 50_000, "max_tokens": 1}, "VLLM_MAX_COMPLETION_PROMPTS"),
+    ({"prompt": ["Hi"] * 300, "max_tokens": 1}, "--max-sequences-per-request"),
+    ({"prompt": ["Hi"] * 100, "n": 3, "max_tokens": 1}, "300 sequences"),
+    ({"prompt": "Hi", "n": 300, "max_tokens": 1}, "--max-sequences-per-request"),
+    ({"prompt": "Hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"prompt": "Hi", "stop": ["x" * 1000]}, "stop string of 1000 characters"),
+    ({"prompt": "Hi", "seed": 2**64}, "seed"),
+    ({"prompt": "Hi", "n": 64, "max_tokens": 900, "logprobs": 20},
+     "--max-logprobs-per-request"),
+    ({"prompt": "Hi", "n": 256, "max_tokens": 1000, "logprobs": 5}, "logprobs"),
+])
+@pytest.mark.parametrize("model", ["top1", BASE])
+def test_requests_over_a_bound_are_400_and_cost_nothing(server, body, words, model):
+    """Each bound answers at once with a message naming it; nothing reaches the engine, and a
+    request alongside is served as ever."""
+    started = time.perf_counter()
+    response = httpx.post(f"{server.url}/v1/completions", timeout=60,
+                          json={"model": model, **body})
+    assert response.status_code == 400, response.text
+    assert words in response.json()["error"]["message"], response.text
+    assert time.perf_counter() - started < 10
+    assert wait_for_engine_idle(server, 5)
+    ok = httpx.post(f"{server.url}/v1/completions", timeout=60,
+                    json={"model": model, "prompt": "Hello", "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+def test_chat_n_and_top_logprobs_are_bounded(server):
+    for body, words in [({"n": 300}, "--max-sequences-per-request"),
+                        ({"n": 64, "max_tokens": 900, "logprobs": True, "top_logprobs": 20},
+                         "--max-logprobs-per-request")]:
+        response = httpx.post(f"{server.url}/v1/chat/completions", timeout=60, json={
+            "model": "top1", "messages": [{"role": "user", "content": "Hi"}], **body})
+        assert response.status_code == 400 and words in response.text, response.text
+
+
+def test_a_full_queue_is_503_with_retry_after(api_route_server):
+    """vLLM's admission limits (here --max-num-queued-reqs 1) answer 503 with Retry-After,
+    streaming or not, while a request runs; the running one is unharmed."""
+    url = f"{api_route_server.url}/v1/completions"
+    with ThreadPoolExecutor(1) as pool, httpx.Client(timeout=120) as client:
+        running = threading.Event()
+
+        def long_stream():
+            with client.stream("POST", url, json={
+                    "model": "dense", "prompt": PROMPT, "max_tokens": 60, "ignore_eos": True,
+                    "stream": True}) as response:
+                tokens = 0
+                for line in response.iter_lines():
+                    if line.startswith("data: {"):
+                        tokens += 1
+                        running.set()
+                return response.status_code, tokens
+
+        first = pool.submit(long_stream)
+        assert running.wait(60)
+        for stream in (False, True):
+            refused = httpx.post(url, timeout=60, json={
+                "model": "top1", "prompt": "Hi", "max_tokens": 1, "stream": stream})
+            assert refused.status_code == 503, refused.text
+            assert refused.headers["retry-after"] == "1"
+            assert "try again" in refused.json()["error"]["message"]
+        assert first.result() == (200, 60)
+    assert httpx.post(url, timeout=60, json={"model": "top1", "prompt": "Hi",
+                                              "max_tokens": 1}).status_code == 200
 
 
 def test_management_needs_the_admin_key_generated_at_start(server):

@@ -112,3 +112,29 @@ def test_input_embeddings_are_read_from_safetensors(tmp_path):
     save_file({"model.embed_tokens.weight": table, "lm_head.weight": torch.zeros(2)},
               tmp_path / "model.safetensors")
     assert torch.equal(load_input_embeddings(tmp_path), table)
+
+
+def test_a_request_that_fails_its_step_fails_alone():
+    """A request the step cannot compute (here: a token id past the table, which the server
+    refuses earlier) fails with its error; the requests routed in the same step are served."""
+    table = torch.randn(VOCAB, HIDDEN)
+    reg = AdapterRegistry(HIDDEN, 128, torch.device("cpu"))
+    entry = reg.add("a", random_adapter(seed=1))
+    good = [[1, 2, 3], [4, 5], [6]]
+
+    async def run():
+        batcher = SoftPromptBatcher(reg, table, torch.float32)
+        batcher.start()
+        try:
+            return await asyncio.gather(
+                *(batcher.build(entry, ids) for ids in [good[0], [VOCAB + 7], *good[1:]]),
+                return_exceptions=True)
+        finally:
+            await batcher.stop()
+
+    results = asyncio.run(run())
+    assert isinstance(results[1], IndexError)
+    for ids, result in zip(good, [results[0], *results[2:]]):
+        reference = route_reference(entry.adapter, table[torch.tensor(ids)]).soft_prompt
+        torch.testing.assert_close(result.embeds[:4], reference, rtol=1e-5, atol=1e-5)
+    assert entry.pending == 0
