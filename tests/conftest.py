@@ -27,6 +27,7 @@ REPO_ADAPTERS = Path(__file__).resolve().parent.parent / "adapters"
 SHIPPED = sorted(p.name for p in REPO_ADAPTERS.iterdir() if (p / "adapter_config.json").exists())
 BASE = "SmolLM2-135M-Instruct"
 MAX_MODEL_LEN = 1024
+API_ROUTE_QUEUE_LIMIT = 4
 TEXTS = ["Answer in French, s'il vous plait.", "Talk like a pirate, arr matey!",
          "Reply with a short rhyming poem."]
 # name -> shape and routing; together they cover top-1 and dense, both scalings.
@@ -105,9 +106,9 @@ def server(model_dir, adapters_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def api_route_server(model_dir, adapters_dir, tmp_path_factory):
     """The other route: soft prompts computed in the API process, handed over as embeddings.
-    With vLLM's admission limit at one request at a time (its tests send one at a time; the
-    admission test sends two)."""
+    With vLLM's admission limit at four engine requests (one per prompt): its tests send one
+    request at a time, of up to four prompts."""
     running = _server(model_dir, adapters_dir, tmp_path_factory, "api",
-                      "--max-num-queued-reqs", "1")
+                      "--max-num-queued-reqs", str(API_ROUTE_QUEUE_LIMIT))
     yield running
     stop_server(running)

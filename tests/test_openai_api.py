@@ -10,7 +10,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import BASE, E2E_ADAPTERS, SHIPPED, admin_headers
+from conftest import API_ROUTE_QUEUE_LIMIT, BASE, E2E_ADAPTERS, SHIPPED, admin_headers
 
 PROMPT = "Once upon a time, there was a little"
 
@@ -341,16 +341,16 @@ def test_chat_n_and_top_logprobs_are_bounded(server):
 
 
 def test_a_full_queue_is_503_with_retry_after(api_route_server):
-    """vLLM's admission limits (here --max-num-queued-reqs 1) answer 503 with Retry-After,
-    streaming or not, while a request runs; the running one is unharmed."""
+    """vLLM's admission limits (here --max-num-queued-reqs 4) answer 503 with Retry-After,
+    streaming or not, while a request of four prompts runs; the running one is unharmed."""
     url = f"{api_route_server.url}/v1/completions"
     with ThreadPoolExecutor(1) as pool, httpx.Client(timeout=120) as client:
         running = threading.Event()
 
         def long_stream():
             with client.stream("POST", url, json={
-                    "model": "dense", "prompt": PROMPT, "max_tokens": 60, "ignore_eos": True,
-                    "stream": True}) as response:
+                    "model": "dense", "prompt": [PROMPT] * API_ROUTE_QUEUE_LIMIT,
+                    "max_tokens": 30, "ignore_eos": True, "stream": True}) as response:
                 tokens = 0
                 for line in response.iter_lines():
                     if line.startswith("data: {"):
@@ -366,7 +366,7 @@ def test_a_full_queue_is_503_with_retry_after(api_route_server):
             assert refused.status_code == 503, refused.text
             assert refused.headers["retry-after"] == "1"
             assert "try again" in refused.json()["error"]["message"]
-        assert first.result() == (200, 60)
+        assert first.result() == (200, 30 * API_ROUTE_QUEUE_LIMIT)
     assert httpx.post(url, timeout=60, json={"model": "top1", "prompt": "Hi",
                                               "max_tokens": 1}).status_code == 200
 
@@ -377,7 +377,7 @@ def test_management_needs_the_admin_key_generated_at_start(server):
     from ptmoe_serve.base_model import default_cache_dir
 
     assert (default_cache_dir() / "admin.key").stat().st_mode & 0o077 == 0
-    for headers in ({}, {"authorization": "Bearer "}, {"authorization": "Bearer wrong"}):
+    for headers in ({}, {"authorization": "Bearer"}, {"authorization": "Bearer wrong"}):
         refused = httpx.get(f"{server.url}/v1/adapters", headers=headers)
         assert refused.status_code == 401 and "admin key" in refused.json()["error"]["message"]
     listed = httpx.get(f"{server.url}/v1/adapters", headers=admin_headers())
