@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ptmoe_serve.adapter import AdapterConfig, write_adapter
-from ptmoe_serve.initialization import init_from_text
-from ptmoe_serve.soft_prompts import load_input_embeddings
+from ptmoe_serve.adapters.format import AdapterConfig, write_adapter
+from ptmoe_serve.adapters.create import init_from_text
+from ptmoe_serve.base_model import load_input_embeddings
 
 
 def write_ptmoe_adapters(folder: Path, model_dir: Path, base_name: str, count: int,
@@ -20,10 +20,9 @@ def write_ptmoe_adapters(folder: Path, model_dir: Path, base_name: str, count: i
     """`count` adapters `<prefix><i>`, each initialised from random tokens' embeddings, random
     routers."""
     table = load_input_embeddings(model_dir)
-    config = AdapterConfig(peft_type="PT_MOE", format_version=1, base_model_name_or_path=base_name,
-                           hidden_size=table.shape[1], num_experts=num_experts,
-                           prompt_length=prompt_length, rank=rank, top_k=1,
-                           router_scaling="probability")
+    config = AdapterConfig.v1(base_name, hidden_size=table.shape[1], num_experts=num_experts,
+                              prompt_length=prompt_length, rank=rank, top_k=1,
+                              router_scaling="probability")
     g = torch.Generator().manual_seed(seed)
     folders = []
     for i in range(count):

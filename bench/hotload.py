@@ -26,7 +26,7 @@ from tqdm import tqdm
 from bench.adapters import write_ptmoe_adapters
 from bench.loadgen import percentile
 from bench.server_process import start_server, stop_server
-from ptmoe_serve.adapter import CONFIG_FILE, WEIGHTS_FILE
+from ptmoe_serve.adapters.format import CONFIG_FILE, WEIGHTS_FILE
 from ptmoe_serve.base_model import DEFAULT_MODEL_NAME, default_cache_dir, ensure_default_model
 
 PROMPT = "Tell me a short story about a robot who learns to paint."

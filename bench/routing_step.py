@@ -18,20 +18,19 @@ from pathlib import Path
 
 import torch
 
-from ptmoe_serve.adapter import AdapterConfig, PtMoeAdapter
-from ptmoe_serve.engine_model import route_step
-from ptmoe_serve.registry import AdapterRegistry
-from ptmoe_serve.routing import route_reference
-from ptmoe_serve.soft_prompts import SoftPromptBatcher, _Pending
+from ptmoe_serve.adapters.format import AdapterConfig, PtMoeAdapter
+from ptmoe_serve.engine.vllm_model import route_keys
+from ptmoe_serve.adapters.registry import AdapterRegistry
+from ptmoe_serve.routing.reference import route_reference
+from ptmoe_serve.routing.batcher import SoftPromptBatcher, _Pending
 
 VOCAB = 49152
 
 
 def random_adapter(hidden: int, t: int, n: int, r: int, g: torch.Generator,
                    device: torch.device) -> PtMoeAdapter:
-    config = AdapterConfig(peft_type="PT_MOE", format_version=1, base_model_name_or_path="bench",
-                           hidden_size=hidden, num_experts=n, prompt_length=t, rank=r, top_k=1,
-                           router_scaling="probability")
+    config = AdapterConfig.v1("bench", hidden_size=hidden, num_experts=n, prompt_length=t,
+                              rank=r, top_k=1, router_scaling="probability")
     tensors = (torch.randn(n, t, r, generator=g) * 0.1, torch.randn(r, hidden, generator=g) * 0.1,
                torch.randn(n, hidden, generator=g), torch.zeros(n))
     return PtMoeAdapter(config, *(t.to(device) for t in tensors))
@@ -66,7 +65,7 @@ def measure(hidden: int, resident: int, batch: int, prompt_tokens: int, device: 
     keys = [[*astuple(bank.shape), entries[p].slot] for p in picks]
 
     def engine_step(fused: bool):
-        return lambda: route_step({bank.shape: bank}, keys, ids, hidden, table.__getitem__,
+        return lambda: route_keys({bank.shape: bank}, keys, ids, hidden, table.__getitem__,
                                   table if fused else None, torch.bfloat16)
 
     def loop():

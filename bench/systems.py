@@ -31,7 +31,7 @@ from bench.adapters import write_lora_adapters, write_ptmoe_adapters
 from bench.loadgen import RequestRecord, summarize
 from bench.server_process import start_server, stop_server
 from bench.workload import BenchRequest
-from ptmoe_serve.adapter import read_adapter
+from ptmoe_serve.adapters.format import read_adapter
 
 GIB = 2**30
 
@@ -220,7 +220,7 @@ def transformers_loop(config: SystemConfig, requests: list[BenchRequest], num_ad
     so batches need no padding). Adapters of the longest T."""
     from transformers import AutoModelForCausalLM
 
-    from ptmoe_serve.routing import route_reference
+    from ptmoe_serve.routing.reference import route_reference
 
     dtype = getattr(torch, config.dtype)
     folders = ptmoe_store(config, num_adapters)[max(config.prompt_lengths)]

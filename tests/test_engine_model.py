@@ -7,7 +7,7 @@ import json
 import pytest
 
 from ptmoe_serve.cli import _routing_in_engine
-from ptmoe_serve.engine_model import KEY_FIELDS, supports
+from ptmoe_serve.engine.vllm_model import KEY_FIELDS, supports
 
 
 @pytest.fixture
@@ -36,9 +36,10 @@ def test_the_workers_step_routes_every_request_by_its_key():
     import torch
 
     from helpers import random_adapter
-    from ptmoe_serve.engine_model import route_step, routing_key
-    from ptmoe_serve.registry import AdapterRegistry, BankShape
-    from ptmoe_serve.routing import route_reference
+    from ptmoe_serve.adapters.bank import BankShape
+    from ptmoe_serve.adapters.registry import AdapterRegistry
+    from ptmoe_serve.engine.vllm_model import AdapterRef, route_keys
+    from ptmoe_serve.routing.reference import route_reference
 
     vocab, hidden = 40, 16
     table = torch.randn(vocab, hidden)
@@ -51,7 +52,8 @@ def test_the_workers_step_routes_every_request_by_its_key():
     g = torch.Generator().manual_seed(0)
     requests = [(entries[i % 3], torch.randint(0, vocab, (1 + 3 * i,), generator=g))
                 for i in range(7)]
-    keys = [[routing_key(e.bank.shape, e.slot, "v")[f] for f in KEY_FIELDS] for e, _ in requests]
+    keys = [[AdapterRef(e.bank.shape, e.slot, "v").to_key()[f] for f in KEY_FIELDS]
+            for e, _ in requests]
     prompts = [ids for _, ids in requests]
     expected = [route_reference(e.adapter, table[ids]).soft_prompt for e, ids in requests]
 
@@ -59,15 +61,15 @@ def test_the_workers_step_routes_every_request_by_its_key():
         return table[ids]
 
     for fused_table in (None, table):
-        got = route_step(banks, keys, prompts, hidden, embed, fused_table)
+        got = route_keys(banks, keys, prompts, hidden, embed, fused_table)
         for g_, e in zip(got, expected):
             torch.testing.assert_close(g_, e, rtol=1e-5, atol=1e-5)  # float32
         # In the model's dtype: computed in float32, rounded once (bfloat16's tolerance).
-        got = route_step(banks, keys, prompts, hidden, embed, fused_table, torch.bfloat16)
+        got = route_keys(banks, keys, prompts, hidden, embed, fused_table, torch.bfloat16)
         for g_, e in zip(got, expected):
             assert g_.dtype == torch.bfloat16
             torch.testing.assert_close(g_, e.to(torch.bfloat16))
-    profile = route_step(banks, [[1, 9, 1, -1]], [torch.tensor([0])], hidden, embed)
+    profile = route_keys(banks, [[1, 9, 1, -1]], [torch.tensor([0])], hidden, embed)
     assert torch.equal(profile[0], torch.zeros(9, hidden))
     assert BankShape(1, 9, 1) not in banks
 
@@ -79,8 +81,10 @@ def test_adapters_reach_the_workers_banks_in_batches_of_mixed_shapes(tmp_path):
     import torch
 
     from helpers import random_adapter
-    from ptmoe_serve.engine_model import pack_adapters, read_packed, unpack_adapters
-    from ptmoe_serve.registry import AdapterBank, AdapterRegistry
+    from ptmoe_serve.adapters.bank import AdapterBank
+    from ptmoe_serve.adapters.registry import AdapterRegistry
+    from ptmoe_serve.engine.vllm_model import pack_adapters, read_packed, unpack_adapters
+    from ptmoe_serve.routing.step import route_slots
 
     registry = AdapterRegistry(16, 256, torch.device("cpu"))
     entries = [registry.add(f"a{i}", random_adapter(
@@ -103,6 +107,6 @@ def test_adapters_reach_the_workers_banks_in_batches_of_mixed_shapes(tmp_path):
         bank = workers[entry.bank.shape]
         assert bank.capacity == entry.bank.capacity
         slot = torch.tensor([entry.slot])
-        got, want = bank.route(slot, x[None]), entry.bank.route(slot, x[None])
+        got, want = route_slots(bank, slot, x[None]), route_slots(entry.bank, slot, x[None])
         torch.testing.assert_close(got.soft_prompt, want.soft_prompt)
         torch.testing.assert_close(got.weights, want.weights)

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from helpers import make_config
-from ptmoe_serve.initialization import fit_to_length, init_from_text
-from ptmoe_serve.routing import route_reference
+from ptmoe_serve.adapters.create import fit_to_length, init_from_text
+from ptmoe_serve.routing.reference import route_reference
 
 
 def test_fit_to_length_repeats_or_cuts():

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from helpers import HOSTILE, hostile_folders, random_adapter
-from ptmoe_serve.adapter import CONFIG_FILE, WEIGHTS_FILE, AdapterError, write_adapter
-from ptmoe_serve.lifecycle import AdapterManager, PathNotAllowed
-from ptmoe_serve.registry import AdapterExists, AdapterRegistry
-from ptmoe_serve.store import AdapterStore
+from ptmoe_serve.adapters.format import CONFIG_FILE, WEIGHTS_FILE, AdapterError, write_adapter
+from ptmoe_serve.adapters.manager import AdapterManager, PathNotAllowed
+from ptmoe_serve.adapters.registry import AdapterExists, AdapterRegistry
+from ptmoe_serve.adapters.store import AdapterStore
 
 
 @pytest.fixture
@@ -22,7 +22,8 @@ def roots(tmp_path):
 def manager(store_dir, library) -> AdapterManager:
     registry = AdapterRegistry(16, 64, torch.device("cpu"))
     result = AdapterManager(registry, AdapterStore(store_dir), [library])
-    result.start()
+    for _ in result.start_in_batches():
+        pass
     return result
 
 

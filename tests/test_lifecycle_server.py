@@ -21,8 +21,8 @@ from safetensors.torch import save
 from bench.server_process import start_server, stop_server
 from conftest import BASE, TEXTS
 from helpers import HOSTILE, hostile_folders, null_shape, text_experts_adapter
-from ptmoe_serve.adapter import CONFIG_FILE, WEIGHTS_FILE, write_adapter
-from ptmoe_serve.soft_prompts import load_input_embeddings
+from ptmoe_serve.adapters.format import CONFIG_FILE, WEIGHTS_FILE, write_adapter
+from ptmoe_serve.base_model import load_input_embeddings
 
 USER, ADMIN = "user-key", "admin-key"
 PROMPT = "Once upon a time, there was a little"

@@ -2,10 +2,11 @@ import pytest
 import torch
 
 from helpers import random_adapter
-from ptmoe_serve.adapter import AdapterError
-from ptmoe_serve.registry import (AdapterBank, AdapterExists, AdapterNotFound, AdapterRegistry,
-                                  bank_rows)
-from ptmoe_serve.routing import route_reference
+from ptmoe_serve.adapters.format import AdapterError
+from ptmoe_serve.adapters.bank import AdapterBank, bank_rows
+from ptmoe_serve.adapters.registry import AdapterExists, AdapterNotFound, AdapterRegistry
+from ptmoe_serve.routing.reference import route_reference
+from ptmoe_serve.routing.step import route_slots
 
 
 def registry(**kwargs) -> AdapterRegistry:
@@ -13,7 +14,7 @@ def registry(**kwargs) -> AdapterRegistry:
 
 
 def soft_prompt(entry, x):
-    return entry.bank.route(torch.tensor([entry.slot]), x[None]).soft_prompt[0]
+    return route_slots(entry.bank, torch.tensor([entry.slot]), x[None]).soft_prompt[0]
 
 
 def test_add_get_and_route_from_the_bank():
@@ -102,7 +103,8 @@ def test_a_mirror_bank_follows_the_slots_and_size_it_is_given():
     assert mirror.capacity == bank.capacity == 16
     slots = torch.tensor([e.slot for e in entries])
     x = torch.randn(len(entries), 16)
-    torch.testing.assert_close(mirror.route(slots, x).soft_prompt, bank.route(slots, x).soft_prompt)
+    torch.testing.assert_close(route_slots(mirror, slots, x).soft_prompt,
+                               route_slots(bank, slots, x).soft_prompt)
 
 
 def test_reserving_sizes_a_bank_once_for_a_bulk_load():

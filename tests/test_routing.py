@@ -1,8 +1,9 @@
 import torch
 
 from helpers import random_adapter
-from ptmoe_serve.registry import AdapterBank, BankShape
-from ptmoe_serve.routing import route_batch, route_reference, segment_means
+from ptmoe_serve.adapters.bank import AdapterBank, BankShape
+from ptmoe_serve.routing.reference import route_batch, route_reference, segment_means
+from ptmoe_serve.routing.step import route_slots
 
 
 def by_hand(adapter, embeddings):
@@ -49,7 +50,7 @@ def test_batch_equals_reference_for_heterogeneous_adapters():
     prompts = [torch.randn(length, 16) for length in (1, 5, 9, 2, 5, 3)]
     owners = [0, 1, 2, 3, 1, 0]
     means = torch.stack([p.mean(0) for p in prompts])
-    batched = bank.route(torch.tensor([slots[o] for o in owners]), means)
+    batched = route_slots(bank, torch.tensor([slots[o] for o in owners]), means)
     for row, (prompt, owner) in enumerate(zip(prompts, owners)):
         reference = route_reference(adapters[owner], prompt)
         torch.testing.assert_close(batched.soft_prompt[row], reference.soft_prompt,

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from helpers import random_adapter
-from ptmoe_serve.registry import AdapterBank, AdapterRegistry, BankShape
-from ptmoe_serve.routing import route_reference
-from ptmoe_serve.soft_prompts import SoftPromptBatcher
+from ptmoe_serve.adapters.bank import AdapterBank, BankShape
+from ptmoe_serve.adapters.registry import AdapterRegistry
+from ptmoe_serve.routing.reference import route_reference
+from ptmoe_serve.routing.batcher import SoftPromptBatcher
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # float32 throughout; the kernels sum in another order than torch: tolerance 1e-5 relative.
@@ -20,7 +21,7 @@ TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
 @pytest.fixture(scope="module")
 def kernel():
     pytest.importorskip("triton")
-    return importlib.import_module("ptmoe_serve.routing_kernel")
+    return importlib.import_module("ptmoe_serve.routing.kernels")
 
 
 # (hidden, experts, prompt length, rank): the paper's shape among them

@@ -3,9 +3,10 @@ import asyncio
 import torch
 
 from helpers import random_adapter
-from ptmoe_serve.registry import AdapterRegistry
-from ptmoe_serve.routing import route_reference
-from ptmoe_serve.soft_prompts import SoftPromptBatcher, load_input_embeddings
+from ptmoe_serve.adapters.registry import AdapterRegistry
+from ptmoe_serve.routing.reference import route_reference
+from ptmoe_serve.base_model import load_input_embeddings
+from ptmoe_serve.routing.batcher import SoftPromptBatcher
 
 VOCAB, HIDDEN = 50, 16
 

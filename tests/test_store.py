@@ -1,8 +1,8 @@
 import json
 
 from helpers import random_adapter
-from ptmoe_serve.adapter import CONFIG_FILE, WEIGHTS_FILE, read_adapter, write_adapter
-from ptmoe_serve.store import MANIFEST, AdapterStore, FolderSignature
+from ptmoe_serve.adapters.format import CONFIG_FILE, WEIGHTS_FILE, read_adapter, write_adapter
+from ptmoe_serve.adapters.store import MANIFEST, AdapterStore, FolderSignature
 
 
 def adapter_bytes(tmp_path, seed=0):
@@ -17,7 +17,7 @@ def test_write_then_replace(tmp_path):
     store.write("a", *adapter_bytes(tmp_path, 2))
     assert sorted(store.folders()) == ["a"]
     assert [p.name for p in store.root.iterdir()] == ["a"]
-    assert read_adapter(store.folder("a")).experts_a.equal(random_adapter(seed=2).experts_a)
+    assert read_adapter((store.root / "a")).experts_a.equal(random_adapter(seed=2).experts_a)
 
 
 def test_recover_drops_staged_uploads_and_restores_interrupted_replacements(tmp_path):
@@ -38,7 +38,7 @@ def test_recover_drops_staged_uploads_and_restores_interrupted_replacements(tmp_
 
     store.recover()
     assert sorted(p.name for p in store.root.iterdir()) == ["done", "kept"]
-    read_adapter(store.folder("kept"))
+    read_adapter((store.root / "kept"))
 
 
 def test_manifest_survives_a_new_store_object(tmp_path):
@@ -52,7 +52,7 @@ def test_manifest_survives_a_new_store_object(tmp_path):
     assert again.manifest.unloaded == {"a"}
     data = json.loads((store.root / MANIFEST).read_text())
     assert data == {"linked": {"linked": str(tmp_path / "elsewhere" / "x")}, "unloaded": ["a"]}
-    again.remember_loaded("a", again.folder("a"))
+    again.remember_loaded("a", again.root / "a")
     assert AdapterStore(tmp_path / "store").manifest.unloaded == set()
 
 

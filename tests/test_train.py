@@ -10,7 +10,7 @@ import torch
 
 from conftest import admin_headers
 from helpers import random_adapter
-from ptmoe_serve.adapter import read_adapter
+from ptmoe_serve.adapters.format import read_adapter
 from ptmoe_serve.train.module import PtMoePrompt
 from ptmoe_serve.train.trainer import TrainSettings, train
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ptmoe_serve.adapter import AdapterConfig, PtMoeAdapter
+from ptmoe_serve.adapters.format import PtMoeAdapter
+from ptmoe_serve.routing.reference import expert_weights
 
 
 class PtMoePrompt(nn.Module):
@@ -26,17 +27,16 @@ class PtMoePrompt(nn.Module):
         self.router_bias = nn.Parameter(adapter.router_bias.clone(), requires_grad=trains_router)
 
     def expert_weights(self, mean_embeddings: torch.Tensor) -> torch.Tensor:
-        """[B, H] -> [B, N] weights of the experts each prompt uses."""
+        """[B, H] -> [B, N] weights of the experts each prompt uses: the serving gate
+        (`routing.reference.expert_weights`), after the training noise."""
         logits = mean_embeddings @ self.router_weight.T + self.router_bias
         if self.training and self.noise_std > 0:
             logits = logits * (1 + self.noise_std * torch.randn_like(logits))
-        probabilities = torch.softmax(logits, dim=-1)
-        # stable descending order: on a tie the lower expert index wins, as when serving
-        order = torch.argsort(probabilities.detach(), dim=-1, descending=True, stable=True)
-        keep = torch.zeros_like(probabilities).scatter_(-1, order[:, : self.config.top_k], 1.0)
-        kept = probabilities if self.config.router_scaling == "probability" \
-            else torch.ones_like(probabilities)
-        return kept * keep
+        rows = logits.shape[0]
+        top_k = torch.full((rows,), self.config.top_k, device=logits.device)
+        scale = torch.full((rows,), self.config.router_scaling == "probability",
+                           device=logits.device)
+        return expert_weights(logits, top_k, scale)[0]
 
     def forward(self, mean_embeddings: torch.Tensor) -> torch.Tensor:
         """[B, H] float32 -> soft prompts [B, T, H]."""
@@ -47,11 +47,3 @@ class PtMoePrompt(nn.Module):
     def to_adapter(self) -> PtMoeAdapter:
         return PtMoeAdapter(self.config, *(p.detach().float().cpu().contiguous() for p in (
             self.experts_a, self.shared_b, self.router_weight, self.router_bias)))
-
-
-def config_for(base_name: str, hidden_size: int, num_experts: int, prompt_length: int, rank: int,
-               top_k: int, router_scaling: str) -> AdapterConfig:
-    return AdapterConfig(peft_type="PT_MOE", format_version=1, base_model_name_or_path=base_name,
-                         hidden_size=hidden_size, num_experts=num_experts,
-                         prompt_length=prompt_length, rank=rank, top_k=top_k,
-                         router_scaling=router_scaling)

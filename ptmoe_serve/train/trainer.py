@@ -1,6 +1,6 @@
 """`ptmoe-serve train`: fit a PT-MoE prompt on a frozen causal LM and write format v1.
 
-Initialisation from the task description (initialization.py), noisy top-k routing
+Initialisation from the task description (adapters/create.py), noisy top-k routing
 (module.py), loss on the answer tokens only, AdamW with linear warmup then a constant rate,
 gradient accumulation. Each step's batch and noise derive from (seed, step), so a run resumed
 from its checkpoint follows the same trajectory as one that never stopped."""
@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from ptmoe_serve.adapter import write_adapter
-from ptmoe_serve.initialization import fit_to_length, init_from_text
+from ptmoe_serve.adapters.format import AdapterConfig, write_adapter
+from ptmoe_serve.adapters.create import fit_to_length, init_from_text
 from ptmoe_serve.train.data import Example, load_examples
-from ptmoe_serve.train.module import PtMoePrompt, config_for
+from ptmoe_serve.train.module import PtMoePrompt
 
 CHECKPOINT = "checkpoint.safetensors"
 CHECKPOINT_STATE = "checkpoint.json"
@@ -74,8 +74,10 @@ def batch_inputs(examples: list[Example], prompts: torch.Tensor, embed: torch.nn
 
 
 def _adapter_config(settings: TrainSettings, hidden: int):
-    return config_for(settings.base_name, hidden, settings.num_experts, settings.prompt_length,
-                      settings.rank, settings.top_k, settings.router_scaling)
+    return AdapterConfig.v1(settings.base_name, hidden_size=hidden,
+                            num_experts=settings.num_experts,
+                            prompt_length=settings.prompt_length, rank=settings.rank,
+                            top_k=settings.top_k, router_scaling=settings.router_scaling)
 
 
 def _optimizer(module: torch.nn.Module, settings: TrainSettings):

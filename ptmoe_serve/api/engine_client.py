@@ -23,10 +23,10 @@ from vllm.outputs import RequestOutput
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from ptmoe_serve.limits import RequestLimits
+from ptmoe_serve.api.limits import RequestLimits
 from ptmoe_serve.metrics import Metrics
-from ptmoe_serve.protocol import ROUTE_TOKENS
-from ptmoe_serve.registry import AdapterEntry, AdapterNotFound, AdapterRegistry
+from ptmoe_serve.api.protocol import ROUTE_TOKENS
+from ptmoe_serve.adapters.registry import AdapterEntry, AdapterNotFound, AdapterRegistry
 
 
 

@@ -27,15 +27,15 @@ from vllm.entrypoints.serve.tokenize.protocol import (TokenizeChatRequest,
 from vllm.exceptions import VLLMValidationError
 from vllm.v1.metrics.prometheus import get_prometheus_registry
 
-from ptmoe_serve import management
-from ptmoe_serve.engine import engine_args
-from ptmoe_serve.engine_client import AdapterNames
-from ptmoe_serve.errors import RequestError, request_error_handler
-from ptmoe_serve.limits import RequestLimits, prompt_count
-from ptmoe_serve.protocol import PromptRouting, RoutingRequest, RoutingResponse
-from ptmoe_serve.registry import AdapterNotFound
-from ptmoe_serve.services import Services, start_services
-from ptmoe_serve.settings import ServerSettings
+from ptmoe_serve.api import management
+from ptmoe_serve.engine.engine import engine_args
+from ptmoe_serve.api.engine_client import AdapterNames
+from ptmoe_serve.api.errors import RequestError, request_error_handler
+from ptmoe_serve.api.limits import RequestLimits, prompt_count
+from ptmoe_serve.api.protocol import PromptRouting, RoutingRequest, RoutingResponse
+from ptmoe_serve.adapters.registry import AdapterNotFound
+from ptmoe_serve.api.runtime import Services, start_services
+from ptmoe_serve.config import ServerSettings
 
 logger = logging.getLogger(__name__)
 OWNER = "ptmoe_serve"

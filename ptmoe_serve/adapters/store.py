@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ptmoe_serve.adapter import CONFIG_FILE, WEIGHTS_FILE, AdapterError
+from ptmoe_serve.adapters.format import CONFIG_FILE, WEIGHTS_FILE, AdapterError
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +68,6 @@ class AdapterStore:
                 else:
                     logger.warning("restoring %s: its replacement was interrupted", name)
                     path.rename(self.root / name)
-
-    def folder(self, name: str) -> Path:
-        return self.root / name
 
     def folders(self) -> dict[str, Path]:
         """Adapter folders in the store, by name (hidden folders excluded)."""

@@ -14,11 +14,11 @@ from fastapi import APIRouter, Depends, Request
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from ptmoe_serve import protocol
-from ptmoe_serve.adapter import CONFIG_FILE, WEIGHTS_FILE, AdapterError
-from ptmoe_serve.lifecycle import PathNotAllowed
-from ptmoe_serve.registry import AdapterEntry, AdapterExists, AdapterNotFound
-from ptmoe_serve.errors import RequestError
+from ptmoe_serve.api import protocol
+from ptmoe_serve.adapters.format import CONFIG_FILE, WEIGHTS_FILE, AdapterError
+from ptmoe_serve.adapters.manager import PathNotAllowed
+from ptmoe_serve.adapters.registry import AdapterEntry, AdapterExists, AdapterNotFound
+from ptmoe_serve.api.errors import RequestError
 
 
 def _require_admin(request: Request) -> None:

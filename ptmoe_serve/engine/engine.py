@@ -2,7 +2,7 @@
 adapters' requests:
 
 - in the engine: prompts go as token ids with a routing key, and the engine's workers compute
-  the soft prompts of each step from the adapter banks they hold (engine_model.py);
+  the soft prompts of each step from the adapter banks they hold (vllm_model.py);
 - through prompt embeddings: the soft prompt is computed in the API process and the request
   goes as `prompt_embeds` ([soft prompt; token embeddings]).
 
@@ -20,7 +20,7 @@ import torch
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from ptmoe_serve.settings import EngineSettings
+from ptmoe_serve.config import EngineSettings
 
 GIB = 1024**3
 SHARED_MEMORY = Path("/dev/shm")
@@ -31,7 +31,7 @@ def engine_args(settings: EngineSettings, vllm_args: argparse.Namespace) -> Asyn
     route needs set by this project."""
     args = AsyncEngineArgs.from_cli_args(vllm_args)
     if settings.routing_in_engine:
-        from ptmoe_serve.engine_model import engine_args as routing_args
+        from ptmoe_serve.engine.vllm_model import engine_args as routing_args
 
         route = routing_args(settings.max_soft_prompt_length)
     else:
@@ -59,7 +59,7 @@ class Engine:
 
     async def write_adapters(self, banks: list[list[int]], tensors: dict[str, torch.Tensor]
                              ) -> None:
-        """Put adapters into every worker's banks (engine_model.pack_adapters' output). Where
+        """Put adapters into every worker's banks (vllm_model.pack_adapters' output). Where
         the workers share this machine the tensors go through a file in shared memory, which
         they map: vLLM's messaging would copy tens of megabytes several times on the way."""
         if not self._workers_share_this_host:

@@ -1,48 +1,22 @@
-"""The routing step of the serving path: requests that arrive together get their prompt
-embeddings, [soft prompt; token embeddings], from one batched computation.
+"""The api route's batcher: requests that arrive together get their prompt embeddings,
+[soft prompt; token embeddings], from one routing step (step.py).
 
 Each request awaits `build`; a background task takes everything queued since its last step and
-computes it at once: one embedding gather over all tokens and, per adapter shape, one batched
-routing whatever adapters the requests name: the fused Triton kernels on a CUDA device
-(routing_kernel.py), else the batched torch version (one segment mean, `AdapterBank.route`)."""
+computes it at once: one embedding gather over all tokens and one routing step whatever
+adapters the requests name (the fused Triton kernels on a CUDA device, else batched torch)."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
-from safetensors import safe_open
 
-from ptmoe_serve.registry import AdapterEntry, AdapterRegistry
-from ptmoe_serve.routing import gate_reference, segment_means
-
-# Names of the input embedding matrix in common Hugging Face architectures.
-EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
-
-
-def load_input_embeddings(model_dir: Path) -> torch.Tensor:
-    """Read only the input embedding matrix [vocab, H] from a model's safetensors files."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        candidates = [(key, model_dir / file) for key, file in weight_map.items()]
-    else:
-        candidates = []
-        for file in sorted(model_dir.glob("*.safetensors")):
-            with safe_open(file, "pt") as f:
-                candidates += [(key, file) for key in f.keys()]
-    for key, file in candidates:
-        if key.endswith(EMBEDDING_SUFFIXES):
-            with safe_open(file, "pt") as f:
-                return f.get_tensor(key)
-    raise ValueError(f"no input embedding matrix ({', '.join(EMBEDDING_SUFFIXES)}) in {model_dir}")
-
+from ptmoe_serve.adapters.registry import AdapterEntry, AdapterRegistry
+from ptmoe_serve.routing.reference import gate_reference
+from ptmoe_serve.routing.step import route_step
 
 @dataclass(frozen=True)
 class PromptEmbeds:
@@ -142,34 +116,20 @@ class SoftPromptBatcher:
 
     @torch.inference_mode()
     def compute(self, batch: list[_Pending]) -> list[PromptEmbeds]:
-        device = self.registry.device
+        """[soft prompt; token embeddings] of each request, from one routing step."""
         lengths = [len(item.token_ids) for item in batch]
-        routed = torch.tensor([item.route_tokens for item in batch], device=device)
-        flat_ids = torch.tensor([t for item in batch for t in item.token_ids], device=device)
-        per_request = self.table.index_select(0, flat_ids).split(lengths)
-        means = None if self.fused else segment_means(
-            torch.cat([e[: item.route_tokens] for e, item in zip(per_request, batch)]), routed)
+        flat_ids = torch.tensor([t for item in batch for t in item.token_ids],
+                                device=self.registry.device)
+        embeddings = self.table.index_select(0, flat_ids).split(lengths)
+        routed = [flat_ids.new_tensor(item.token_ids[: item.route_tokens]) for item in batch]
+        targets = [(item.entry.bank, item.entry.bank.shape, item.entry.slot) for item in batch]
+        soft_prompts = route_step(targets, routed, self.table.shape[1], self._embed,
+                                  self.table if self.fused else None, self.model_dtype)
+        return [PromptEmbeds(torch.cat([soft, tokens]).cpu())
+                for soft, tokens in zip(soft_prompts, embeddings)]
 
-        by_bank: dict[int, list[int]] = defaultdict(list)
-        for i, item in enumerate(batch):
-            by_bank[id(item.entry.bank)].append(i)
-        results: list[PromptEmbeds | None] = [None] * len(batch)
-        for rows in by_bank.values():
-            bank = batch[rows[0]].entry.bank
-            slots = torch.tensor([batch[i].entry.slot for i in rows], device=device)
-            if self.fused:
-                from ptmoe_serve.routing_kernel import route_fused
-
-                group_ids = torch.cat([flat_ids.new_tensor(batch[i].token_ids[: batch[i].route_tokens])
-                                       for i in rows])
-                offsets = torch.nn.functional.pad(routed[rows].cumsum(0), (1, 0))
-                prompts = route_fused(self.table, group_ids, offsets, slots, bank.tensors)[0]
-            else:
-                prompts = bank.route(slots, means[rows]).soft_prompt
-            soft_prompts = prompts.to(self.model_dtype)
-            for j, i in enumerate(rows):
-                results[i] = PromptEmbeds(torch.cat([soft_prompts[j], per_request[i]]).cpu())
-        return results
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table.index_select(0, ids)
 
     def routing(self, entry: AdapterEntry, token_ids: list[int]) -> tuple[list[float], list[float]]:
         """Expert weights and router probabilities for a prompt (the router alone)."""

@@ -63,6 +63,16 @@ class AdapterConfig(BaseModel):
                              f"limit is {MAX_PARAMETERS}")
         return self
 
+    @classmethod
+    def v1(cls, base_model_name_or_path: str, *, hidden_size: int, num_experts: int,
+           prompt_length: int, rank: int, top_k: int, router_scaling: str) -> AdapterConfig:
+        """A format v1 config: how every new adapter's config is made (the command line,
+        the PEFT import, training)."""
+        return cls(peft_type="PT_MOE", format_version=1,
+                   base_model_name_or_path=base_model_name_or_path, hidden_size=hidden_size,
+                   num_experts=num_experts, prompt_length=prompt_length, rank=rank,
+                   top_k=top_k, router_scaling=router_scaling)
+
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         n, t, r, h = self.num_experts, self.prompt_length, self.rank, self.hidden_size
         return {

@@ -1,6 +1,6 @@
 """The in-engine route, seen from this process: a request with an adapter goes to the engine
 as its token ids and a routing key, and the engine's workers compute the soft prompts of each
-step (engine_model.py). Each adapter version is written into the workers' banks once: in bulk
+step (vllm_model.py). Each adapter version is written into the workers' banks once: in bulk
 at start-up, else from its load on (a request that comes first waits for it); the key names
 that version, so no cache can serve an older one. Once written, this process keeps of an
 adapter only its router, for showing a prompt's routing (`routing`)."""
@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
-from ptmoe_serve.engine import Engine
-from ptmoe_serve.engine_model import MODALITY, pack_adapters, routing_key
-from ptmoe_serve.registry import AdapterEntry, BankShape
-from ptmoe_serve.routing import gate_reference
-from ptmoe_serve.soft_prompts import load_input_embeddings
+from ptmoe_serve.engine.engine import Engine
+from ptmoe_serve.engine.vllm_model import MODALITY, AdapterRef, pack_adapters
+from ptmoe_serve.adapters.bank import BankShape
+from ptmoe_serve.adapters.registry import AdapterEntry
+from ptmoe_serve.routing.reference import gate_reference
+from ptmoe_serve.base_model import load_input_embeddings
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +54,8 @@ class EngineRouting:
         """The request as the engine takes it: its token ids and the routing key (the
         router reads the first `route_tokens` of them, all by default), once the adapter is
         in the workers' banks."""
-        key = routing_key(entry.bank.shape, entry.slot, f"{entry.name}@{entry.version}",
-                          route_tokens or len(token_ids))
+        ref = AdapterRef(entry.bank.shape, entry.slot, f"{entry.name}@{entry.version}")
+        key = ref.to_key(route_tokens or len(token_ids))
         written = self._written.get(entry)
         # A write that failed is tried again by the next request.
         if written is None or (written.done() and (written.cancelled()

@@ -15,17 +15,18 @@ import torch
 from prometheus_client import CollectorRegistry
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from ptmoe_serve.auth import AccessPolicy
-from ptmoe_serve.engine import Engine
-from ptmoe_serve.engine_client import AdapterEngineClient
-from ptmoe_serve.engine_routing import EngineRouting
-from ptmoe_serve.lifecycle import AdapterManager
-from ptmoe_serve.limits import RequestLimits
+from ptmoe_serve.api.auth import AccessPolicy
+from ptmoe_serve.engine.engine import Engine
+from ptmoe_serve.api.engine_client import AdapterEngineClient
+from ptmoe_serve.engine.route import EngineRouting
+from ptmoe_serve.adapters.manager import AdapterManager
+from ptmoe_serve.api.limits import RequestLimits
 from ptmoe_serve.metrics import Metrics
-from ptmoe_serve.registry import AdapterRegistry
-from ptmoe_serve.settings import ServerSettings
-from ptmoe_serve.soft_prompts import SoftPromptBatcher, load_input_embeddings
-from ptmoe_serve.store import AdapterStore
+from ptmoe_serve.adapters.registry import AdapterRegistry
+from ptmoe_serve.config import ServerSettings
+from ptmoe_serve.base_model import load_input_embeddings
+from ptmoe_serve.routing.batcher import SoftPromptBatcher
+from ptmoe_serve.adapters.store import AdapterStore
 
 logger = logging.getLogger(__name__)
 # Chat content-part types (their part before "_"), which vLLM matches against adapter names

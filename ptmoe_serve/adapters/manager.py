@@ -19,11 +19,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ptmoe_serve.adapter import (AdapterError, PtMoeAdapter, check_weights_file, parse_config,
-                                 parse_weights, read_adapter, read_config, read_weights,
-                                 validate_name)
-from ptmoe_serve.registry import AdapterEntry, AdapterNotFound, AdapterRegistry
-from ptmoe_serve.store import AdapterStore, FolderSignature
+from ptmoe_serve.adapters.format import (AdapterError, PtMoeAdapter, check_weights_file,
+                                         parse_config, parse_weights, read_adapter, read_config,
+                                         read_weights, validate_name)
+from ptmoe_serve.adapters.registry import AdapterEntry, AdapterRegistry
+from ptmoe_serve.adapters.store import AdapterStore, FolderSignature
 
 logger = logging.getLogger(__name__)
 
@@ -51,14 +51,10 @@ class AdapterManager:
         self._upload_lock = asyncio.Lock()
         self._uploading: set[str] = set()
 
-    def start(self) -> None:
-        """Serve what was served before: the store's folders and the adapters linked from
-        other roots, after undoing whatever a crash left half done."""
-        for _ in self.start_in_batches():
-            pass
-
     def start_in_batches(self, batch_parameters: int = 1 << 24) -> Iterator[list[AdapterEntry]]:
-        """`start`, loading as it is iterated: the entries come a batch (of about
+        """Serve what was served before: the store's folders and the adapters linked from
+        other roots, after undoing whatever a crash left half done. Loads as it is iterated:
+        the entries come a batch (of about
         `batch_parameters` parameters) at a time, so each can move on, to the engine's
         workers, before the next is read. The banks are sized first for the adapters whose
         config and weights header passed every check, so a bulk load never copies a bank."""
@@ -218,5 +214,3 @@ class AdapterManager:
                 logger.exception("cannot follow the adapter store; trying again in %.1f s",
                                  interval)
 
-
-__all__ = ["AdapterManager", "AdapterNotFound", "PathNotAllowed"]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ptmoe_serve.adapter import PtMoeAdapter
+from ptmoe_serve.adapters.format import PtMoeAdapter
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import safetensors.torch
@@ -31,24 +32,51 @@ from vllm.multimodal.parse import ModalityDataItems, MultiModalDataParser
 from vllm.multimodal.processing import (BaseDummyInputsBuilder, BaseMultiModalProcessor,
                                         BaseProcessingInfo, ProcessorInputs, TimingContext)
 
-from ptmoe_serve.registry import AdapterBank, AdapterEntry, BankShape, bank_rows
-from ptmoe_serve.routing import segment_means
+from ptmoe_serve.adapters.bank import AdapterBank, BankShape, bank_rows
+from ptmoe_serve.adapters.registry import AdapterEntry
+from ptmoe_serve.routing.step import route_step
 
 MODALITY = "ptmoe"
 ARCHITECTURE = "PtMoeLlamaForCausalLM"
 # hf_config attribute (set through hf_overrides) bounding T, for vLLM's encoder budget.
 MAX_PROMPT_LENGTH = "ptmoe_max_prompt_length"
-# A routing key's fields as the worker receives them, in this order.
+# An adapter's fields as the worker receives them (a row of ints), in this order.
 KEY_FIELDS = ("num_experts", "prompt_length", "rank", "slot")
 
 
-def routing_key(shape: BankShape, slot: int, version: str, route_tokens: int | None = None
-                ) -> dict:
-    """What a request tells the worker: which bank and slot, the adapter version that keys
-    vLLM's prefix and encoder caches, and how many leading prompt tokens the router reads
-    (None: all)."""
-    return {"num_experts": shape.num_experts, "prompt_length": shape.prompt_length,
-            "rank": shape.rank, "slot": slot, "version": version, "route_tokens": route_tokens}
+@dataclass(frozen=True)
+class AdapterRef:
+    """An adapter version as a request names it to the workers: its bank's shape and its
+    slot there, and the version string that keys vLLM's prefix and encoder caches. The wire
+    format, defined once: a key (the request's multimodal data) and, inside the worker, a row
+    of KEY_FIELDS."""
+
+    shape: BankShape
+    slot: int
+    version: str
+
+    def to_key(self, route_tokens: int | None = None) -> dict:
+        """The request's key; the router reads the prompt's first `route_tokens` tokens
+        (None: all)."""
+        return {"num_experts": self.shape.num_experts, "prompt_length": self.shape.prompt_length,
+                "rank": self.shape.rank, "slot": self.slot, "version": self.version,
+                "route_tokens": route_tokens}
+
+    @staticmethod
+    def from_key(key: dict) -> AdapterRef:
+        return AdapterRef(BankShape(key["num_experts"], key["prompt_length"], key["rank"]),
+                          key["slot"], key["version"])
+
+    def row(self) -> list[int]:
+        return [self.shape.num_experts, self.shape.prompt_length, self.shape.rank, self.slot]
+
+    @staticmethod
+    def target(row: list[int], banks: dict[BankShape, AdapterBank]
+               ) -> tuple[AdapterBank | None, BankShape, int]:
+        """A row as the routing step's target: the worker's bank of that shape, if any."""
+        n, t, r, slot = row
+        shape = BankShape(n, t, r)
+        return banks.get(shape), shape, slot
 
 
 class _RoutingKeys(ModalityDataItems[dict, dict]):
@@ -94,7 +122,7 @@ class PtMoeDummyInputs(BaseDummyInputsBuilder[PtMoeProcessingInfo]):
 
     def get_dummy_mm_data(self, seq_len, mm_counts, mm_options):
         length = getattr(self.info.get_hf_config(), MAX_PROMPT_LENGTH)
-        return {MODALITY: routing_key(BankShape(1, length, 1), -1, "profile")}
+        return {MODALITY: AdapterRef(BankShape(1, length, 1), -1, "profile").to_key()}
 
 
 class PtMoeProcessor(BaseMultiModalProcessor[PtMoeProcessingInfo]):
@@ -107,11 +135,12 @@ class PtMoeProcessor(BaseMultiModalProcessor[PtMoeProcessingInfo]):
 
     def apply(self, inputs: ProcessorInputs, timing_ctx: TimingContext) -> MultiModalInput:
         key = inputs.mm_data_items[MODALITY].get(0)
+        ref = AdapterRef.from_key(key)
         prompt = list(inputs.prompt)
         routed = prompt[: key.get("route_tokens") or len(prompt)]
-        length = key["prompt_length"]
+        length = ref.shape.prompt_length
         fields = BatchFeature({
-            "ptmoe_key": torch.tensor([[key[f] for f in KEY_FIELDS]]),
+            "ptmoe_key": torch.tensor([ref.row()]),
             "ptmoe_prompt_ids": torch.tensor([routed or [0]]),
         })
         kwargs = MultiModalKwargsItems.from_hf_inputs(fields, self._get_mm_fields_config(fields, {}))
@@ -120,7 +149,7 @@ class PtMoeProcessor(BaseMultiModalProcessor[PtMoeProcessingInfo]):
         # the cache. Prompts that share their routed tokens share the soft prompt and its KV
         # blocks (vLLM's block hashes chain the tokens after it).
         digest = hashlib.sha256(
-            f"{key['version']}|{[key[f] for f in KEY_FIELDS]}|".encode()
+            f"{ref.version}|{ref.row()}|".encode()
             + torch.tensor(routed, dtype=torch.int64).numpy().tobytes()).hexdigest()
         return mm_input(prompt_token_ids=[0] * length + prompt, mm_kwargs=kwargs,
                         mm_hashes={MODALITY: [digest]},
@@ -157,7 +186,7 @@ class PtMoeLlamaForCausalLM(LlamaForCausalLM, SupportsMultiModal):
         # The fused kernels read embedding rows from the table itself: the whole table, so
         # on one rank only; across ranks vLLM's embedding layer gathers the rows.
         fused = weight.is_cuda and get_tensor_model_parallel_world_size() == 1
-        return route_step(self.ptmoe_banks, keys, prompts, self.config.hidden_size,
+        return route_keys(self.ptmoe_banks, keys, prompts, self.config.hidden_size,
                           self.embed_input_ids, weight if fused else None, weight.dtype)
 
     def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
@@ -166,43 +195,15 @@ class PtMoeLlamaForCausalLM(LlamaForCausalLM, SupportsMultiModal):
                                                   is_multimodal=is_multimodal)
 
 
-def route_step(banks: dict[BankShape, AdapterBank], keys: list[list[int]],
+def route_keys(banks: dict[BankShape, AdapterBank], keys: list[list[int]],
                prompts: list[torch.Tensor], hidden_size: int,
                embed: Callable[[torch.Tensor], torch.Tensor],
                table: torch.Tensor | None = None, dtype: torch.dtype = torch.float32
                ) -> list[torch.Tensor]:
-    """Soft prompts [T, H] of a step's requests, in order, computed in float32 and given in
-    `dtype` (the model's): per adapter shape, one batched routing over the requests' slots;
-    the fused Triton kernels when `table` (the whole embedding table) is given, else one
-    embedding lookup, segment means and the batched torch version. Each request's soft
-    prompt is a view into its group's one tensor. A negative slot (vLLM's profiling run)
-    routes to zeros."""
-    device = prompts[0].device if table is None else table.device
-    prompts = [p.to(device) for p in prompts]
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    ids = torch.cat(prompts)
-    means = None if table is not None else segment_means(embed(ids), lengths)
-    groups: dict[BankShape, list[int]] = {}
-    for i, (n, t, r, _) in enumerate(keys):
-        groups.setdefault(BankShape(n, t, r), []).append(i)
-    out: list[torch.Tensor] = [None] * len(keys)  # type: ignore[list-item]
-    for shape, rows in groups.items():
-        slots = torch.tensor([keys[i][3] for i in rows], device=device)
-        bank = banks.get(shape)
-        if bank is None or bool(slots[0] < 0):
-            soft = torch.zeros(len(rows), shape.prompt_length, hidden_size, dtype=dtype,
-                               device=device)
-        elif table is not None:
-            from ptmoe_serve.routing_kernel import route_fused
-
-            group_ids = torch.cat([prompts[i] for i in rows])
-            offsets = torch.nn.functional.pad(lengths[rows].cumsum(0), (1, 0))
-            soft = route_fused(table, group_ids, offsets, slots, bank.tensors, dtype)[0]
-        else:
-            soft = bank.route(slots, means[rows]).soft_prompt.to(dtype)
-        for j, i in enumerate(rows):
-            out[i] = soft[j]
-    return out
+    """The routing step over a worker's banks, for requests as the worker receives them
+    (rows of KEY_FIELDS)."""
+    return route_step([AdapterRef.target(row, banks) for row in keys], prompts, hidden_size,
+                      embed, table, dtype)
 
 
 def pack_adapters(entries: Sequence[AdapterEntry]

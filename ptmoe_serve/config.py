@@ -12,7 +12,7 @@ from pathlib import Path
 class EngineSettings:
     model_dir: str
     served_model_name: str
-    # The routing step in vLLM's workers (engine_model.py) rather than in the API process.
+    # The routing step in vLLM's workers (engine/vllm_model.py) rather than in the API process.
     routing_in_engine: bool = False
     # The longest soft prompt the in-engine route accepts (vLLM sizes its encoder cache by it).
     max_soft_prompt_length: int = 128
@@ -34,13 +34,13 @@ class ServerSettings:
     # Management's key: given, or generated at start-up (cli.py); never the API key.
     admin_api_key: str | None = None
     api_key: str | None = None
-    # Host header names answered besides loopback ones; None: any (see auth.py).
+    # Host header names answered besides loopback ones; None: any (see api/auth.py).
     allowed_hosts: frozenset[str] | None = frozenset()
     metrics_need_key: bool = False
     max_upload_bytes: int = 64 * 1024 * 1024
     # Largest body of any other request (completions, chat, ...).
     max_request_bytes: int = 8 * 1024 * 1024
-    # Sequences (prompts x n) per request, and logprob entries per engine request (limits.py).
+    # Sequences (prompts x n) per request; logprob entries per engine request (api/limits.py).
     max_sequences: int = 256
     max_logprobs: int = 1_000_000
     # Seconds between looks at the adapters folder; 0 turns the watching off.

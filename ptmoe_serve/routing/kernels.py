@@ -1,6 +1,6 @@
 """The routing step as two Triton kernels that read the adapter bank in place.
 
-`route_batch` (routing.py) gathers each request's bank rows into new tensors before its batched
+`route_batch` (reference.py) gathers each request's bank rows into new tensors before its batched
 products; at large hidden sizes that copy of `shared.B` costs more than the math. Here:
 
 1. `_gate_kernel`, one program per request: the mean of the prompt's token embeddings, the

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
-from ptmoe_serve.errors import RequestError
+from ptmoe_serve.api.errors import RequestError
 
 
 def is_loopback(host: str) -> bool:
