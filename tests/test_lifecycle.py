@@ -202,3 +202,42 @@ def test_a_path_outside_the_roots_gets_the_same_refusal_whether_or_not_it_exists
             m.load_path("x", str(path), replace=False)
         messages.append(str(refused.value).replace(str(path), "PATH"))
     assert len(set(messages)) == 1, messages
+
+
+def test_servers_over_one_store_follow_each_others_unloads_loads_and_links(roots):
+    """Two servers' managers over one store: what one records in the manifest, the other
+    follows on its next look (the watcher's tick)."""
+    store, library, _ = roots
+    write_adapter(random_adapter(seed=1), store / "s")
+    write_adapter(random_adapter(seed=2), library / "lib")
+    first, second = manager(store, library), manager(store, library)
+
+    def served(m):
+        m.sync_store()
+        return [e.name for e in m.registry.entries()]
+
+    assert served(first) == served(second) == ["s"]
+    first.unload("s", purge=False)  # the folder stays; the manifest says unloaded
+    assert served(second) == []
+    first.load_path("s", str(store / "s"), replace=False)
+    assert served(second) == ["s"]
+    first.load_path("lib", str(library / "lib"), replace=False)
+    assert served(second) == ["lib", "s"]
+    assert second.registry.get("lib").source == library / "lib"
+    first.unload("lib", purge=False)
+    assert served(second) == ["s"]
+    # Each server's own changes leave it nothing to redo: no new version on its next look.
+    version = first.registry.get("s").version
+    assert served(first) == ["s"] and first.registry.get("s").version == version
+
+
+def test_manifest_changes_from_two_servers_are_never_lost(roots):
+    """Each change reads the manifest afresh under a lock: a server holding an old copy does
+    not overwrite another's change."""
+    store, library, _ = roots
+    for name in ("a", "b"):
+        write_adapter(random_adapter(), store / name)
+    first, second = AdapterStore(store), AdapterStore(store)
+    first.remember_unloaded("a")
+    second.remember_unloaded("b")  # its copy predates first's change
+    assert AdapterStore(store).manifest.unloaded == {"a", "b"}

@@ -50,6 +50,8 @@ class AdapterManager:
         self.failed: dict[str, str] = {}
         self._upload_lock = asyncio.Lock()
         self._uploading: set[str] = set()
+        # The manifest's unloaded names as last followed (see `_follow_manifest`).
+        self._unloaded_before = set(store.manifest.unloaded)
 
     def start_in_batches(self, batch_parameters: int = 1 << 24) -> Iterator[list[AdapterEntry]]:
         """Serve what was served before: the store's folders and the adapters linked from
@@ -172,7 +174,9 @@ class AdapterManager:
     # -- following the store folder -------------------------------------------------------
 
     def sync_store(self) -> None:
-        """Load new or changed store folders, unload the ones removed from disk."""
+        """Follow the manifest, load new or changed store folders, unload the ones removed
+        from disk."""
+        self._follow_manifest()
         folders, changed = self._scan_store()
         for name, folder in changed:
             # A folder still being copied is tried again when it changes.
@@ -188,6 +192,35 @@ class AdapterManager:
                 self.registry.remove(entry.name)
                 self.on_unload(entry.name)
                 self._seen.pop(entry.source.name, None)
+
+    def _follow_manifest(self) -> None:
+        """What other servers over this store recorded since: an adapter unloaded, loaded
+        again, or linked from another allowed root (checked against this server's roots).
+        Idempotent: this server's own changes find nothing left to do."""
+        if not self.store.reload_manifest():
+            return
+        manifest = self.store.manifest
+        for entry in self.registry.entries():
+            from_its_folder = (entry.source is not None and self.store.contains(entry.source)
+                               and entry.source.name == entry.name)
+            linked = manifest.linked.get(entry.name)
+            if (entry.name in manifest.unloaded if from_its_folder
+                    else linked is None and entry.name not in self._uploading):
+                logger.info("adapter %s unloaded: unloaded through another server",
+                            entry.name)
+                self.registry.remove(entry.name)
+                self.on_unload(entry.name)
+        for name, path in sorted(manifest.linked.items()):
+            current = self.registry.get(name) if name in self.registry else None
+            if current is None or str(current.source) != path:
+                with self._skipping(name, Path(path)):
+                    folder = self._allowed_folder(path)
+                    self._add(name, self._read(folder), replace=True, source=folder)
+        # Store folders loaded again elsewhere: the scan below loads them here too.
+        for name in self._unloaded_before - manifest.unloaded:
+            if name not in self.registry:
+                self._seen.pop(name, None)
+        self._unloaded_before = set(manifest.unloaded)
 
     def _scan_store(self) -> tuple[dict[str, Path], list[tuple[str, Path]]]:
         """The store's folders by name, and those new or changed since last seen (to load)."""

@@ -3,15 +3,21 @@
 An upload is validated in memory, written to a hidden folder beside its target, flushed, and
 renamed into place, so a reader (or a restart) sees the old adapter or the new one, never half
 of one. What a restart must remember beyond the folders themselves (adapters loaded from other
-allowed roots, adapters unloaded on request) is kept in a small manifest, replaced atomically."""
+allowed roots, adapters unloaded on request) is kept in a small manifest, replaced atomically.
+
+Servers sharing one store (replicas) change the manifest under a file lock, each reading it
+afresh first, so none loses another's change; each follows the others' through
+`reload_manifest`."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +26,7 @@ from ptmoe_serve.adapters.format import CONFIG_FILE, WEIGHTS_FILE, AdapterError
 logger = logging.getLogger(__name__)
 
 MANIFEST = ".ptmoe-manifest.json"
+MANIFEST_LOCK = ".ptmoe-manifest.lock"
 STAGING_PREFIX = ".staging-"
 RETIRED_PREFIX = ".retired-"
 
@@ -49,6 +56,7 @@ class AdapterStore:
     def __init__(self, root: Path):
         self.root = root.resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        self._manifest_seen = self._manifest_signature()
         self.manifest = self._read_manifest()
 
     def recover(self) -> None:
@@ -112,23 +120,54 @@ class AdapterStore:
     # -- the manifest ---------------------------------------------------------------------
 
     def remember_loaded(self, name: str, source: Path) -> None:
-        self.manifest.unloaded.discard(name)
-        if self.contains(source) and source.name == name:
-            self.manifest.linked.pop(name, None)
-        else:
-            self.manifest.linked[name] = str(source)
-        self._write_manifest()
+        def change(manifest: Manifest) -> None:
+            manifest.unloaded.discard(name)
+            if self.contains(source) and source.name == name:
+                manifest.linked.pop(name, None)
+            else:
+                manifest.linked[name] = str(source)
+
+        self._update_manifest(change)
 
     def remember_unloaded(self, name: str) -> None:
-        self.manifest.linked.pop(name, None)
-        if (self.root / name).is_dir():
-            self.manifest.unloaded.add(name)
-        self._write_manifest()
+        def change(manifest: Manifest) -> None:
+            manifest.linked.pop(name, None)
+            if (self.root / name).is_dir():
+                manifest.unloaded.add(name)
+
+        self._update_manifest(change)
 
     def forget_unloaded(self, names: set[str]) -> None:
         if names:
-            self.manifest.unloaded -= names
-            self._write_manifest()
+            self._update_manifest(lambda manifest: manifest.unloaded.difference_update(names))
+
+    def reload_manifest(self) -> bool:
+        """Read the manifest again if it changed on disk since last read (another replica's
+        change, or this one's); whether it did."""
+        signature = self._manifest_signature()
+        if signature == self._manifest_seen:
+            return False
+        self._manifest_seen = signature
+        self.manifest = self._read_manifest()
+        return True
+
+    def _update_manifest(self, change: Callable[[Manifest], None]) -> None:
+        """Read, change and write the manifest under an exclusive lock on the store."""
+        with open(self.root / MANIFEST_LOCK, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                self.manifest = self._read_manifest()
+                change(self.manifest)
+                self._write_manifest()
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _manifest_signature(self) -> tuple[int, int, int] | None:
+        try:
+            stat = (self.root / MANIFEST).stat()
+        except FileNotFoundError:
+            return None
+        return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
     def _read_manifest(self) -> Manifest:
         path = self.root / MANIFEST
