@@ -2,7 +2,7 @@ import json
 
 from helpers import random_adapter
 from ptmoe_serve.adapters.format import CONFIG_FILE, WEIGHTS_FILE, read_adapter, write_adapter
-from ptmoe_serve.adapters.store import MANIFEST, AdapterStore, FolderSignature
+from ptmoe_serve.adapters.store import MANIFEST, STORE_LOCK, AdapterStore, FolderSignature
 
 
 def adapter_bytes(tmp_path, seed=0):
@@ -11,12 +11,17 @@ def adapter_bytes(tmp_path, seed=0):
     return (folder / CONFIG_FILE).read_bytes(), (folder / WEIGHTS_FILE).read_bytes()
 
 
+def leftovers(store) -> list[str]:
+    """What the store folder holds besides its lock file."""
+    return sorted(p.name for p in store.root.iterdir() if p.name != STORE_LOCK)
+
+
 def test_write_then_replace(tmp_path):
     store = AdapterStore(tmp_path / "store")
     store.write("a", *adapter_bytes(tmp_path, 1))
     store.write("a", *adapter_bytes(tmp_path, 2))
     assert sorted(store.folders()) == ["a"]
-    assert [p.name for p in store.root.iterdir()] == ["a"]
+    assert leftovers(store) == ["a"]
     assert read_adapter((store.root / "a")).experts_a.equal(random_adapter(seed=2).experts_a)
 
 
@@ -37,7 +42,7 @@ def test_recover_drops_staged_uploads_and_restores_interrupted_replacements(tmp_
     (store.root / f"{MANIFEST}.5555ffff").write_text("{")
 
     store.recover()
-    assert sorted(p.name for p in store.root.iterdir()) == ["done", "kept"]
+    assert leftovers(store) == ["done", "kept"]
     read_adapter((store.root / "kept"))
 
 
@@ -64,3 +69,16 @@ def test_signature_changes_when_a_file_is_rewritten(tmp_path):
     (folder / WEIGHTS_FILE).write_bytes(weights + b" ")
     assert FolderSignature.of(folder) != before
     assert FolderSignature.of(tmp_path / "missing") is None
+
+
+def test_two_servers_writing_one_name_at_once_leave_one_whole_adapter(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    stores = [AdapterStore(tmp_path / "store"), AdapterStore(tmp_path / "store")]
+    versions = [adapter_bytes(tmp_path, seed) for seed in (1, 2)]
+    for _ in range(10):
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda i: stores[i].write("a", *versions[i]), (0, 1)))
+        assert leftovers(stores[0]) == ["a"]
+        written = read_adapter(stores[0].root / "a").experts_a
+        assert any(written.equal(random_adapter(seed=seed).experts_a) for seed in (1, 2))

@@ -5,9 +5,11 @@ renamed into place, so a reader (or a restart) sees the old adapter or the new o
 of one. What a restart must remember beyond the folders themselves (adapters loaded from other
 allowed roots, adapters unloaded on request) is kept in a small manifest, replaced atomically.
 
-Servers sharing one store (replicas) change the manifest under a file lock, each reading it
-afresh first, so none loses another's change; each follows the others' through
-`reload_manifest`."""
+Servers sharing one store (replicas) make every change under one file lock on the store:
+uploads and purges (so two writing one name at once end with one whole folder, and a server
+starting never clears another's upload in progress as interrupted) and the manifest (each
+reading it afresh first, so none loses another's change); each follows the others' manifest
+changes through `reload_manifest`."""
 
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +29,7 @@ from ptmoe_serve.adapters.format import CONFIG_FILE, WEIGHTS_FILE, AdapterError
 logger = logging.getLogger(__name__)
 
 MANIFEST = ".ptmoe-manifest.json"
-MANIFEST_LOCK = ".ptmoe-manifest.lock"
+STORE_LOCK = ".ptmoe-store.lock"
 STAGING_PREFIX = ".staging-"
 RETIRED_PREFIX = ".retired-"
 
@@ -62,6 +65,10 @@ class AdapterStore:
     def recover(self) -> None:
         """Finish or undo what a crash interrupted: staged uploads never became adapters, and
         a retired folder whose replacement never arrived comes back."""
+        with self._locked():
+            self._recover()
+
+    def _recover(self) -> None:
         for path in self.root.iterdir():
             if path.name.startswith(MANIFEST + "."):
                 path.unlink()
@@ -86,6 +93,10 @@ class AdapterStore:
 
     def write(self, name: str, config: bytes, weights: bytes) -> Path:
         """Write an adapter's two files under `name`, replacing any folder there atomically."""
+        with self._locked():
+            return self._write(name, config, weights)
+
+    def _write(self, name: str, config: bytes, weights: bytes) -> Path:
         token = uuid.uuid4().hex[:8]
         staging = self.root / f"{STAGING_PREFIX}{name}-{token}"
         staging.mkdir()
@@ -111,6 +122,10 @@ class AdapterStore:
         return target
 
     def purge(self, name: str) -> None:
+        with self._locked():
+            self._purge(name)
+
+    def _purge(self, name: str) -> None:
         folder = self.root / name
         if folder.is_dir():
             retired = self.root / f"{RETIRED_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
@@ -152,13 +167,19 @@ class AdapterStore:
         return True
 
     def _update_manifest(self, change: Callable[[Manifest], None]) -> None:
-        """Read, change and write the manifest under an exclusive lock on the store."""
-        with open(self.root / MANIFEST_LOCK, "a") as lock:
+        """Read, change and write the manifest under the store's lock."""
+        with self._locked():
+            self.manifest = self._read_manifest()
+            change(self.manifest)
+            self._write_manifest()
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The store's exclusive lock, held across servers (and threads) sharing it."""
+        with open(self.root / STORE_LOCK, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                self.manifest = self._read_manifest()
-                change(self.manifest)
-                self._write_manifest()
+                yield
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
