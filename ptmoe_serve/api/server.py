@@ -226,10 +226,11 @@ class _AccessMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        request = Request(scope)
         try:
-            self.access.check_host(Request(scope))
+            self.access.check_host(request)
             if not self._open(scope["path"]):
-                self.access.check_api(Request(scope))
+                self.access.check_api(request)
         except RequestError as e:
             return await e.response()(scope, receive, send)
         return await self.app(scope, receive, send)

@@ -68,7 +68,8 @@ class AdapterRef:
                           key["slot"], key["version"])
 
     def row(self) -> list[int]:
-        return [self.shape.num_experts, self.shape.prompt_length, self.shape.rank, self.slot]
+        key = self.to_key()
+        return [key[field] for field in KEY_FIELDS]
 
     @staticmethod
     def target(row: list[int], banks: dict[BankShape, AdapterBank]
