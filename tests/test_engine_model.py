@@ -44,10 +44,10 @@ def test_the_workers_step_routes_every_request_by_its_key():
     vocab, hidden = 40, 16
     table = torch.randn(vocab, hidden)
     registry = AdapterRegistry(hidden, 256, torch.device("cpu"))
-    entries = [registry.add("a", random_adapter(seed=1)),
-               registry.add("b", random_adapter(seed=2, num_experts=3, top_k=2)),
+    entries = [registry.add("a", random_adapter(seed=1), version=1),
+               registry.add("b", random_adapter(seed=2, num_experts=3, top_k=2), version=1),
                registry.add("c", random_adapter(seed=3, prompt_length=7, rank=5,
-                                                router_scaling="none"))]
+                                                router_scaling="none"), version=1)]
     banks = {e.bank.shape: e.bank for e in entries}
     g = torch.Generator().manual_seed(0)
     requests = [(entries[i % 3], torch.randint(0, vocab, (1 + 3 * i,), generator=g))
@@ -89,7 +89,7 @@ def test_adapters_reach_the_workers_banks_in_batches_of_mixed_shapes(tmp_path):
     registry = AdapterRegistry(16, 256, torch.device("cpu"))
     entries = [registry.add(f"a{i}", random_adapter(
         seed=i, num_experts=2 + i % 2, top_k=1 + i % 2, prompt_length=4 + i % 2,
-        router_scaling=("probability", "none")[i % 3 == 0])) for i in range(11)]
+        router_scaling=("probability", "none")[i % 3 == 0]), version=1) for i in range(11)]
     workers: dict = {}
     for batch, transport in ((entries[6:], "bytes"), (entries[:6], "file")):
         banks, tensors = pack_adapters(batch)

@@ -1,5 +1,6 @@
 import asyncio
 import shutil
+import time
 
 import pytest
 import torch
@@ -8,7 +9,23 @@ from helpers import HOSTILE, hostile_folders, random_adapter
 from ptmoe_serve.adapters.format import CONFIG_FILE, WEIGHTS_FILE, AdapterError, write_adapter
 from ptmoe_serve.adapters.manager import AdapterManager, PathNotAllowed
 from ptmoe_serve.adapters.registry import AdapterExists, AdapterRegistry
+from ptmoe_serve.adapters import store as store_module
 from ptmoe_serve.adapters.store import AdapterStore
+
+SETTLE_SECONDS = 0.02
+
+
+@pytest.fixture(autouse=True)
+def quick_settling(monkeypatch):
+    """The store folder's time settles in 20 ms here (2 s in service, for clocks of other
+    machines): `look` waits that long, as a watcher's interval does."""
+    monkeypatch.setattr(store_module, "LISTING_SETTLE_NS", int(SETTLE_SECONDS * 1e9))
+
+
+def look(m: AdapterManager) -> None:
+    """The watcher's next look, a tick of the store folder's clock after the last change."""
+    time.sleep(2 * SETTLE_SECONDS)
+    m.sync_store()
 
 
 @pytest.fixture
@@ -126,16 +143,20 @@ def test_watching_the_store(roots):
     # A folder still being copied: the config is there, the weights not yet.
     (store / "new").mkdir()
     shutil.copy(library / "src" / CONFIG_FILE, store / "new")
-    m.sync_store()
+    look(m)
     assert "new" not in m.registry
     shutil.copy(library / "src" / WEIGHTS_FILE, store / "new")
-    m.sync_store()
+    look(m)
     first = m.registry.get("new")
-    write_adapter(random_adapter(seed=2), store / "new")  # rewritten in place
-    m.sync_store()
+    # Replaced by hand: the new folder moved into place (files rewritten in place are not
+    # followed: that would take a stat per adapter at every look).
+    write_adapter(random_adapter(seed=2), library / "next")
+    (store / "new").rename(store / ".old")
+    (library / "next").rename(store / "new")
+    look(m)
     assert m.registry.get("new").version > first.version
     shutil.rmtree(store / "new")
-    m.sync_store()
+    look(m)
     assert "new" not in m.registry
 
 
@@ -144,7 +165,7 @@ def test_an_unloaded_store_folder_is_not_reloaded_by_the_watcher(roots):
     m = manager(store, library)
     upload(m, "a", *files(random_adapter()))
     m.unload("a", purge=False)
-    m.sync_store()
+    look(m)
     assert "a" not in m.registry
 
 
@@ -154,9 +175,9 @@ def test_a_new_folder_under_an_unloaded_name_is_served(roots):
     upload(m, "a", *files(random_adapter(seed=1)))
     m.unload("a", purge=False)
     shutil.rmtree(store / "a")
-    m.sync_store()
+    look(m)
     write_adapter(random_adapter(seed=2), store / "a")
-    m.sync_store()
+    look(m)
     assert "a" in m.registry
 
 
@@ -181,13 +202,13 @@ def test_the_watcher_skips_hostile_folders_and_keeps_going(roots):
     hostile_folders(store, library / "template")
     cases = HOSTILE
     write_adapter(random_adapter(seed=2), store / "new")
-    m.sync_store()
+    look(m)
     assert [e.name for e in m.registry.entries()] == ["new"] and sorted(m.failed) == sorted(cases)
     # Fixed in place, a folder loads and leaves the failed list; removed, it leaves it too.
     shutil.rmtree(store / "huge-rank")
     write_adapter(random_adapter(seed=3), store / "huge-rank")
     shutil.rmtree(store / "deep-json")
-    m.sync_store()
+    look(m)
     assert [e.name for e in m.registry.entries()] == ["huge-rank", "new"]
     assert sorted(m.failed) == ["not-a-config", "null-shape"]
 
@@ -213,7 +234,7 @@ def test_servers_over_one_store_follow_each_others_unloads_loads_and_links(roots
     first, second = manager(store, library), manager(store, library)
 
     def served(m):
-        m.sync_store()
+        look(m)
         return [e.name for e in m.registry.entries()]
 
     assert served(first) == served(second) == ["s"]
@@ -238,6 +259,69 @@ def test_manifest_changes_from_two_servers_are_never_lost(roots):
     for name in ("a", "b"):
         write_adapter(random_adapter(), store / name)
     first, second = AdapterStore(store), AdapterStore(store)
-    first.remember_unloaded("a")
-    second.remember_unloaded("b")  # its copy predates first's change
+    first.record_unloaded("a")
+    second.record_unloaded("b")  # its copy predates first's change
     assert AdapterStore(store).manifest.unloaded == {"a", "b"}
+
+
+def test_servers_over_one_store_agree_on_versions_and_never_go_back(roots):
+    """Versions are the store's: both servers give each content the same number, whichever
+    made the change or found the folder, and a server never serves an older one again."""
+    store, library, _ = roots
+    write_adapter(random_adapter(seed=1), store / "found")  # copied in by hand
+    first, second = manager(store, library), manager(store, library)
+
+    def versions(m):
+        look(m)
+        return {e.name: e.version for e in m.registry.entries()}
+
+    assert versions(first) == versions(second) == {"found": 1}
+    upload(first, "up", *files(random_adapter(seed=2)))
+    upload(second, "up", *files(random_adapter(seed=3)))  # replaced through the other
+    assert versions(first) == versions(second) == {"found": 1, "up": 3}
+    # A folder linked from another root, replaced at the same path: the new content reaches
+    # the other server as a new version.
+    write_adapter(random_adapter(seed=4), library / "lib")
+    first.load_path("lib", str(library / "lib"), replace=False)
+    assert versions(second)["lib"] == 4
+    write_adapter(random_adapter(seed=5), library / "lib.new")
+    shutil.rmtree(library / "lib")
+    (library / "lib.new").rename(library / "lib")
+    first.load_path("lib", str(library / "lib"), replace=True)
+    assert versions(second)["lib"] == versions(first)["lib"] == 5
+    served = second.registry.get("lib").adapter.experts_a
+    assert served.equal(random_adapter(seed=5).experts_a)
+    # An older version reaching a server late changes nothing.
+    entry = second.registry.get("up")
+    assert second._add("up", random_adapter(seed=2), 2, store / "up") is entry
+
+
+def test_a_look_at_the_store_costs_its_changes_not_its_adapters(roots, monkeypatch):
+    """A server following a store of many adapters stats nothing at an idle look, and only
+    what changed at a look after a change."""
+    import ptmoe_serve.adapters.manager as manager_module
+
+    store, library, _ = roots
+    first = manager(store, library)
+    for i in range(50):
+        upload(first, f"a{i}", *files(random_adapter(seed=i)))
+    second = manager(store, library)
+    stamped, listed = [], []
+    original_stamp, original_scandir = manager_module.folder_stamp, store_module.os.scandir
+    monkeypatch.setattr(manager_module, "folder_stamp",
+                        lambda folder: stamped.append(folder.name) or original_stamp(folder))
+    monkeypatch.setattr(store_module.os, "scandir", lambda path: (
+        path == second.store.root and listed.append(path)) or original_scandir(path))
+    look(second)  # confirms its start-up listing
+    stamped.clear(), listed.clear()
+    look(second)
+    assert stamped == [] and listed == []
+    # Changes through the other server: read from the journal, the store folder not listed.
+    first.unload("a7", purge=False)
+    upload(first, "a9", *files(random_adapter(seed=99)))
+    look(second)
+    assert sorted(set(stamped)) == ["a9"] and listed == [] and "a7" not in second.registry
+    # A change by hand: the folder listed (names and inodes, still no stat per folder).
+    shutil.rmtree(store / "a3")
+    look(second)
+    assert "a3" not in second.registry and len(listed) == 1

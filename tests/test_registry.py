@@ -20,7 +20,7 @@ def soft_prompt(entry, x):
 def test_add_get_and_route_from_the_bank():
     reg = registry()
     adapter = random_adapter(seed=1)
-    entry = reg.add("a", adapter)
+    entry = reg.add("a", adapter, version=1)
     assert reg.get("a") is entry and "a" in reg and len(reg) == 1
     x = torch.randn(3, 16)
     torch.testing.assert_close(soft_prompt(entry, x.mean(0)), route_reference(adapter, x).soft_prompt)
@@ -29,7 +29,7 @@ def test_add_get_and_route_from_the_bank():
 def test_bank_grows_and_keeps_every_adapter():
     reg = registry()
     adapters = [random_adapter(seed=i) for i in range(20)]
-    entries = [reg.add(f"a{i}", a) for i, a in enumerate(adapters)]
+    entries = [reg.add(f"a{i}", a, version=1) for i, a in enumerate(adapters)]
     bank = entries[0].bank
     assert all(e.bank is bank for e in entries) and bank.capacity == 32
     assert len({e.slot for e in entries}) == 20
@@ -41,52 +41,52 @@ def test_bank_grows_and_keeps_every_adapter():
 
 def test_shapes_get_separate_banks():
     reg = registry()
-    a = reg.add("a", random_adapter(prompt_length=4))
-    b = reg.add("b", random_adapter(prompt_length=6))
+    a = reg.add("a", random_adapter(prompt_length=4), version=1)
+    b = reg.add("b", random_adapter(prompt_length=6), version=1)
     assert a.bank is not b.bank
 
 
-def test_taken_name_needs_replace_and_replace_gives_a_new_version():
+def test_taken_name_needs_replace_and_a_replaced_entry_is_retired():
     reg = registry()
-    first = reg.add("a", random_adapter(seed=1))
+    first = reg.add("a", random_adapter(seed=1), version=1)
     with pytest.raises(AdapterExists):
-        reg.add("a", random_adapter(seed=2))
+        reg.add("a", random_adapter(seed=2), version=2)
     assert reg.get("a") is first
-    second = reg.add("a", random_adapter(seed=2), replace=True)
-    assert reg.get("a") is second and second.version > first.version and first.retired
+    second = reg.add("a", random_adapter(seed=2), replace=True, version=2)
+    assert reg.get("a") is second and second.version == 2 and first.retired
 
 
 def test_unload_frees_the_slot_for_reuse():
     reg = registry()
-    entry = reg.add("a", random_adapter(seed=1))
+    entry = reg.add("a", random_adapter(seed=1), version=1)
     reg.remove("a")
     assert "a" not in reg
     with pytest.raises(AdapterNotFound):
         reg.get("a")
-    assert reg.add("b", random_adapter(seed=2)).slot == entry.slot
+    assert reg.add("b", random_adapter(seed=2), version=1).slot == entry.slot
 
 
 def test_a_slot_in_use_is_freed_only_after_its_step():
     reg = registry()
-    old = reg.add("a", random_adapter(seed=1))
+    old = reg.add("a", random_adapter(seed=1), version=1)
     reg.acquire(old)  # a routing step has queued a request for it
     reg.remove("a")
-    other = reg.add("b", random_adapter(seed=2))
+    other = reg.add("b", random_adapter(seed=2), version=1)
     assert other.slot != old.slot
     reg.release(old)
-    assert reg.add("c", random_adapter(seed=3)).slot == old.slot
+    assert reg.add("c", random_adapter(seed=3), version=1).slot == old.slot
 
 
 def test_incompatible_adapters_are_refused():
     reg = registry(reserved_names={"base"})
     with pytest.raises(AdapterError, match="hidden_size is 8; the base model's is 16"):
-        reg.add("a", random_adapter(hidden_size=8))
+        reg.add("a", random_adapter(hidden_size=8), version=1)
     with pytest.raises(AdapterError, match="leaves no room"):
-        reg.add("a", random_adapter(prompt_length=64, rank=3))
+        reg.add("a", random_adapter(prompt_length=64, rank=3), version=1)
     with pytest.raises(AdapterError, match="base model's name"):
-        reg.add("base", random_adapter())
+        reg.add("base", random_adapter(), version=1)
     with pytest.raises(AdapterError, match="invalid adapter name"):
-        reg.add("../a", random_adapter())
+        reg.add("../a", random_adapter(), version=1)
     assert len(reg) == 0
 
 
@@ -94,7 +94,7 @@ def test_a_mirror_bank_follows_the_slots_and_size_it_is_given():
     """The engine workers' banks take the slots and capacity the server's registry chose,
     a batch of stacked rows at a time."""
     reg = registry()
-    entries = [reg.add(f"a{i}", random_adapter(seed=i)) for i in range(9)]
+    entries = [reg.add(f"a{i}", random_adapter(seed=i), version=1) for i in range(9)]
     bank = entries[0].bank
     mirror = AdapterBank(bank.shape, 16, torch.device("cpu"))
     for batch in (entries[5:], entries[:5]):  # the highest slots first
@@ -110,11 +110,11 @@ def test_a_mirror_bank_follows_the_slots_and_size_it_is_given():
 def test_reserving_sizes_a_bank_once_for_a_bulk_load():
     reg = registry()
     adapters = [random_adapter(seed=i) for i in range(100)]
-    reg.add("first", adapters[0])
+    reg.add("first", adapters[0], version=1)
     reg.reserve(a.config for a in adapters[1:])
     bank = reg.get("first").bank
     shared_b = bank.tensors["shared_b"]
-    entries = [reg.add(f"a{i}", a) for i, a in enumerate(adapters[1:])]
+    entries = [reg.add(f"a{i}", a, version=1) for i, a in enumerate(adapters[1:])]
     # Exactly the room asked for, filled without a copy of the bank.
     assert bank.capacity == 100 and bank.tensors["shared_b"] is shared_b
     x = torch.randn(16)
@@ -125,17 +125,17 @@ def test_reserving_sizes_a_bank_once_for_a_bulk_load():
 
 def test_soft_prompts_over_the_servers_limit_are_refused():
     reg = registry(max_prompt_length=8)
-    reg.add("short", random_adapter(seed=1, prompt_length=8))
+    reg.add("short", random_adapter(seed=1, prompt_length=8), version=1)
     with pytest.raises(AdapterError, match="over this server's limit of 8"):
-        reg.add("long", random_adapter(seed=2, prompt_length=9))
+        reg.add("long", random_adapter(seed=2, prompt_length=9), version=1)
 
 
 def test_a_new_shape_starts_with_one_slot_and_its_bank_goes_with_its_last_adapter():
     dropped = []
     reg = registry(on_bank_dropped=dropped.append)
-    first = reg.add("a", random_adapter(seed=1, rank=5))
+    first = reg.add("a", random_adapter(seed=1, rank=5), version=1)
     assert first.bank.capacity == 1
-    second = reg.add("b", random_adapter(seed=2, rank=5))
+    second = reg.add("b", random_adapter(seed=2, rank=5), version=1)
     assert second.bank is first.bank and first.bank.capacity == 2
     reg.acquire(second)  # a request still reads b's slot
     reg.remove("a")
@@ -144,7 +144,7 @@ def test_a_new_shape_starts_with_one_slot_and_its_bank_goes_with_its_last_adapte
     reg.release(second)
     assert dropped == [first.bank.shape] and reg.banks == {}
     # The shape comes back small, in a new bank.
-    again = reg.add("c", random_adapter(seed=3, rank=5))
+    again = reg.add("c", random_adapter(seed=3, rank=5), version=1)
     assert again.bank is not first.bank and again.bank.capacity == 1
 
 
@@ -152,6 +152,6 @@ def test_banks_reserved_for_adapters_that_never_came_are_dropped():
     dropped = []
     reg = registry(on_bank_dropped=dropped.append)
     reg.reserve([random_adapter(rank=7).config] * 100)
-    reg.add("kept", random_adapter(seed=1))
+    reg.add("kept", random_adapter(seed=1), version=1)
     reg.drop_empty_banks()
     assert [shape.rank for shape in dropped] == [7] and len(reg.banks) == 1

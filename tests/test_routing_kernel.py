@@ -67,10 +67,10 @@ def test_ties_pick_the_lower_expert(kernel):
 def test_the_serving_step_gives_the_same_prompts_fused_or_not(kernel):
     table = torch.randn(200, 48)
     registry = AdapterRegistry(48, 128, DEVICE)
-    entries = [registry.add("a", random_adapter(seed=1, hidden_size=48)),
+    entries = [registry.add("a", random_adapter(seed=1, hidden_size=48), version=1),
                registry.add("b", random_adapter(seed=2, hidden_size=48, num_experts=3,
-                                                top_k=3, router_scaling="none")),
-               registry.add("c", random_adapter(seed=3, hidden_size=48))]
+                                                top_k=3, router_scaling="none"), version=1),
+               registry.add("c", random_adapter(seed=3, hidden_size=48), version=1)]
     requests = [(entries[i % 3], list(range(5 * i, 5 * i + 3 + i))) for i in range(7)]
 
     async def build(fused: bool):

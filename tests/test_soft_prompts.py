@@ -34,7 +34,7 @@ def test_requests_arriving_together_share_one_step_and_match_the_reference():
         "dense": random_adapter(seed=2, num_experts=3, top_k=3, router_scaling="none"),
         "long": random_adapter(seed=3, prompt_length=9, rank=5, top_k=2),
     }
-    entries = {name: reg.add(name, a) for name, a in adapters.items()}
+    entries = {name: reg.add(name, a, version=1) for name, a in adapters.items()}
     g = torch.Generator().manual_seed(0)
     requests = [(entries[name], torch.randint(0, VOCAB, (length,), generator=g).tolist())
                 for name, length in [("top1", 3), ("dense", 7), ("long", 1), ("top1", 12),
@@ -54,7 +54,7 @@ def test_the_router_reads_only_the_routed_tokens_and_routing_shows_its_weights()
     table = torch.randn(VOCAB, HIDDEN)
     reg = AdapterRegistry(HIDDEN, 128, torch.device("cpu"))
     adapter = random_adapter(seed=4, num_experts=3, top_k=2)
-    entry = reg.add("a", adapter)
+    entry = reg.add("a", adapter, version=1)
     question, options = [3, 9, 4, 1], [[7, 7, 2], [11]]
 
     async def run():
@@ -79,7 +79,7 @@ def test_the_router_reads_only_the_routed_tokens_and_routing_shows_its_weights()
 def test_output_is_cast_to_the_model_dtype():
     table = torch.randn(VOCAB, HIDDEN)
     reg = AdapterRegistry(HIDDEN, 128, torch.device("cpu"))
-    entry = reg.add("a", random_adapter())
+    entry = reg.add("a", random_adapter(), version=1)
     (result,), _ = build_all((reg, table, torch.bfloat16), [(entry, [1, 2, 3])])
     assert result.embeds.dtype == torch.bfloat16
 
@@ -88,7 +88,7 @@ def test_unloading_while_queued_still_serves_the_queued_request():
     table = torch.randn(VOCAB, HIDDEN)
     reg = AdapterRegistry(HIDDEN, 128, torch.device("cpu"))
     adapter = random_adapter(seed=7)
-    entry = reg.add("a", adapter)
+    entry = reg.add("a", adapter, version=1)
 
     async def run():
         batcher = SoftPromptBatcher(reg, table, torch.float32)
@@ -96,7 +96,7 @@ def test_unloading_while_queued_still_serves_the_queued_request():
         pending = asyncio.ensure_future(batcher.build(entry, [4, 5]))
         await asyncio.sleep(0)  # queued, step not run yet
         reg.remove("a")
-        reg.add("b", random_adapter(seed=8))  # must not take the queued slot
+        reg.add("b", random_adapter(seed=8), version=1)  # must not take the queued slot
         result = await pending
         await batcher.stop()
         return result
@@ -120,7 +120,7 @@ def test_a_request_that_fails_its_step_fails_alone():
     refuses earlier) fails with its error; the requests routed in the same step are served."""
     table = torch.randn(VOCAB, HIDDEN)
     reg = AdapterRegistry(HIDDEN, 128, torch.device("cpu"))
-    entry = reg.add("a", random_adapter(seed=1))
+    entry = reg.add("a", random_adapter(seed=1), version=1)
     good = [[1, 2, 3], [4, 5], [6]]
 
     async def run():

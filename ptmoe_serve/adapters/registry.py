@@ -74,7 +74,6 @@ class AdapterRegistry:
         self._banks: dict[BankShape, AdapterBank] = {}
         # Told when a shape's bank goes (the engine route drops the workers' copy too).
         self.on_bank_dropped = on_bank_dropped
-        self._versions = 0
 
     def __contains__(self, name: str) -> bool:
         return name in self._entries
@@ -90,6 +89,9 @@ class AdapterRegistry:
             return self._entries[name]
         except KeyError:
             raise AdapterNotFound(name) from None
+
+    def find(self, name: str) -> AdapterEntry | None:
+        return self._entries.get(name)
 
     def check_compatible(self, config: AdapterConfig) -> None:
         if config.hidden_size != self.hidden_size:
@@ -113,16 +115,16 @@ class AdapterRegistry:
                                 "content-part type that vLLM matches adapter names against); "
                                 "choose another adapter name")
 
-    def add(self, name: str, adapter: PtMoeAdapter, *, replace: bool = False,
+    def add(self, name: str, adapter: PtMoeAdapter, *, version: int, replace: bool = False,
             source: Path | None = None) -> AdapterEntry:
+        """Put `adapter` in a bank as `name`; `version` is the store's (see journal.py)."""
         self.check_name(name)
         self.check_compatible(adapter.config)
         old = self._entries.get(name)
         if old is not None and not replace:
             raise AdapterExists(f"adapter {name!r} is already loaded; pass replace to swap it")
         bank = self._bank(BankShape.of(adapter.config))
-        self._versions += 1
-        entry = AdapterEntry(name, adapter, bank, bank.put(adapter), self._versions, source)
+        entry = AdapterEntry(name, adapter, bank, bank.put(adapter), version, source)
         self._entries[name] = entry
         if old is not None:
             self._retire(old)

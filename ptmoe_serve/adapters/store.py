@@ -1,15 +1,18 @@
-"""The adapter store: the `--adapters` folder on disk, kept consistent across crashes.
+"""The adapter store: the `--adapters` folder on disk, kept consistent across crashes, and the
+one source of truth for every server reading it.
 
 An upload is validated in memory, written to a hidden folder beside its target, flushed, and
 renamed into place, so a reader (or a restart) sees the old adapter or the new one, never half
 of one. What a restart must remember beyond the folders themselves (adapters loaded from other
-allowed roots, adapters unloaded on request) is kept in a small manifest, replaced atomically.
+allowed roots, adapters unloaded on request) is kept in a small manifest, replaced atomically;
+every change is also a line of the store's journal (journal.py), which numbers the versions.
 
-Servers sharing one store (replicas) make every change under one file lock on the store:
-uploads and purges (so two writing one name at once end with one whole folder, and a server
-starting never clears another's upload in progress as interrupted) and the manifest (each
-reading it afresh first, so none loses another's change); each follows the others' manifest
-changes through `reload_manifest`."""
+Servers sharing one store (replicas) make every change under one file lock on the store, the
+folder, the manifest and the journal together: two uploads of one name end with one whole
+folder and one version, a server starting never clears another's upload in progress as
+interrupted, and no server's manifest change is lost. Each follows the others through
+`changes`: the journal's new lines, and the store folder's own listing when it changed (for
+folders copied in or removed by hand)."""
 
 from __future__ import annotations
 
@@ -18,13 +21,16 @@ import json
 import logging
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISDIR
 
 from ptmoe_serve.adapters.format import CONFIG_FILE, WEIGHTS_FILE, AdapterError
+from ptmoe_serve.adapters.journal import JOURNAL, Journal
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +38,13 @@ MANIFEST = ".ptmoe-manifest.json"
 STORE_LOCK = ".ptmoe-store.lock"
 STAGING_PREFIX = ".staging-"
 RETIRED_PREFIX = ".retired-"
+# A folder's modification time ticks coarsely (milliseconds; on a network file system, the
+# server's clock): a change made in the same tick as a listing leaves the time as it was. So a
+# listing after a change is confirmed by one more this long after, when that tick has passed...
+LISTING_SETTLE_NS = 2_000_000_000
+# ... and a listing moved on by journal lines alone (whose last tick another change by hand may
+# share) by one more after this long.
+LISTING_RECHECK_NS = 30_000_000_000
 
 
 @dataclass
@@ -40,27 +53,34 @@ class Manifest:
     unloaded: set[str] = field(default_factory=set)  # store folders not to serve
 
 
-@dataclass(frozen=True)
-class FolderSignature:
-    """Changes whenever either file of an adapter folder is rewritten."""
-
-    stamps: tuple[tuple[int, int], ...]
-
-    @staticmethod
-    def of(folder: Path) -> FolderSignature | None:
-        try:
-            stats = [(folder / name).stat() for name in (CONFIG_FILE, WEIGHTS_FILE)]
-        except OSError:
-            return None
-        return FolderSignature(tuple((s.st_mtime_ns, s.st_size) for s in stats))
+def folder_stamp(folder: Path) -> list[int] | None:
+    """Identity, modification time and size of an adapter folder's two files: changes whenever
+    either is written or replaced (None while one is missing)."""
+    try:
+        stats = [(folder / name).stat() for name in (CONFIG_FILE, WEIGHTS_FILE)]
+    except OSError:
+        return None
+    return [n for s in stats for n in (s.st_ino, s.st_mtime_ns, s.st_size)]
 
 
 class AdapterStore:
     def __init__(self, root: Path):
         self.root = root.resolve()
         self.root.mkdir(parents=True, exist_ok=True)
-        self._manifest_seen = self._manifest_signature()
+        self.journal = Journal(self.root / JOURNAL)
+        self.journal.path.touch()  # created once: appends never change the store folder
+        self.journal.read_new()
+        self.journal.take_lines()
         self.manifest = self._read_manifest()
+        # The store folder's listing as last looked at: each adapter folder's inode (a folder
+        # moved into place under a taken name is new), the folder's modification time it
+        # reflects, and when (monotonic) to list it again to confirm it.
+        self._listing: dict[str, int] = {}
+        self._listed_at: int | None = None
+        self._confirm_at: int | None = None
+        # The store folder's modification time at the start of this server's change in
+        # progress (under the lock), recorded in its journal line.
+        self._root_before: int | None = None
 
     def recover(self) -> None:
         """Finish or undo what a crash interrupted: staged uploads never became adapters, and
@@ -70,7 +90,7 @@ class AdapterStore:
 
     def _recover(self) -> None:
         for path in self.root.iterdir():
-            if path.name.startswith(MANIFEST + "."):
+            if path.name.startswith((MANIFEST + ".", JOURNAL + ".")):
                 path.unlink()
             elif path.name.startswith(STAGING_PREFIX):
                 logger.warning("removing an interrupted upload: %s", path.name)
@@ -91,10 +111,132 @@ class AdapterStore:
     def contains(self, path: Path) -> bool:
         return path.resolve().parent == self.root
 
-    def write(self, name: str, config: bytes, weights: bytes) -> Path:
-        """Write an adapter's two files under `name`, replacing any folder there atomically."""
+    # -- following the store ----------------------------------------------------------------
+
+    def changes(self) -> set[str]:
+        """Names changed since the last call, by any server or by hand: the journal's new
+        lines (the manifest read again after them), and, when the store folder's listing
+        changed, the folders that appeared, went or were moved into place. A look at an
+        unchanged store is an open, a stat and a read of nothing."""
+        changed = self.journal.read_new()
+        if changed:
+            self.manifest = self._read_manifest()
+        self._follow_journaled_changes()
+        return changed | self._listing_changes()
+
+    def _follow_journaled_changes(self) -> None:
+        """A change made through the API records the store folder's modification time before
+        and after it, and its folder's inode after it: where the listing is current up to the
+        time before, the change alone moved it on, and the listing follows the line instead of
+        listing the folder again."""
+        for line in self.journal.take_lines():
+            before, after = line.get("root_before"), line.get("root_after")
+            if before is None or before != self._listed_at:
+                continue
+            if line.get("inode") is None:
+                self._listing.pop(line["name"], None)
+            else:
+                self._listing[line["name"]] = line["inode"]
+            self._listed_at = after
+            if self._confirm_at is None:
+                self._confirm_at = time.monotonic_ns() + LISTING_RECHECK_NS
+
+    def _listing_changes(self) -> set[str]:
+        modified = self.root.stat().st_mtime_ns  # before listing: a change during it is seen next time
+        now = time.monotonic_ns()
+        if modified == self._listed_at and (self._confirm_at is None or now < self._confirm_at):
+            return set()
+        self._confirm_at = now + LISTING_SETTLE_NS if modified != self._listed_at else None
+        self._listed_at = modified
+        # The inode comes with the directory entry: no stat per folder.
+        listing = {e.name: e.inode() for e in os.scandir(self.root)
+                   if not e.name.startswith(".") and e.is_dir()}
+        changed = {name for name, _ in listing.items() ^ self._listing.items()}
+        self._listing = listing
+        # Unloaded folders removed since: a folder of that name copied in later is new.
+        gone = self.manifest.unloaded - listing.keys()
+        if gone:
+            self.forget_unloaded(gone)
+        return changed | gone
+
+    def version_of(self, name: str, folder: Path, stamp: list[int] | None) -> int | None:
+        """The version the journal gives `name` served from `folder` with files bearing
+        `stamp`, if it records one."""
+        return self.journal.version_of(name, self._where(name, folder), stamp)
+
+    def _where(self, name: str, folder: Path) -> str | None:
+        """How the journal names a folder: None for the store's own folder of that name (so
+        servers mounting the store at different paths agree), else its path."""
+        return None if self.contains(folder) and folder.name == name else str(folder)
+
+    # -- changes, each under the store's lock -------------------------------------------------
+
+    def write(self, name: str, config: bytes, weights: bytes) -> tuple[Path, int]:
+        """Write an adapter's two files under `name`, replacing any folder there atomically, and
+        record it as loaded; the folder and its version."""
         with self._locked():
-            return self._write(name, config, weights)
+            folder = self._write(name, config, weights)
+            return folder, self._record_loaded(name, folder, folder_stamp(folder))
+
+    def record_loaded(self, name: str, folder: Path, stamp: list[int] | None) -> int:
+        """Record `name` as served from `folder` (read while its files bore `stamp`); its new
+        version."""
+        with self._locked():
+            if folder_stamp(folder) != stamp:
+                raise AdapterError(f"{folder} changed while it was read; load it again")
+            return self._record_loaded(name, folder, stamp)
+
+    def record_found(self, found: list[tuple[str, Path, list[int]]]) -> dict[str, int]:
+        """Versions for folders served that no change recorded (copied in by hand, or a store
+        older than its journal): the one another server recorded for the same files, or a new
+        one. A folder changed since it was read gets none."""
+        with self._locked():
+            self.journal.read_new()
+            versions, new = {}, []
+            for name, folder, stamp in found:
+                known = self.version_of(name, folder, stamp)
+                if known is not None:
+                    versions[name] = known
+                elif folder_stamp(folder) == stamp:
+                    new.append(self._loaded_line(name, folder, stamp))
+            if new:
+                versions.update(zip((c["name"] for c in new), self._append(new)))
+            return versions
+
+    def record_unloaded(self, name: str, purge: str | None = None) -> None:
+        """Record `name` as unloaded, removing its store folder `purge` first if given."""
+        with self._locked():
+            if purge is not None:
+                self._purge(purge)
+
+            def change(manifest: Manifest) -> None:
+                manifest.linked.pop(name, None)
+                if (self.root / name).is_dir():
+                    manifest.unloaded.add(name)
+
+            self._change_manifest(change)
+            self._append([{"name": name, "unloaded": True}])
+
+    def forget_unloaded(self, names: set[str]) -> None:
+        """Unloaded adapters whose folders are gone: a folder of such a name copied in is new."""
+        with self._locked():
+            self._change_manifest(lambda manifest: manifest.unloaded.difference_update(
+                name for name in names if not (self.root / name).is_dir()))
+
+    def _record_loaded(self, name: str, folder: Path, stamp: list[int] | None) -> int:
+        def change(manifest: Manifest) -> None:
+            manifest.unloaded.discard(name)
+            if self.contains(folder) and folder.name == name:
+                manifest.linked.pop(name, None)
+            else:
+                manifest.linked[name] = str(folder)
+
+        self._change_manifest(change)
+        [version] = self._append([self._loaded_line(name, folder, stamp)])
+        return version
+
+    def _loaded_line(self, name: str, folder: Path, stamp: list[int] | None) -> dict:
+        return {"name": name, "folder": self._where(name, folder), "stamp": stamp}
 
     def _write(self, name: str, config: bytes, weights: bytes) -> Path:
         token = uuid.uuid4().hex[:8]
@@ -121,10 +263,6 @@ class AdapterStore:
             raise
         return target
 
-    def purge(self, name: str) -> None:
-        with self._locked():
-            self._purge(name)
-
     def _purge(self, name: str) -> None:
         folder = self.root / name
         if folder.is_dir():
@@ -132,45 +270,13 @@ class AdapterStore:
             folder.rename(retired)
             shutil.rmtree(retired, ignore_errors=True)
 
-    # -- the manifest ---------------------------------------------------------------------
-
-    def remember_loaded(self, name: str, source: Path) -> None:
-        def change(manifest: Manifest) -> None:
-            manifest.unloaded.discard(name)
-            if self.contains(source) and source.name == name:
-                manifest.linked.pop(name, None)
-            else:
-                manifest.linked[name] = str(source)
-
-        self._update_manifest(change)
-
-    def remember_unloaded(self, name: str) -> None:
-        def change(manifest: Manifest) -> None:
-            manifest.linked.pop(name, None)
-            if (self.root / name).is_dir():
-                manifest.unloaded.add(name)
-
-        self._update_manifest(change)
-
-    def forget_unloaded(self, names: set[str]) -> None:
-        if names:
-            self._update_manifest(lambda manifest: manifest.unloaded.difference_update(names))
-
-    def reload_manifest(self) -> bool:
-        """Read the manifest again if it changed on disk since last read (another replica's
-        change, or this one's); whether it did."""
-        signature = self._manifest_signature()
-        if signature == self._manifest_seen:
-            return False
-        self._manifest_seen = signature
+    def _change_manifest(self, change: Callable[[Manifest], None]) -> None:
+        """Read, change and write the manifest (if the change changed it); the caller holds the
+        store's lock."""
         self.manifest = self._read_manifest()
-        return True
-
-    def _update_manifest(self, change: Callable[[Manifest], None]) -> None:
-        """Read, change and write the manifest under the store's lock."""
-        with self._locked():
-            self.manifest = self._read_manifest()
-            change(self.manifest)
+        before = (dict(self.manifest.linked), set(self.manifest.unloaded))
+        change(self.manifest)
+        if (self.manifest.linked, self.manifest.unloaded) != before:
             self._write_manifest()
 
     @contextmanager
@@ -179,16 +285,20 @@ class AdapterStore:
         with open(self.root / STORE_LOCK, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
+                self._root_before = self.root.stat().st_mtime_ns
                 yield
             finally:
+                self._root_before = None
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def _manifest_signature(self) -> tuple[int, int, int] | None:
-        try:
-            stat = (self.root / MANIFEST).stat()
-        except FileNotFoundError:
-            return None
-        return stat.st_ino, stat.st_mtime_ns, stat.st_size
+    def _append(self, changes: list[dict]) -> list[int]:
+        """Journal this change (under the lock), with the store folder's modification time
+        before and after it, and the inode of the store's folder of that name after it."""
+        after = self.root.stat().st_mtime_ns
+        return self.journal.append([{**change, "root_before": self._root_before,
+                                     "root_after": after,
+                                     "inode": _folder_inode(self.root / change["name"])}
+                                    for change in changes])
 
     def _read_manifest(self) -> Manifest:
         path = self.root / MANIFEST
@@ -209,6 +319,14 @@ class AdapterStore:
             os.fsync(f.fileno())
         os.replace(staging, self.root / MANIFEST)
         _fsync_dir(self.root)
+
+
+def _folder_inode(path: Path) -> int | None:
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino if S_ISDIR(stat.st_mode) else None
 
 
 def _fsync_dir(path: Path) -> None:
