@@ -1,5 +1,6 @@
 """Two servers over one adapter store, as replicas behind a load balancer run: every change made
-through one reaches the other at its next look at the store."""
+through one reaches the other at its next look at the store, and both name the same version of
+an adapter in what they answer."""
 
 import statistics
 import threading
@@ -60,10 +61,22 @@ def upload(server, name: str, folder) -> httpx.Response:
     return admin(server).put(f"/v1/adapters/{name}", files=files)
 
 
+def complete(server, model: str, **fields) -> httpx.Response:
+    return httpx.post(f"{server.url}/v1/completions", timeout=120, json={
+        "model": model, "prompt": PROMPT, "max_tokens": 8, "temperature": 0, **fields})
+
+
 def greedy(server, model: str) -> str | None:
-    response = httpx.post(f"{server.url}/v1/completions", timeout=120, json={
-        "model": model, "prompt": PROMPT, "max_tokens": 8, "temperature": 0})
+    response = complete(server, model)
     return response.json()["choices"][0]["text"] if response.status_code == 200 else None
+
+
+def served_version(server, model: str, stream: bool = False) -> str | None:
+    """The adapter version a response names in its header."""
+    with httpx.stream("POST", f"{server.url}/v1/completions", timeout=120, json={
+            "model": model, "prompt": PROMPT, "max_tokens": 2, "stream": stream}) as response:
+        response.read()
+        return response.headers.get("ptmoe-adapter-version")
 
 
 def converges(condition, seconds: float = 20) -> bool:
@@ -79,15 +92,25 @@ def converges(condition, seconds: float = 20) -> bool:
 def test_every_change_through_one_reaches_the_other(replicas, lab):
     first, second = replicas
     library = lab / "library"
-    assert upload(first, "tenant", library / "v0").status_code == 200
+    uploaded = upload(first, "tenant", library / "v0")
+    assert uploaded.status_code == 200
     expected = greedy(first, "tenant")
     assert converges(lambda: greedy(second, "tenant") == expected)
+    # Both name the version the store gave it, in streamed and whole responses alike; a
+    # base-model response names none.
+    version = str(uploaded.json()["version"])
+    assert {served_version(s, "tenant", stream) for s in replicas for stream in (False, True)
+            } == {version}
+    base = httpx.get(f"{first.url}/v1/models").json()["data"][0]["id"]
+    assert served_version(first, base) is None
     # Replaced: the second serves the new version, never the old one again.
-    assert upload(first, "tenant", library / "v1").status_code == 200
+    uploaded = upload(first, "tenant", library / "v1")
+    assert uploaded.status_code == 200
     replaced = greedy(first, "tenant")
     assert replaced != expected
     assert converges(lambda: greedy(second, "tenant") == replaced)
     assert greedy(second, "tenant") == replaced
+    assert served_version(second, "tenant") == str(uploaded.json()["version"]) > version
     # Unloaded without purge: the folder stays, and both servers stop serving it.
     assert admin(first).delete("/v1/adapters/tenant").status_code == 200
     assert converges(lambda: greedy(second, "tenant") is None)
@@ -124,3 +147,4 @@ def test_two_uploads_of_one_name_at_once_end_with_both_serving_one_version(repli
         candidates[name] = greedy(first, f"probe-{name}")
     assert greedy(first, "raced") in candidates.values()
     assert greedy(second, "raced") == greedy(first, "raced")
+    assert served_version(first, "raced") == served_version(second, "raced") is not None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncGenerator, Iterator, Mapping
+from contextvars import ContextVar
 from typing import Any
 
 from vllm.exceptions import VLLMNotFoundError, VLLMValidationError
@@ -28,6 +29,9 @@ from ptmoe_serve.metrics import Metrics
 from ptmoe_serve.api.protocol import ROUTE_TOKENS
 from ptmoe_serve.adapters.registry import AdapterEntry, AdapterNotFound, AdapterRegistry
 
+# The adapter versions an HTTP request's generations were routed with (set per request by the
+# server, which reports them in a response header).
+SERVED_VERSIONS: ContextVar[set[int] | None] = ContextVar("served_versions", default=None)
 
 
 class AdapterNames(Mapping[str, LoRARequest]):
@@ -88,6 +92,9 @@ class AdapterEngineClient:
                                   self._llm.generate(prompt, sampling_params, request_id,
                                                      **kwargs))
         entry = self._resolve(lora_request.lora_name)
+        served = SERVED_VERSIONS.get()
+        if served is not None:
+            served.add(entry.version)
         ids = self._token_ids(prompt, entry)
         route_tokens = self._route_tokens(sampling_params, len(ids))
         self._check_prompt_logprobs(sampling_params)

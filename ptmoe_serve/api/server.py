@@ -29,7 +29,7 @@ from vllm.v1.metrics.prometheus import get_prometheus_registry
 
 from ptmoe_serve.api import management
 from ptmoe_serve.engine.engine import engine_args
-from ptmoe_serve.api.engine_client import AdapterNames
+from ptmoe_serve.api.engine_client import SERVED_VERSIONS, AdapterNames
 from ptmoe_serve.api.errors import RequestError, request_error_handler
 from ptmoe_serve.api.limits import RequestLimits, prompt_count
 from ptmoe_serve.api.protocol import PromptRouting, RoutingRequest, RoutingResponse
@@ -44,6 +44,8 @@ OPEN_PATHS = frozenset({"/health", "/ping"})
 # A management call's JSON (load, replace) is a name and a path.
 MAX_MANAGEMENT_BODY_BYTES = 64 * 1024
 RETRY_AFTER_SECONDS = b"1"
+# Names the store's version of the adapter a response was generated with.
+ADAPTER_VERSION_HEADER = b"ptmoe-adapter-version"
 
 
 async def run(settings: ServerSettings) -> None:
@@ -102,6 +104,7 @@ def add_project_routes(app: FastAPI, services: Services) -> None:
     app.user_middleware.insert(1, Middleware(_BodyLimitMiddleware,
                                              limit=services.settings.max_request_bytes))
     app.user_middleware.insert(2, Middleware(_RetryAfterMiddleware))
+    app.user_middleware.insert(3, Middleware(_AdapterVersionMiddleware))
     app.middleware_stack = app.build_middleware_stack()
 
 
@@ -302,6 +305,31 @@ class _RetryAfterMiddleware:
             await send(message)
 
         return await self.app(scope, receive, send_with_retry_after)
+
+
+class _AdapterVersionMiddleware:
+    """Every response generated with an adapter names the adapter's version (the store's, the
+    same on every replica) in a header: which content answered, when a replace raced the
+    request. Known before a stream starts: the engine client resolves the adapter when vLLM
+    calls `generate`, before the first byte."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        served: set[int] = set()
+        SERVED_VERSIONS.set(served)
+
+        async def send_with_version(message):
+            if message["type"] == "http.response.start" and served:
+                value = ",".join(map(str, sorted(served))).encode()
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (ADAPTER_VERSION_HEADER, value)]}
+            await send(message)
+
+        return await self.app(scope, receive, send_with_version)
 
 
 def _too_large(size: str, limit: int):
