@@ -3,6 +3,7 @@ server loads; resuming follows the same trajectory; routing and its gradients be
 paper states."""
 
 import json
+import re
 
 import httpx
 import pytest
@@ -131,3 +132,33 @@ def test_examples_are_the_ids_the_server_reads_and_answers_end_the_sequence(toke
     assert chat.answer_ids == [*tokenizer.encode("Ahoy"), tokenizer.eos_token_id]
     with pytest.raises(ValueError, match="end with the assistant"):
         encode_example({"messages": messages[:1]}, tokenizer)
+    # OpenAI's formats: prompt/completion, a system message kept, text content parts joined.
+    assert encode_example({"prompt": "Capital of France:", "completion": " Paris"},
+                          tokenizer) == plain
+    system = [{"role": "system", "content": "Be brief."}, *messages]
+    with_system = encode_example({"messages": system}, tokenizer)
+    assert with_system.prompt_ids == tokenizer.encode(tokenizer.apply_chat_template(
+        system[:2], add_generation_prompt=True, tokenize=False), add_special_tokens=False)
+    parts = [messages[0], {"role": "assistant", "content": [
+        {"type": "text", "text": "Ah"}, {"type": "text", "text": "oy"}]}]
+    assert encode_example({"messages": parts}, tokenizer) == chat
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"messages": "hi"}', "must be a list"),
+    ('{"messages": [{"role": "user", "content": "Hi"}, {"role": "bot", "content": "x"}]}',
+     "message 1 needs a role"),
+    ('{"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]}',
+     "message 0 content must be a string"),
+    ('{"messages": [{"role": "assistant", "content": "x"}]}', "a message before"),
+    ('{"prompt": "a", "completion": null}', "completion must be a string"),
+    ('{"text": "a"}', "needs 'messages', or 'prompt' and 'completion'"),
+    ('[1]', "must be a JSON object"),
+])
+def test_a_bad_line_is_named_with_its_problem(tokenizer, tmp_path, line, message):
+    from ptmoe_serve.train.data import load_examples
+
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n\n' + line + "\n")
+    with pytest.raises(ValueError, match=f"train.jsonl:3: .*{re.escape(message)}"):
+        load_examples(path, tokenizer)
