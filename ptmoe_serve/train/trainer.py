@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -96,7 +97,15 @@ def step_loss(model, embed, module: PtMoePrompt, examples: list[Example]) -> tor
     return model(inputs_embeds=inputs, attention_mask=mask, labels=labels).loss
 
 
-def train(settings: TrainSettings) -> dict:
+class TrainingStopped(Exception):
+    """`should_stop` said so (a cancelled job): the last checkpoint stays, no adapter is
+    written."""
+
+
+def train(settings: TrainSettings, on_step: Callable[[int, float], None] | None = None,
+          should_stop: Callable[[], bool] | None = None) -> dict:
+    """`on_step(step, loss)` is told of each step done; `should_stop()` is asked before
+    each."""
     if settings.method == "lora":
         return train_lora(settings)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -120,6 +129,8 @@ def train(settings: TrainSettings) -> dict:
     module.train()
     bar = tqdm(range(start, settings.steps), desc="train", initial=start, total=settings.steps)
     for step in bar:
+        if should_stop is not None and should_stop():
+            raise TrainingStopped(f"stopped before step {step + 1}")
         rng = random.Random(settings.seed * 1_000_003 + step)
         torch.manual_seed(settings.seed * 1_000_003 + step)
         optimizer.zero_grad()
@@ -135,6 +146,8 @@ def train(settings: TrainSettings) -> dict:
         bar.set_postfix(loss=f"{total:.4f}")
         if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
             _save_checkpoint(settings.output, module, optimizer, step + 1)
+        if on_step is not None:
+            on_step(step + 1, total)
     module.eval()
     write_adapter(module.to_adapter(), settings.output)
     summary = {"steps": settings.steps, "losses": losses, "settings": {

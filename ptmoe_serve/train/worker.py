@@ -1,0 +1,212 @@
+"""The fine-tuning worker: runs the store's fine-tuning jobs, oldest first, one at a time.
+
+For each job it validates the files (a job whose file it cannot use fails at validating_files,
+with an error that names the line and the problem), trains a PT-MoE adapter on the frozen base
+model (the trainer of `ptmoe-serve train`, resumable from its checkpoint), and writes the
+result into the store as an ordinary adapter folder, which every server over the store then
+serves like any other. It runs as a process of its own, never in the API process or vLLM's
+engine."""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ptmoe_serve.adapters.format import CONFIG_FILE, MAX_NAME_LENGTH, WEIGHTS_FILE
+from ptmoe_serve.adapters.store import AdapterStore
+from ptmoe_serve.train.data import BadExample, Example, read_examples
+from ptmoe_serve.train.files import FileNotFound, TrainingFiles
+from ptmoe_serve.train.jobs import CHECKPOINTS, FineTuningJobs
+from ptmoe_serve.train.trainer import TrainSettings, TrainingStopped, train
+
+logger = logging.getLogger(__name__)
+
+MAX_EXAMPLES = 50_000
+MAX_EPOCHS = 50
+MAX_EXAMPLE_TOKENS = 4096
+BASE_LEARNING_RATE = 3e-3  # the trainer's, for learning_rate_multiplier 1
+# "auto": enough epochs for about this many examples seen, within 1..10.
+AUTO_EXAMPLES_SEEN = 800
+AUTO_BATCH_SIZE = 8
+DEFAULT_TASK_TEXT = "Answer as the examples answer."
+
+
+class JobFileError(ValueError):
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+def resolved_hyperparameters(hyperparameters: dict, examples: int) -> dict:
+    """OpenAI's hyperparameters with "auto" (or absent) replaced by the value this worker
+    chooses from the data."""
+    auto = {"n_epochs": max(1, min(10, round(AUTO_EXAMPLES_SEEN / examples))),
+            "batch_size": min(AUTO_BATCH_SIZE, examples), "learning_rate_multiplier": 1.0}
+    return {name: default if hyperparameters.get(name) in (None, "auto")
+            else hyperparameters[name] for name, default in auto.items()}
+
+
+def adapter_name(base: str, suffix: str | None, job_id: str) -> str:
+    """OpenAI's `ft:<base>:<suffix>:<id>`, in the letters adapter names allow."""
+    parts = ["ft", base, suffix or "", job_id.removeprefix("ftjob-")[:12]]
+    name = "-".join(re.sub(r"[^A-Za-z0-9._-]", "-", p) for p in parts if p)
+    return re.sub(r"\.\.+", ".", name)[-MAX_NAME_LENGTH:].lstrip("-._")
+
+
+class FineTuningWorker:
+    def __init__(self, store_root: Path, model_dir: Path, base_name: str):
+        from transformers import AutoConfig, AutoTokenizer
+
+        self.store_root = store_root
+        self.model_dir = model_dir
+        self.base_name = base_name
+        self.jobs = FineTuningJobs(store_root)
+        self.files = TrainingFiles(store_root)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        config = AutoConfig.from_pretrained(model_dir)
+        self.max_example_tokens = min(MAX_EXAMPLE_TOKENS,
+                                      getattr(config, "max_position_embeddings", 1 << 30))
+
+    def run_forever(self, poll_seconds: float = 2.0,
+                    stop: Callable[[], bool] = lambda: False) -> None:
+        while not stop():
+            try:
+                worked = self.run_once()
+            except Exception:  # a job's failure is recorded on it; this is anything else
+                logger.exception("fine-tuning worker: trying again in %.0f s", poll_seconds)
+                worked = False
+            if not worked:
+                time.sleep(poll_seconds)
+
+    def run_once(self) -> bool:
+        """Validate every job waiting for it, then run the oldest job ready to run (or resume
+        one whose worker died); whether there was anything to do."""
+        jobs = self.jobs.list()
+        worked = False
+        for job in jobs:
+            if job["status"] == "validating_files":
+                with self.jobs.claimed(job["id"]) as mine:
+                    if mine:
+                        self._validate(job)
+                        worked = True
+        for job in self.jobs.list():
+            if job["status"] in ("queued", "running"):
+                with self.jobs.claimed(job["id"]) as mine:
+                    if mine:
+                        self._run(self.jobs.get(job["id"]))
+                        return True
+        return worked
+
+    # -- validating --------------------------------------------------------------------------
+
+    def _validate(self, job: dict) -> None:
+        job_id = job["id"]
+        if self.jobs.cancel_requested(job_id):
+            self.jobs.finish(job_id, "cancelled")
+            return
+        try:
+            examples = self._examples(job["training_file"], "training_file")
+            if job.get("validation_file"):
+                self._examples(job["validation_file"], "validation_file")
+            hyperparameters = resolved_hyperparameters(job.get("hyperparameters") or {},
+                                                       len(examples))
+            self._check_bounds(hyperparameters)
+        except JobFileError as e:
+            self.jobs.finish(job_id, "failed", error={
+                "code": f"invalid_{e.param}", "message": str(e), "param": e.param})
+            return
+        self.jobs.update(job_id, lambda record: record.update(
+            status="queued", hyperparameters=hyperparameters))
+        self.jobs.add_event(job_id, f"Validated {len(examples)} training examples; the job "
+                                    "is queued")
+
+    def _examples(self, file_id: str, param: str) -> list[Example]:
+        try:
+            path = self.files.content_path(self.files.get(file_id).id)
+            examples = read_examples(path, self.tokenizer)
+        except FileNotFound:
+            raise JobFileError(param, f"{param} {file_id} does not exist") from None
+        except BadExample as e:
+            raise JobFileError(param, f"{param} {file_id}, {e}") from None
+        if len(examples) > MAX_EXAMPLES:
+            raise JobFileError(param, f"{param} {file_id} holds {len(examples)} examples; the "
+                                      f"limit is {MAX_EXAMPLES}")
+        for number, example in enumerate(examples, start=1):
+            tokens = len(example.prompt_ids) + len(example.answer_ids)
+            if tokens > self.max_example_tokens:
+                raise JobFileError(param, f"{param} {file_id}, example {number}: {tokens} "
+                                          f"tokens; the limit is {self.max_example_tokens}")
+        return examples
+
+    @staticmethod
+    def _check_bounds(hyperparameters: dict) -> None:
+        epochs, batch = hyperparameters["n_epochs"], hyperparameters["batch_size"]
+        rate = hyperparameters["learning_rate_multiplier"]
+        if not isinstance(epochs, int) or not 1 <= epochs <= MAX_EPOCHS:
+            raise JobFileError("hyperparameters", f"n_epochs must be 1 to {MAX_EPOCHS}")
+        if not isinstance(batch, int) or not 1 <= batch <= 256:
+            raise JobFileError("hyperparameters", "batch_size must be 1 to 256")
+        if not isinstance(rate, (int, float)) or not 0 < rate <= 100:
+            raise JobFileError("hyperparameters",
+                               "learning_rate_multiplier must be above 0, at most 100")
+
+    # -- running -------------------------------------------------------------------------------
+
+    def _run(self, job: dict) -> None:
+        job_id = job["id"]
+        folder = self.jobs.job_folder(job_id) / CHECKPOINTS
+        if self.jobs.cancel_requested(job_id):
+            self._cancelled(job_id, folder)
+            return
+        data = self.files.content_path(job["training_file"])
+        examples = read_examples(data, self.tokenizer)
+        hyperparameters = job["hyperparameters"]
+        steps = math.ceil(hyperparameters["n_epochs"] * len(examples)
+                          / hyperparameters["batch_size"])
+        adapter = job.get("adapter") or {}
+        settings = TrainSettings(
+            model_dir=self.model_dir, base_name=self.base_name,
+            data=data, output=folder,
+            task_text=adapter.get("task_text") or DEFAULT_TASK_TEXT,
+            num_experts=adapter.get("num_experts", 2),
+            prompt_length=adapter.get("prompt_length", 16), rank=adapter.get("rank", 16),
+            top_k=adapter.get("top_k", 1), steps=steps,
+            batch_size=hyperparameters["batch_size"],
+            lr=BASE_LEARNING_RATE * hyperparameters["learning_rate_multiplier"],
+            warmup_steps=max(1, steps // 10), seed=job["seed"],
+            checkpoint_every=max(1, steps // 10), resume=True)
+        resumed = job["status"] == "running"
+        self.jobs.update(job_id, lambda record: record.update(status="running"))
+        self.jobs.add_event(job_id, "Fine-tuning job resumed from its last checkpoint"
+                            if resumed else f"Fine-tuning job started: {steps} steps")
+
+        def on_step(step: int, loss: float) -> None:
+            self.jobs.add_event(job_id, f"Step {step}/{steps}: training loss={loss:.4f}",
+                                data={"step": step, "total_steps": steps, "train_loss": loss})
+
+        try:
+            train(settings, on_step=on_step,
+                  should_stop=lambda: self.jobs.cancel_requested(job_id))
+        except TrainingStopped:
+            self._cancelled(job_id, folder)
+            return
+        except Exception as e:  # the job fails, the worker goes on
+            logger.exception("fine-tuning job %s failed", job_id)
+            self.jobs.finish(job_id, "failed", error={
+                "code": "training_failed", "message": f"{type(e).__name__}: {e}", "param": None})
+            return
+        name = adapter_name(self.base_name, job.get("suffix"), job_id)
+        AdapterStore(self.store_root).write(name, (folder / CONFIG_FILE).read_bytes(),
+                                            (folder / WEIGHTS_FILE).read_bytes())
+        trained = hyperparameters["n_epochs"] * sum(
+            len(e.prompt_ids) + len(e.answer_ids) for e in examples)
+        self.jobs.finish(job_id, "succeeded", fine_tuned_model=name, trained_tokens=trained)
+
+    def _cancelled(self, job_id: str, folder: Path) -> None:
+        shutil.rmtree(folder, ignore_errors=True)  # nothing of a cancelled job stays
+        self.jobs.finish(job_id, "cancelled")

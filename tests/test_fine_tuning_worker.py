@@ -1,0 +1,129 @@
+"""The fine-tuning worker over a store: it validates a job's files (naming the bad line), runs
+the oldest job while the next queues, trains on the real model, and writes the adapter into the
+store, where a server following the store finds it; a cancelled job leaves nothing behind."""
+
+import json
+
+import pytest
+import torch
+
+from ptmoe_serve.adapters.format import read_adapter
+from ptmoe_serve.adapters.manager import AdapterManager
+from ptmoe_serve.adapters.registry import AdapterRegistry
+from ptmoe_serve.adapters.store import AdapterStore
+from ptmoe_serve.train.files import TrainingFiles
+from ptmoe_serve.train.jobs import FineTuningJobs
+from ptmoe_serve.train.worker import FineTuningWorker, adapter_name, resolved_hyperparameters
+
+EXAMPLES = [{"messages": [{"role": "user", "content": f"Say the number {i}."},
+                          {"role": "assistant", "content": str(i)}]} for i in range(8)]
+
+
+def jsonl(records) -> bytes:
+    return b"".join(json.dumps(r).encode() + b"\n" for r in records)
+
+
+@pytest.fixture
+def store(tmp_path):
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def worker(store, model_dir):
+    return FineTuningWorker(store, model_dir, "SmolLM2-135M-Instruct")
+
+
+def new_job(store, data: bytes, **fields) -> dict:
+    file_id = TrainingFiles(store).add("train.jsonl", "fine-tune", data).id
+    return FineTuningJobs(store).create({
+        "model": "SmolLM2-135M-Instruct", "training_file": file_id, "validation_file": None,
+        "seed": 0, "suffix": "numbers",
+        "hyperparameters": {"n_epochs": 1, "batch_size": 4, "learning_rate_multiplier": "auto"},
+        "adapter": {"prompt_length": 4, "rank": 4}, **fields})
+
+
+def test_a_job_is_validated_queued_trained_and_served_from_the_store(store, worker):
+    jobs = FineTuningJobs(store)
+    first, second = new_job(store, jsonl(EXAMPLES)), new_job(store, jsonl(EXAMPLES))
+    follower = AdapterManager(AdapterRegistry(576, 2048, torch.device("cpu")), AdapterStore(store))
+    for _ in follower.start_in_batches():
+        pass
+    assert worker.run_once()
+    # The oldest ran; the other waits its turn, validated.
+    done, waiting = jobs.get(first["id"]), jobs.get(second["id"])
+    assert done["status"] == "succeeded" and waiting["status"] == "queued"
+    assert done["hyperparameters"] == {"n_epochs": 1, "batch_size": 4,
+                                       "learning_rate_multiplier": 1.0}
+    name = done["fine_tuned_model"]
+    assert name == adapter_name("SmolLM2-135M-Instruct", "numbers", first["id"])
+    adapter = read_adapter(store / name)
+    assert adapter.config.prompt_length == 4 and adapter.config.rank == 4
+    steps = [e["data"] for e in jobs.events(first["id"]) if e["type"] == "metrics"]
+    assert [s["step"] for s in steps] == [1, 2] and all(s["train_loss"] > 0 for s in steps)
+    assert done["trained_tokens"] > 0
+    # A server over the store serves it at its next look.
+    follower.sync_store()
+    assert name in follower.registry
+
+
+@pytest.mark.parametrize("data, message", [
+    (jsonl(EXAMPLES[:2]) + b'{"prompt": "a"}\n', "line 3: each line needs 'messages'"),
+    (jsonl([{"messages": [{"role": "user", "content": "hi"}]}]), "line 1: a chat example must end"),
+])
+def test_a_file_the_job_cannot_use_fails_it_naming_the_line(store, worker, data, message):
+    job = new_job(store, data)
+    worker.run_once()
+    failed = FineTuningJobs(store).get(job["id"])
+    assert failed["status"] == "failed" and failed["error"]["param"] == "training_file"
+    assert message in failed["error"]["message"]
+    assert job["training_file"] in failed["error"]["message"]
+
+
+def test_a_job_with_a_missing_file_or_bad_hyperparameters_fails(store, worker):
+    jobs = FineTuningJobs(store)
+    missing = new_job(store, jsonl(EXAMPLES), training_file="file-" + "0" * 24)
+    epochs = new_job(store, jsonl(EXAMPLES), hyperparameters={"n_epochs": 500})
+    worker.run_once()
+    assert "does not exist" in jobs.get(missing["id"])["error"]["message"]
+    assert "n_epochs must be 1 to 50" in jobs.get(epochs["id"])["error"]["message"]
+
+
+def test_a_cancelled_job_ends_and_leaves_no_adapter(store, worker):
+    jobs = FineTuningJobs(store)
+    job = new_job(store, jsonl(EXAMPLES))
+    worker.run_once()  # validated, trained
+    queued = new_job(store, jsonl(EXAMPLES))
+    assert jobs.cancel(queued["id"])["status"] == "cancelled"  # no one works on it: at once
+    worker.run_once()
+    assert jobs.get(queued["id"])["status"] == "cancelled"
+    served = sorted(p.name for p in store.iterdir() if not p.name.startswith("."))
+    assert served == [jobs.get(job["id"])["fine_tuned_model"]]
+    # A finished job stays as it ended.
+    assert jobs.cancel(job["id"])["status"] == "succeeded"
+
+
+def test_auto_hyperparameters_follow_the_data():
+    assert resolved_hyperparameters({}, 200) == {"n_epochs": 4, "batch_size": 8,
+                                                 "learning_rate_multiplier": 1.0}
+    assert resolved_hyperparameters({"n_epochs": "auto", "batch_size": 2}, 3) == {
+        "n_epochs": 10, "batch_size": 2, "learning_rate_multiplier": 1.0}
+    assert adapter_name("org/Model:1", "my suffix", "ftjob-abc123") == "ft-org-Model-1-my-suffix-abc123"
+
+
+def test_a_job_cancelled_while_training_stops_before_its_next_step(store, worker):
+    jobs = worker.jobs
+    job = new_job(store, jsonl(EXAMPLES))
+    add_event = jobs.add_event
+
+    def cancel_after_the_first_step(job_id, message, level="info", data=None):
+        add_event(job_id, message, level, data)
+        if data is not None and data["step"] == 1:
+            assert jobs.cancel(job_id)["status"] == "running"  # the worker holds it
+
+    jobs.add_event = cancel_after_the_first_step
+    worker.run_once()
+    ended = jobs.get(job["id"])
+    assert ended["status"] == "cancelled" and ended["fine_tuned_model"] is None
+    assert [e["data"]["step"] for e in jobs.events(job["id"]) if e["data"]] == [1]
+    assert not (jobs.job_folder(job["id"]) / "checkpoint").exists()
+    assert [p.name for p in store.iterdir() if not p.name.startswith(".")] == []
