@@ -55,7 +55,12 @@ def _serve_parser(sub) -> None:
                            help="seconds between looks at --adapters for folders copied in or "
                                 "removed; 0 turns it off (default: %(default)s)")
     lifecycle.add_argument("--max-upload-mb", type=float, default=64.0,
-                           help="largest adapter upload accepted (default: %(default)s)")
+                           help="largest upload accepted: an adapter, or a fine-tuning file "
+                                "(default: %(default)s)")
+    lifecycle.add_argument("--no-fine-tune-worker", dest="fine_tune_worker",
+                           action="store_false",
+                           help="start no fine-tuning worker beside the server (jobs then wait "
+                                "for `ptmoe-serve fine-tune-worker` over the same store)")
     lifecycle.add_argument("--max-request-mb", type=float, default=8.0,
                            help="largest request body but uploads (completions, chat, ...); "
                                 "larger ones get 413 before they are parsed (default: "
@@ -198,6 +203,22 @@ def _vllm_args(rest: list[str]) -> argparse.Namespace:
                              f"--api-key before vLLM's options (got {name})")
     validate_parsed_serve_args(args)
     return args
+
+
+def fine_tune_worker(args: argparse.Namespace) -> None:
+    """Training shares the machine with serving: at a lower priority, on half the cores."""
+    import torch
+
+    from ptmoe_serve.train.worker import FineTuningWorker
+
+    model_dir, name = _resolve_model(args.model, args.cache_dir)
+    os.nice(10)
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) // 2))
+    worker = FineTuningWorker(args.adapters.resolve(), model_dir,
+                              args.served_model_name or name)
+    logging.getLogger("ptmoe_serve").info("fine-tuning worker over %s", args.adapters)
+    worker.run_forever(stop=lambda: args.parent_pid is not None
+                       and os.getppid() != args.parent_pid)
 
 
 def _init_parser(sub) -> None:
@@ -365,6 +386,7 @@ def serve(args: argparse.Namespace, rest: list[str]) -> None:
         max_sequences=args.max_sequences_per_request,
         max_logprobs=args.max_logprobs_per_request,
         watch_interval=args.watch_interval,
+        fine_tune_worker=args.fine_tune_worker,
     )
     run_server(settings)
 
@@ -399,6 +421,17 @@ def main(argv: list[str] | None = None) -> None:
     _init_parser(sub)
     _train_parser(sub)
     _eval_parser(sub)
+    worker = sub.add_parser("fine-tune-worker", help="run the fine-tuning jobs of an adapter "
+                                                     "store (on this machine or another)")
+    _add_model_args(worker)
+    worker.add_argument("--adapters", type=Path, required=True, help="the adapter store")
+    worker.add_argument("--served-model-name", default=None,
+                        help="the base model's name in the server (default: its folder's)")
+    worker.add_argument("--threads", type=int, default=None,
+                        help="torch threads for training (default: half the cores, at least "
+                             "one)")
+    worker.add_argument("--parent-pid", type=int, default=None,
+                        help="stop when this process has gone (serve sets it)")
     tasks = sub.add_parser("make-tasks", help="generate the example tasks' train and held-out "
                                               "splits (extractive QA, arithmetic, contact cards)")
     tasks.add_argument("--out", type=Path, required=True, help="one folder per task goes here")
@@ -428,6 +461,8 @@ def main(argv: list[str] | None = None) -> None:
         evaluate(args)
     elif args.command == "make-tasks":
         make_tasks(args)
+    elif args.command == "fine-tune-worker":
+        fine_tune_worker(args)
     else:
         init_adapter(args)
 

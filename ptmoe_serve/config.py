@@ -45,3 +45,5 @@ class ServerSettings:
     max_logprobs: int = 1_000_000
     # Seconds between looks at the adapters folder; 0 turns the watching off.
     watch_interval: float = 2.0
+    # Start a fine-tuning worker process beside the server (train/worker.py).
+    fine_tune_worker: bool = True

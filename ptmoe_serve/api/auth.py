@@ -84,3 +84,8 @@ class AccessPolicy:
             return False
         return any(key and hmac.compare_digest(token.strip().encode(), key.encode())
                    for key in keys)
+
+
+def require_admin(request: Request) -> None:
+    """A route dependency: the admin key, before the route reads its body."""
+    request.app.state.services.access.check_admin(request)

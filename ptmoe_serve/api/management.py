@@ -12,20 +12,17 @@ from contextlib import contextmanager
 
 from fastapi import APIRouter, Depends, Request
 from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
 
 from ptmoe_serve.api import protocol
+from ptmoe_serve.api.auth import require_admin
 from ptmoe_serve.adapters.format import CONFIG_FILE, WEIGHTS_FILE, AdapterError
 from ptmoe_serve.adapters.manager import PathNotAllowed
 from ptmoe_serve.adapters.registry import AdapterEntry, AdapterExists, AdapterNotFound
 from ptmoe_serve.api.errors import RequestError
+from ptmoe_serve.api.forms import read_bounded_form
 
 
-def _require_admin(request: Request) -> None:
-    request.app.state.services.access.check_admin(request)
-
-
-router = APIRouter(prefix="/v1/adapters", dependencies=[Depends(_require_admin)])
+router = APIRouter(prefix="/v1/adapters", dependencies=[Depends(require_admin)])
 
 
 @contextmanager
@@ -90,22 +87,7 @@ async def unload_adapter(name: str, request: Request, purge: bool = False) -> pr
 
 async def _read_upload(request: Request, limit: int) -> dict[str, bytes]:
     """The two adapter files of a multipart body, refusing more than `limit` bytes early."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _too_large(int(declared), limit)
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise _too_large(len(body), limit)
-
-    async def replay():
-        yield bytes(body)
-
-    try:
-        form = await MultiPartParser(request.headers, replay()).parse()
-    except (MultiPartException, AssertionError, ValueError) as e:
-        raise RequestError(400, f"the upload is not a valid multipart form: {e}") from None
+    form = await read_bounded_form(request, limit)
     files = {}
     for field in (CONFIG_FILE, WEIGHTS_FILE):
         part = form.get(field)
@@ -115,8 +97,3 @@ async def _read_upload(request: Request, limit: int) -> dict[str, bytes]:
                                     f"{field} is missing", param=field)
         files[field] = await part.read()
     return files
-
-
-def _too_large(size: int, limit: int) -> RequestError:
-    return RequestError(413, f"the upload is {size} bytes; the limit is {limit} "
-                             "(--max-upload-mb)", code="upload_too_large")

@@ -7,6 +7,9 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
+import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +30,8 @@ from ptmoe_serve.config import ServerSettings
 from ptmoe_serve.base_model import load_input_embeddings
 from ptmoe_serve.routing.batcher import SoftPromptBatcher
 from ptmoe_serve.adapters.store import AdapterStore
+from ptmoe_serve.train.files import TrainingFiles
+from ptmoe_serve.train.jobs import FineTuningJobs
 
 logger = logging.getLogger(__name__)
 # Chat content-part types (their part before "_"), which vLLM matches against adapter names
@@ -47,13 +52,29 @@ class Services:
     metrics: Metrics
     access: AccessPolicy
     limits: RequestLimits
+    files: TrainingFiles
+    jobs: FineTuningJobs
     started_at: int
     watcher: asyncio.Task | None = None
+    fine_tune_worker: subprocess.Popen | None = None
 
     async def stop(self) -> None:
         if self.watcher is not None:
             self.watcher.cancel()
+        if self.fine_tune_worker is not None:
+            self.fine_tune_worker.terminate()  # a job in progress resumes at the next start
+            await asyncio.to_thread(self.fine_tune_worker.wait)
         await self.routing.stop()
+
+
+def start_fine_tune_worker(settings: ServerSettings) -> subprocess.Popen:
+    """The fine-tuning worker, a process of its own beside the server's (never in the API
+    process or vLLM's engine), over the same store; it stops when the server does."""
+    return subprocess.Popen([
+        sys.executable, "-m", "ptmoe_serve.cli", "fine-tune-worker",
+        "--adapters", str(settings.adapters_dir), "--model", settings.engine.model_dir,
+        "--served-model-name", settings.engine.served_model_name,
+        "--parent-pid", str(os.getpid())])
 
 
 def release_freed_memory() -> None:
@@ -106,7 +127,10 @@ async def start_services(settings: ServerSettings, llm: AsyncLLM,
     access = AccessPolicy(settings.admin_api_key, settings.api_key, settings.metrics_need_key,
                           settings.allowed_hosts)
     services = Services(settings, engine, registry, manager, routing, client, metrics, access,
-                        limits, int(started))
+                        limits, TrainingFiles(manager.store.root),
+                        FineTuningJobs(manager.store.root), int(started))
+    if settings.fine_tune_worker:
+        services.fine_tune_worker = start_fine_tune_worker(settings)
     if settings.watch_interval > 0:
         services.watcher = asyncio.create_task(manager.watch(settings.watch_interval))
     logger.info("serving %s with %d adapters (routing %s), ready in %.1f s",

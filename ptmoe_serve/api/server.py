@@ -27,7 +27,7 @@ from vllm.entrypoints.serve.tokenize.protocol import (TokenizeChatRequest,
 from vllm.exceptions import VLLMValidationError
 from vllm.v1.metrics.prometheus import get_prometheus_registry
 
-from ptmoe_serve.api import management
+from ptmoe_serve.api import files, fine_tuning, management
 from ptmoe_serve.engine.engine import engine_args
 from ptmoe_serve.api.engine_client import SERVED_VERSIONS, AdapterNames
 from ptmoe_serve.api.errors import RequestError, request_error_handler
@@ -96,6 +96,8 @@ def add_project_routes(app: FastAPI, services: Services) -> None:
     app.add_api_route("/v1/routing", _routing, methods=["POST"],
                       response_model=RoutingResponse)
     app.include_router(management.router)
+    app.include_router(files.router)
+    app.include_router(fine_tuning.router)
     app.add_exception_handler(RequestError, request_error_handler)
     # Outermost: a request without a valid key is refused before its body is read; next, one
     # whose body is over its limit, before it is parsed. vLLM's app has built its middleware
@@ -256,6 +258,8 @@ class _BodyLimitMiddleware:
     def _limit(self, scope) -> int | None:
         if scope["path"].startswith(management.router.prefix):
             return None if scope["method"] == "PUT" else MAX_MANAGEMENT_BODY_BYTES
+        if scope["path"] == files.router.prefix and scope["method"] == "POST":
+            return None  # an upload: bounded by its handler (--max-upload-mb)
         return self.limit
 
     async def __call__(self, scope, receive, send):

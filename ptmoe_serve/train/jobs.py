@@ -91,9 +91,27 @@ class FineTuningJobs:
 
     def events(self, job_id: str) -> list[dict]:
         """A job's events, oldest first."""
+        return self._lines(job_id, "events.jsonl")
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def add_checkpoint(self, job_id: str, model: str, step: int, metrics: dict) -> None:
+        """A servable adapter of the job at `step` (OpenAI's checkpoint object)."""
+        checkpoint = {"object": "fine_tuning.job.checkpoint",
+                      "id": f"ftckpt-{secrets.token_hex(12)}", "created_at": int(time.time()),
+                      "fine_tuned_model_checkpoint": model, "fine_tuning_job_id": job_id,
+                      "step_number": step, "metrics": {"step": step, **metrics}}
+        with open(self.job_folder(job_id) / "checkpoints.jsonl", "a") as f:
+            f.write(json.dumps(checkpoint) + "\n")
+
+    def checkpoints(self, job_id: str) -> list[dict]:
+        """A job's checkpoints, oldest first."""
+        return self._lines(job_id, "checkpoints.jsonl")
+
+    def _lines(self, job_id: str, name: str) -> list[dict]:
         self.get(job_id)
         try:
-            text = (self.job_folder(job_id) / "events.jsonl").read_text()
+            text = (self.job_folder(job_id) / name).read_text()
         except FileNotFoundError:
             return []
         return [json.loads(line) for line in text.splitlines() if line.endswith("}")]

@@ -34,6 +34,7 @@ BASE_LEARNING_RATE = 3e-3  # the trainer's, for learning_rate_multiplier 1
 AUTO_EXAMPLES_SEEN = 800
 AUTO_BATCH_SIZE = 8
 DEFAULT_TASK_TEXT = "Answer as the examples answer."
+VALIDATE_EVERY_SECONDS = 2.0
 
 
 class JobFileError(ValueError):
@@ -86,14 +87,7 @@ class FineTuningWorker:
     def run_once(self) -> bool:
         """Validate every job waiting for it, then run the oldest job ready to run (or resume
         one whose worker died); whether there was anything to do."""
-        jobs = self.jobs.list()
-        worked = False
-        for job in jobs:
-            if job["status"] == "validating_files":
-                with self.jobs.claimed(job["id"]) as mine:
-                    if mine:
-                        self._validate(job)
-                        worked = True
+        worked = self._validate_waiting()
         for job in self.jobs.list():
             if job["status"] in ("queued", "running"):
                 with self.jobs.claimed(job["id"]) as mine:
@@ -103,6 +97,18 @@ class FineTuningWorker:
         return worked
 
     # -- validating --------------------------------------------------------------------------
+
+    def _validate_waiting(self) -> bool:
+        """Validate the jobs waiting for it (also between training steps, so that a job
+        created meanwhile shows queued, or failed, while another trains)."""
+        worked = False
+        for job in self.jobs.list():
+            if job["status"] == "validating_files":
+                with self.jobs.claimed(job["id"]) as mine:
+                    if mine:
+                        self._validate(job)
+                        worked = True
+        return worked
 
     def _validate(self, job: dict) -> None:
         job_id = job["id"]
@@ -185,9 +191,15 @@ class FineTuningWorker:
         self.jobs.add_event(job_id, "Fine-tuning job resumed from its last checkpoint"
                             if resumed else f"Fine-tuning job started: {steps} steps")
 
+        losses, validated_at = [], [time.monotonic()]
+
         def on_step(step: int, loss: float) -> None:
+            losses.append(loss)
             self.jobs.add_event(job_id, f"Step {step}/{steps}: training loss={loss:.4f}",
                                 data={"step": step, "total_steps": steps, "train_loss": loss})
+            if time.monotonic() - validated_at[0] > VALIDATE_EVERY_SECONDS:
+                self._validate_waiting()
+                validated_at[0] = time.monotonic()
 
         try:
             train(settings, on_step=on_step,
@@ -205,6 +217,8 @@ class FineTuningWorker:
                                             (folder / WEIGHTS_FILE).read_bytes())
         trained = hyperparameters["n_epochs"] * sum(
             len(e.prompt_ids) + len(e.answer_ids) for e in examples)
+        if losses:
+            self.jobs.add_checkpoint(job_id, name, steps, {"train_loss": losses[-1]})
         self.jobs.finish(job_id, "succeeded", fine_tuned_model=name, trained_tokens=trained)
 
     def _cancelled(self, job_id: str, folder: Path) -> None:

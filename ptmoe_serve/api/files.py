@@ -1,0 +1,95 @@
+"""OpenAI's files API for fine-tuning: upload, list, retrieve, download and delete the JSONL
+files that fine-tuning jobs train on (`client.files.*` of the `openai` package works as it is).
+Every route needs the admin key; an upload is bounded like an adapter upload
+(--max-upload-mb) and checked for being JSONL before it is kept."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import FileResponse
+from starlette.datastructures import UploadFile
+
+from ptmoe_serve.api.auth import require_admin
+from ptmoe_serve.api.errors import RequestError
+from ptmoe_serve.api.forms import read_bounded_form
+from ptmoe_serve.train.files import FileError, FileNotFound, TrainingFile, TrainingFiles
+
+router = APIRouter(prefix="/v1/files", dependencies=[Depends(require_admin)])
+MAX_LIST_LIMIT = 10_000
+
+
+def _files(request: Request) -> TrainingFiles:
+    return request.app.state.services.files
+
+
+def _get(files: TrainingFiles, file_id: str) -> TrainingFile:
+    try:
+        return files.get(file_id)
+    except FileNotFound:
+        raise RequestError(404, f"No such File object: {file_id}", code="file_not_found",
+                           param="file_id") from None
+
+
+@router.post("")
+async def upload_file(request: Request) -> dict:
+    services = request.app.state.services
+    form = await read_bounded_form(request, services.settings.max_upload_bytes)
+    part, purpose = form.get("file"), form.get("purpose")
+    if not isinstance(part, UploadFile):
+        raise RequestError(400, "the upload must hold the file as the multipart field 'file'",
+                           param="file")
+    if not isinstance(purpose, str):
+        raise RequestError(400, "the upload must say its purpose ('fine-tune') as the "
+                                "multipart field 'purpose'", param="purpose")
+    data = await part.read()
+    try:  # a check of every line: off the event loop
+        record = await asyncio.to_thread(services.files.add, part.filename or "", purpose, data)
+    except FileError as e:
+        raise RequestError(400, str(e), param="file") from None
+    return record.describe()
+
+
+@router.get("")
+async def list_files(request: Request, purpose: str | None = None,
+                     limit: int = Query(MAX_LIST_LIMIT, ge=1, le=MAX_LIST_LIMIT),
+                     after: str | None = None,
+                     order: Literal["asc", "desc"] = "desc") -> dict:
+    """OpenAI's cursor pages: `limit` files after the file `after`, newest first unless
+    `order` is asc."""
+    files = _files(request).list(purpose)
+    if order == "desc":
+        files.reverse()
+    if after is not None:
+        ids = [f.id for f in files]
+        files = files[ids.index(after) + 1:] if after in ids else []
+    page = files[:limit]
+    return {"object": "list", "data": [f.describe() for f in page],
+            "has_more": len(files) > limit,
+            "first_id": page[0].id if page else None, "last_id": page[-1].id if page else None}
+
+
+@router.get("/{file_id}")
+async def retrieve_file(file_id: str, request: Request) -> dict:
+    return _get(_files(request), file_id).describe()
+
+
+@router.get("/{file_id}/content")
+async def file_content(file_id: str, request: Request) -> FileResponse:
+    files = _files(request)
+    record = _get(files, file_id)
+    return FileResponse(files.content_path(record.id), media_type="application/jsonl",
+                        filename=record.filename)
+
+
+@router.delete("/{file_id}")
+async def delete_file(file_id: str, request: Request) -> dict:
+    files = _files(request)
+    try:
+        files.delete(file_id)
+    except FileNotFound:
+        raise RequestError(404, f"No such File object: {file_id}", code="file_not_found",
+                           param="file_id") from None
+    return {"id": file_id, "object": "file", "deleted": True}
