@@ -7,6 +7,11 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# A completion or chat request's vllm_xargs key: how many leading prompt tokens the router
+# reads (all when absent), so that a scored continuation does not steer its own soft prompt.
+# Here, at the bottom, because the server and its clients (evaluation, lm-eval) both name it.
+ROUTE_TOKENS = "ptmoe_route_tokens"
+
 
 @dataclass(frozen=True)
 class EngineSettings:

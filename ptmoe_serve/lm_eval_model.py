@@ -20,7 +20,7 @@ from __future__ import annotations
 from lm_eval.api.registry import register_model
 from lm_eval.models.openai_completions import LocalCompletionsAPI
 
-from ptmoe_serve.api.protocol import ROUTE_TOKENS
+from ptmoe_serve.config import ROUTE_TOKENS
 
 
 @register_model("ptmoe-completions")

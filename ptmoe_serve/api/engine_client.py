@@ -26,7 +26,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 
 from ptmoe_serve.api.limits import RequestLimits
 from ptmoe_serve.metrics import Metrics
-from ptmoe_serve.api.protocol import ROUTE_TOKENS
+from ptmoe_serve.config import ROUTE_TOKENS
 from ptmoe_serve.adapters.registry import AdapterEntry, AdapterNotFound, AdapterRegistry
 
 # The adapter versions an HTTP request's generations were routed with (set per request by the

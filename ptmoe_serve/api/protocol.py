@@ -7,11 +7,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-# A completion or chat request's vllm_xargs key: how many leading prompt tokens the router
-# reads (all when absent), so that a scored continuation does not steer its own soft prompt.
-ROUTE_TOKENS = "ptmoe_route_tokens"
-
-
 class LoadAdapterRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

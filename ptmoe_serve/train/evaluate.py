@@ -17,7 +17,7 @@ import string
 
 import httpx
 
-from ptmoe_serve.api.protocol import ROUTE_TOKENS
+from ptmoe_serve.config import ROUTE_TOKENS
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")

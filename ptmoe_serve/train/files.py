@@ -91,8 +91,8 @@ class TrainingFiles:
                               created_at=now // 10**9, filename=_clean(filename),
                               purpose=purpose, lines=lines, created_ns=now)
         # The bytes first, the record last: a file is listed only once it is whole.
-        _write_atomically(self.content_path(record.id), data)
-        _write_atomically(self._record_path(record.id), json.dumps(asdict(record)).encode())
+        write_atomically(self.content_path(record.id), data)
+        write_atomically(self._record_path(record.id), json.dumps(asdict(record)).encode())
         return record
 
     def get(self, file_id: str) -> TrainingFile:
@@ -137,7 +137,9 @@ def _short(error: Exception) -> str:
     return str(error)[:200]
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes) -> None:
+    """Flushed beside its target and renamed into place: a reader sees the old file or the new
+    one, never half of one."""
     staging = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
     try:
         with open(staging, "wb") as f:

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 import secrets
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from ptmoe_serve.train.files import write_atomically
 
 JOBS_FOLDER = ".ptmoe-jobs"
 JOB_ID_PREFIX = "ftjob-"
@@ -49,7 +49,7 @@ class FineTuningJobs:
                   "estimated_finish": None, "integrations": None,
                   "organization_id": "ptmoe_serve", **record, "created_ns": now}
         self.job_folder(job_id).mkdir()
-        _write_json(self._record_path(job_id), record)
+        write_atomically(self._record_path(job_id), json.dumps(record).encode())
         self.add_event(job_id, f"Created fine-tuning job: {job_id}")
         return record
 
@@ -76,7 +76,7 @@ class FineTuningJobs:
         with self._lock(job_id, "record.lock"):
             record = self.get(job_id)
             change(record)
-            _write_json(self._record_path(job_id), record)
+            write_atomically(self._record_path(job_id), json.dumps(record).encode())
             return record
 
     # -- events ---------------------------------------------------------------------------------
@@ -135,8 +135,9 @@ class FineTuningJobs:
     def cancel(self, job_id: str) -> dict:
         """Cancel a job: at once if no one works on it, else by a marker its worker sees
         before its next step. A finished job stays as it ended."""
-        if self.get(job_id)["status"] in FINAL:
-            return self.get(job_id)
+        record = self.get(job_id)
+        if record["status"] in FINAL:
+            return record
         (self.job_folder(job_id) / "cancel").touch()
         with self.claimed(job_id) as mine:
             if mine:
@@ -178,12 +179,3 @@ class FineTuningJobs:
                 yield
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def _write_json(path: Path, value: dict) -> None:
-    staging = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    with open(staging, "w") as f:
-        json.dump(value, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(staging, path)
