@@ -162,3 +162,30 @@ def test_a_bad_line_is_named_with_its_problem(tokenizer, tmp_path, line, message
     path.write_text('{"prompt": "a", "completion": "b"}\n\n' + line + "\n")
     with pytest.raises(ValueError, match=f"train.jsonl:3: .*{re.escape(message)}"):
         load_examples(path, tokenizer)
+
+
+def test_the_step_loss_is_the_models_own_loss_on_the_answer_tokens(model_dir, tokenizer):
+    """The trainer projects only the answer positions onto the vocabulary; the loss and the
+    prompt's gradient are the model's own (every position projected) all the same."""
+    from transformers import AutoModelForCausalLM
+
+    from ptmoe_serve.train.data import encode_example
+    from ptmoe_serve.train.trainer import batch_inputs, step_loss
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model.requires_grad_(False)
+    embed = model.get_input_embeddings()
+    examples = [encode_example(e, tokenizer) for e in EXAMPLES]  # answers of unequal length
+    module = PtMoePrompt(random_adapter(hidden_size=embed.weight.shape[1], prompt_length=4,
+                                        seed=3), noise_std=0.0)
+    ours = step_loss(model, embed, module, examples)
+    ours.backward()
+    ours_grad = module.experts_a.grad.clone()
+    module.zero_grad()
+    with torch.no_grad():
+        means = torch.stack([embed(torch.tensor(e.prompt_ids)).mean(0) for e in examples])
+    inputs, mask, labels = batch_inputs(examples, module(means), embed)
+    theirs = model(inputs_embeds=inputs, attention_mask=mask, labels=labels).loss
+    theirs.backward()
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(ours_grad, module.experts_a.grad)
