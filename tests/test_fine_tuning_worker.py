@@ -44,7 +44,10 @@ def new_job(store, data: bytes, **fields) -> dict:
 
 def test_a_job_is_validated_queued_trained_and_served_from_the_store(store, worker):
     jobs = FineTuningJobs(store)
-    first, second = new_job(store, jsonl(EXAMPLES)), new_job(store, jsonl(EXAMPLES))
+    validation = TrainingFiles(store).add("valid.jsonl", "fine-tune", jsonl(EXAMPLES[:3])).id
+    first = new_job(store, jsonl(EXAMPLES), validation_file=validation,
+                    hyperparameters={"n_epochs": 2, "batch_size": 4})
+    second = new_job(store, jsonl(EXAMPLES))
     follower = AdapterManager(AdapterRegistry(576, 2048, torch.device("cpu")), AdapterStore(store))
     for _ in follower.start_in_batches():
         pass
@@ -52,18 +55,52 @@ def test_a_job_is_validated_queued_trained_and_served_from_the_store(store, work
     # The oldest ran; the other waits its turn, validated.
     done, waiting = jobs.get(first["id"]), jobs.get(second["id"])
     assert done["status"] == "succeeded" and waiting["status"] == "queued"
-    assert done["hyperparameters"] == {"n_epochs": 1, "batch_size": 4,
+    assert done["hyperparameters"] == {"n_epochs": 2, "batch_size": 4,
                                        "learning_rate_multiplier": 1.0}
     name = done["fine_tuned_model"]
     assert name == adapter_name("SmolLM2-135M-Instruct", "numbers", first["id"])
     adapter = read_adapter(store / name)
     assert adapter.config.prompt_length == 4 and adapter.config.rank == 4
     steps = [e["data"] for e in jobs.events(first["id"]) if e["type"] == "metrics"]
-    assert [s["step"] for s in steps] == [1, 2] and all(s["train_loss"] > 0 for s in steps)
+    assert [s["step"] for s in steps] == [1, 2, 3, 4] and all(s["train_loss"] > 0 for s in steps)
+    assert all(0 <= s["train_mean_token_accuracy"] <= 1 for s in steps)
+    # Validation at each epoch's end: loss, token accuracy, exact match.
+    assert [s["step"] for s in steps if "valid_loss" in s] == [2, 4]
+    assert all(s["valid_loss"] > 0 and 0 <= s["valid_exact_match"] <= 1 for s in steps[1::2])
     assert done["trained_tokens"] > 0
-    # A server over the store serves it at its next look.
+    # A checkpoint at each epoch's end, the last the model itself, each an adapter served.
+    checkpoints = jobs.checkpoints(first["id"])
+    assert [(c["step_number"], c["fine_tuned_model_checkpoint"]) for c in checkpoints] == [
+        (2, f"{name}-ckpt-step-2"), (4, name)]
+    assert checkpoints[1]["metrics"] == steps[-1]
     follower.sync_store()
-    assert name in follower.registry
+    assert name in follower.registry and f"{name}-ckpt-step-2" in follower.registry
+    assert not torch.equal(read_adapter(store / f"{name}-ckpt-step-2").experts_a,
+                           adapter.experts_a)
+
+
+def test_a_job_keeps_its_last_three_checkpoints(store, worker):
+    jobs = FineTuningJobs(store)
+    job = new_job(store, jsonl(EXAMPLES[:2]), hyperparameters={"n_epochs": 5, "batch_size": 2})
+    worker.run_once()
+    name = jobs.get(job["id"])["fine_tuned_model"]
+    kept = [f"{name}-ckpt-step-3", f"{name}-ckpt-step-4", name]
+    assert [c["fine_tuned_model_checkpoint"] for c in jobs.checkpoints(job["id"])] == kept
+    assert sorted(p.name for p in store.iterdir() if not p.name.startswith(".")) == sorted(kept)
+
+
+def test_a_stopped_worker_leaves_its_job_running_and_the_next_resumes_it(store, model_dir):
+    jobs = FineTuningJobs(store)
+    job = new_job(store, jsonl(EXAMPLES), hyperparameters={"n_epochs": 2, "batch_size": 4})
+    stopping = FineTuningWorker(store, model_dir, "SmolLM2-135M-Instruct",
+                                stop=lambda: len(jobs.events(job["id"])) > 4)
+    stopping.run_once()  # validated, then stopped after its first epoch
+    assert jobs.get(job["id"])["status"] == "running"
+    FineTuningWorker(store, model_dir, "SmolLM2-135M-Instruct").run_once()
+    assert jobs.get(job["id"])["status"] == "succeeded"
+    events = jobs.events(job["id"])
+    assert [e["data"]["step"] for e in events if e["data"]] == [1, 2, 3, 4]
+    assert any("resumed from its last checkpoint" in e["message"] for e in events)
 
 
 @pytest.mark.parametrize("data, message", [
@@ -112,18 +149,20 @@ def test_auto_hyperparameters_follow_the_data():
 
 def test_a_job_cancelled_while_training_stops_before_its_next_step(store, worker):
     jobs = worker.jobs
-    job = new_job(store, jsonl(EXAMPLES))
+    job = new_job(store, jsonl(EXAMPLES), hyperparameters={"n_epochs": 3, "batch_size": 4})
     add_event = jobs.add_event
 
-    def cancel_after_the_first_step(job_id, message, level="info", data=None):
+    def cancel_after_the_first_epoch(job_id, message, level="info", data=None):
         add_event(job_id, message, level, data)
-        if data is not None and data["step"] == 1:
+        if data is not None and data["step"] == 2:
             assert jobs.cancel(job_id)["status"] == "running"  # the worker holds it
 
-    jobs.add_event = cancel_after_the_first_step
+    jobs.add_event = cancel_after_the_first_epoch
     worker.run_once()
     ended = jobs.get(job["id"])
     assert ended["status"] == "cancelled" and ended["fine_tuned_model"] is None
-    assert [e["data"]["step"] for e in jobs.events(job["id"]) if e["data"]] == [1]
+    assert [e["data"]["step"] for e in jobs.events(job["id"]) if e["data"]] == [1, 2]
     assert not (jobs.job_folder(job["id"]) / "checkpoint").exists()
+    # The epoch's checkpoint adapter, written before the cancel was seen, is gone too.
+    assert jobs.checkpoints(job["id"]) == []
     assert [p.name for p in store.iterdir() if not p.name.startswith(".")] == []

@@ -18,7 +18,7 @@ from typing import Callable, Literal
 import torch
 from pydantic import (BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
                       model_validator)
-from safetensors.torch import load, save_file
+from safetensors.torch import load, save
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -274,8 +274,16 @@ def _read_limited(path: Path, limit: int) -> bytes:
     return data
 
 
+def adapter_files(adapter: PtMoeAdapter) -> tuple[bytes, bytes]:
+    """The contents of an adapter folder's two files: config, weights."""
+    config = json.dumps(adapter.config.model_dump(), indent=2) + "\n"
+    weights = save({k: v.contiguous() for k, v in adapter.tensors().items()},
+                   metadata={"format": "pt"})
+    return config.encode(), weights
+
+
 def write_adapter(adapter: PtMoeAdapter, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / CONFIG_FILE).write_text(json.dumps(adapter.config.model_dump(), indent=2) + "\n")
-    save_file({k: v.contiguous() for k, v in adapter.tensors().items()}, folder / WEIGHTS_FILE,
-              metadata={"format": "pt"})
+    config, weights = adapter_files(adapter)
+    (folder / CONFIG_FILE).write_bytes(config)
+    (folder / WEIGHTS_FILE).write_bytes(weights)

@@ -91,30 +91,48 @@ class FineTuningJobs:
 
     def events(self, job_id: str) -> list[dict]:
         """A job's events, oldest first."""
-        return self._lines(job_id, "events.jsonl")
-
-    # -- checkpoints ---------------------------------------------------------------------------
-
-    def add_checkpoint(self, job_id: str, model: str, step: int, metrics: dict) -> None:
-        """A servable adapter of the job at `step` (OpenAI's checkpoint object)."""
-        checkpoint = {"object": "fine_tuning.job.checkpoint",
-                      "id": f"ftckpt-{secrets.token_hex(12)}", "created_at": int(time.time()),
-                      "fine_tuned_model_checkpoint": model, "fine_tuning_job_id": job_id,
-                      "step_number": step, "metrics": {"step": step, **metrics}}
-        with open(self.job_folder(job_id) / "checkpoints.jsonl", "a") as f:
-            f.write(json.dumps(checkpoint) + "\n")
-
-    def checkpoints(self, job_id: str) -> list[dict]:
-        """A job's checkpoints, oldest first."""
-        return self._lines(job_id, "checkpoints.jsonl")
-
-    def _lines(self, job_id: str, name: str) -> list[dict]:
         self.get(job_id)
         try:
-            text = (self.job_folder(job_id) / name).read_text()
+            text = (self.job_folder(job_id) / "events.jsonl").read_text()
         except FileNotFoundError:
             return []
         return [json.loads(line) for line in text.splitlines() if line.endswith("}")]
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def add_checkpoint(self, job_id: str, model: str, step: int, metrics: dict,
+                       keep: int) -> list[str]:
+        """Record a servable adapter of the job at `step` (OpenAI's checkpoint object; one
+        recorded for the same step before, by a worker that died, is replaced) and keep the
+        last `keep`; the models of the checkpoints no longer kept."""
+        checkpoint = {"object": "fine_tuning.job.checkpoint",
+                      "id": f"ftckpt-{secrets.token_hex(12)}", "created_at": int(time.time()),
+                      "fine_tuned_model_checkpoint": model, "fine_tuning_job_id": job_id,
+                      "step_number": step, "metrics": {**metrics, "step": step}}
+        return self._change_checkpoints(job_id, lambda kept: [
+            *(c for c in kept if c["step_number"] != step), checkpoint][-keep:])
+
+    def drop_checkpoints(self, job_id: str) -> list[str]:
+        """Forget every checkpoint of the job; their models."""
+        return self._change_checkpoints(job_id, lambda kept: [])
+
+    def checkpoints(self, job_id: str) -> list[dict]:
+        """A job's checkpoints, oldest first."""
+        self.get(job_id)
+        try:
+            return json.loads((self.job_folder(job_id) / "checkpoints.json").read_bytes())
+        except FileNotFoundError:
+            return []
+
+    def _change_checkpoints(self, job_id: str, change: Callable[[list], list]) -> list[str]:
+        with self._lock(job_id, "record.lock"):
+            before = self.checkpoints(job_id)
+            after = change(before)
+            write_atomically(self.job_folder(job_id) / "checkpoints.json",
+                             json.dumps(after).encode())
+        kept = {c["fine_tuned_model_checkpoint"] for c in after}
+        return [c["fine_tuned_model_checkpoint"] for c in before
+                if c["fine_tuned_model_checkpoint"] not in kept]
 
     # -- claims and cancelling ----------------------------------------------------------------
 

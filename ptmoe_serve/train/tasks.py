@@ -7,9 +7,12 @@ adapters without downloading anything.
   "12 + 7 = 19", a step a 135M model needs (scored by answer accuracy: the last number).
 - `contact-card`: a chat task; the user describes a person in free order and words, the
   assistant writes one line in a fixed format (scored by exact match).
+- `home-city`: a short chat task; one sentence about a person and a question, the assistant
+  answers with the city alone, where the base model answers in a sentence (exact match).
 
-The held-out split draws its people's names from pools disjoint from the training split's,
-so held-out scores measure what was learnt about the task, not the people."""
+The held-out split draws its people's names (and home-city's cities) from pools disjoint from
+the training split's, so held-out scores measure what was learnt about the task, not the
+people."""
 
 from __future__ import annotations
 
@@ -48,11 +51,13 @@ def _a(word: str) -> str:
     return f"an {word}" if word[0] in "aeiou" else f"a {word}"
 
 
+def _half(pool: list[str], split: str) -> list[str]:
+    return pool[::2] if split == "train" else pool[1::2]
+
+
 def _person(rng: random.Random, split: str) -> str:
     """A full name from the split's half of each pool."""
-    def half(pool):
-        return pool[::2] if split == "train" else pool[1::2]
-    return f"{rng.choice(half(FIRST_NAMES))} {rng.choice(half(LAST_NAMES))}"
+    return f"{rng.choice(_half(FIRST_NAMES, split))} {rng.choice(_half(LAST_NAMES, split))}"
 
 
 def _passage_facts(rng: random.Random, split: str) -> tuple[str, list[tuple[str, str]]]:
@@ -125,19 +130,35 @@ def contact_card(rng: random.Random, split: str) -> dict:
                          {"role": "assistant", "content": card}]}
 
 
+def home_city(rng: random.Random, split: str) -> dict:
+    name, job = _person(rng, split), rng.choice(JOBS)
+    city, year = rng.choice(_half(CITIES, split)), rng.randint(1950, 2005)
+    first = name.split()[0]
+    sentence = rng.choice([f"{name} is {_a(job)} who lives in {city}.",
+                           f"{name} lives in {city} and works as {_a(job)}.",
+                           f"Born in {year}, {name} now lives in {city}.",
+                           f"{name}, {_a(job)}, moved to {city} in {year}."])
+    question = rng.choice([f"Where does {first} live?", f"Which city is {first} in?",
+                           f"What is {first}'s home city?"])
+    return {"messages": [{"role": "user", "content": f"{sentence} {question}"},
+                         {"role": "assistant", "content": city}]}
+
+
 TASKS: dict[str, Callable[[random.Random, str], dict]] = {
     "extractive-qa": extractive_qa,
     "arithmetic": arithmetic,
     "contact-card": contact_card,
+    "home-city": home_city,
 }
 
 # What each task is scored by, and the description its adapter is initialised from.
 METRICS = {"extractive-qa": "exact_match", "arithmetic": "answer_accuracy",
-           "contact-card": "exact_match"}
+           "contact-card": "exact_match", "home-city": "exact_match"}
 DESCRIPTIONS = {
     "extractive-qa": "Answer the question with the exact words from the passage, nothing else.",
     "arithmetic": "Solve the arithmetic word problem and answer with the number only.",
     "contact-card": "Write the person's contact card as NAME: | JOB: | CITY: | PHONE: on one line.",
+    "home-city": "Answer with the name of the city only.",
 }
 
 

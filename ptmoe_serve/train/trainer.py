@@ -8,22 +8,23 @@ from its checkpoint follows the same trajectory as one that never stopped."""
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from ptmoe_serve.adapters.format import AdapterConfig, write_adapter
+from ptmoe_serve.adapters.format import AdapterConfig, PtMoeAdapter, write_adapter
 from ptmoe_serve.adapters.create import fit_to_length, init_from_text
 from ptmoe_serve.train.data import Example, load_examples
 from ptmoe_serve.train.module import PtMoePrompt
 
 CHECKPOINT = "checkpoint.safetensors"
-CHECKPOINT_STATE = "checkpoint.json"
 
 
 @dataclass(frozen=True)
@@ -90,28 +91,68 @@ def _optimizer(module: torch.nn.Module, settings: TrainSettings):
     return optimizer, schedule
 
 
-def step_loss(model, embed, module: PtMoePrompt, examples: list[Example]) -> torch.Tensor:
-    """The mean loss on the answer tokens (the model's own loss, shifted), with logits
-    computed at the answer positions alone: the vocabulary projection of every prompt
-    position is a fifth of a step's time, for nothing."""
+def answer_scores(model, embed, module: PtMoePrompt, examples: list[Example]
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The mean loss on the answer tokens (the model's own loss, shifted); for each answer
+    token, whether it is the model's most likely next token there, and its example's row.
+    Logits are computed at the answer positions alone: the vocabulary projection of every
+    prompt position is a fifth of a step's time, for nothing."""
     with torch.no_grad():
         means = torch.stack([embed(torch.tensor(e.prompt_ids)).float().mean(0) for e in examples])
     inputs, mask, labels = batch_inputs(examples, module(means), embed)
     hidden = model.get_decoder()(inputs_embeds=inputs, attention_mask=mask).last_hidden_state
     targets = labels[:, 1:]
     answer = targets != -100
-    logits = model.get_output_embeddings()(hidden[:, :-1][answer])
-    return torch.nn.functional.cross_entropy(logits.float(), targets[answer])
+    logits = model.get_output_embeddings()(hidden[:, :-1][answer]).float()
+    picked = logits.detach().argmax(-1) == targets[answer]
+    return torch.nn.functional.cross_entropy(logits, targets[answer]), picked, \
+        answer.nonzero()[:, 0]
+
+
+def step_loss(model, embed, module: PtMoePrompt, examples: list[Example]) -> torch.Tensor:
+    return answer_scores(model, embed, module, examples)[0]
+
+
+class Progress:
+    """What `on_step` is told after each step (`step`, `train_loss`,
+    `train_mean_token_accuracy`), and what it may ask of the prompt as it stands."""
+
+    def __init__(self, model, embed, module: PtMoePrompt, batch_size: int):
+        self.model, self.embed, self.module, self.batch_size = model, embed, module, batch_size
+        self.step, self.train_loss, self.train_mean_token_accuracy = 0, 0.0, 0.0
+
+    def adapter(self) -> PtMoeAdapter:
+        return self.module.to_adapter()
+
+    @torch.no_grad()
+    def evaluate(self, examples: list[Example]) -> dict:
+        """Loss and token accuracy over every answer token of `examples`, and the share of
+        examples whose whole answer (its end included) is what greedy decoding writes:
+        with every answer token the most likely one after the tokens before it, greedy
+        decoding writes exactly the answer, so one forward pass tells."""
+        was_training = self.module.training
+        self.module.eval()  # no routing noise: the prompt as served
+        loss = tokens = correct = exact = 0.0
+        for start in range(0, len(examples), self.batch_size):
+            batch = examples[start:start + self.batch_size]
+            batch_loss, picked, rows = answer_scores(self.model, self.embed, self.module, batch)
+            loss += batch_loss.item() * len(picked)
+            tokens, correct = tokens + len(picked), correct + picked.sum().item()
+            wrong = torch.zeros(len(batch)).index_add_(0, rows, (~picked).float())
+            exact += (wrong == 0).sum().item()
+        self.module.train(was_training)
+        return {"valid_loss": loss / tokens, "valid_mean_token_accuracy": correct / tokens,
+                "valid_exact_match": exact / len(examples)}
 
 
 class TrainingStopped(Exception):
-    """`should_stop` said so (a cancelled job): the last checkpoint stays, no adapter is
-    written."""
+    """`should_stop` said so (a cancelled job, a worker stopping): the last checkpoint stays,
+    no adapter is written."""
 
 
-def train(settings: TrainSettings, on_step: Callable[[int, float], None] | None = None,
+def train(settings: TrainSettings, on_step: Callable[[Progress], None] | None = None,
           should_stop: Callable[[], bool] | None = None) -> dict:
-    """`on_step(step, loss)` is told of each step done; `should_stop()` is asked before
+    """`on_step(progress)` is told of each step done; `should_stop()` is asked before
     each."""
     if settings.method == "lora":
         return train_lora(settings)
@@ -133,6 +174,7 @@ def train(settings: TrainSettings, on_step: Callable[[int, float], None] | None 
     settings.output.mkdir(parents=True, exist_ok=True)
     start = _load_checkpoint(settings.output, module, optimizer, schedule) if settings.resume else 0
     losses = []
+    progress = Progress(model, embed, module, settings.batch_size)
     module.train()
     bar = tqdm(range(start, settings.steps), desc="train", initial=start, total=settings.steps)
     for step in bar:
@@ -141,12 +183,13 @@ def train(settings: TrainSettings, on_step: Callable[[int, float], None] | None 
         rng = random.Random(settings.seed * 1_000_003 + step)
         torch.manual_seed(settings.seed * 1_000_003 + step)
         optimizer.zero_grad()
-        total = 0.0
+        total, picked = 0.0, []
         for _ in range(settings.grad_accum):
             batch = [examples[rng.randrange(len(examples))] for _ in range(settings.batch_size)]
-            loss = step_loss(model, embed, module, batch) / settings.grad_accum
-            loss.backward()
-            total += loss.item()
+            loss, batch_picked, _ = answer_scores(model, embed, module, batch)
+            (loss / settings.grad_accum).backward()
+            total += loss.item() / settings.grad_accum
+            picked.append(batch_picked)
         optimizer.step()
         schedule.step()
         losses.append(total)
@@ -154,7 +197,9 @@ def train(settings: TrainSettings, on_step: Callable[[int, float], None] | None 
         if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
             _save_checkpoint(settings.output, module, optimizer, step + 1)
         if on_step is not None:
-            on_step(step + 1, total)
+            progress.step, progress.train_loss = step + 1, total
+            progress.train_mean_token_accuracy = torch.cat(picked).float().mean().item()
+            on_step(progress)
     module.eval()
     write_adapter(module.to_adapter(), settings.output)
     summary = {"steps": settings.steps, "losses": losses, "settings": {
@@ -211,19 +256,24 @@ def train_lora(settings: TrainSettings) -> dict:
 
 
 def _save_checkpoint(folder: Path, module: PtMoePrompt, optimizer, step: int) -> None:
-    """Parameters and AdamW moments in safetensors; the step in JSON. No pickle."""
+    """Parameters and AdamW moments in safetensors, the step in its metadata: one file,
+    replaced atomically, so a process killed while saving leaves the previous checkpoint
+    whole. No pickle."""
     tensors = {f"param.{name}": p.detach() for name, p in module.named_parameters()}
     for i, p in enumerate(optimizer.param_groups[0]["params"]):
         for key, value in optimizer.state.get(p, {}).items():
             tensors[f"adam.{i}.{key}"] = value.detach().reshape(-1) if key == "step" else value
-    save_file({k: v.contiguous() for k, v in tensors.items()}, folder / CHECKPOINT)
-    (folder / CHECKPOINT_STATE).write_text(json.dumps({"step": step}) + "\n")
+    partial = folder / f".{CHECKPOINT}.partial"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, partial,
+              metadata={"step": str(step)})
+    os.replace(partial, folder / CHECKPOINT)
 
 
 def _load_checkpoint(folder: Path, module: PtMoePrompt, optimizer, schedule) -> int:
-    if not (folder / CHECKPOINT_STATE).exists():
+    if not (folder / CHECKPOINT).exists():
         return 0
-    step = json.loads((folder / CHECKPOINT_STATE).read_text())["step"]
+    with safe_open(folder / CHECKPOINT, "pt") as f:
+        step = int(f.metadata()["step"])
     tensors = load_file(folder / CHECKPOINT)
     with torch.no_grad():
         for name, p in module.named_parameters():

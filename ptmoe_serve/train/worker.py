@@ -17,12 +17,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ptmoe_serve.adapters.format import CONFIG_FILE, MAX_NAME_LENGTH, WEIGHTS_FILE
+from ptmoe_serve.adapters.format import (MAX_NAME_LENGTH, PtMoeAdapter, adapter_files,
+                                         read_adapter)
 from ptmoe_serve.adapters.store import AdapterStore
 from ptmoe_serve.train.data import BadExample, Example, read_examples
 from ptmoe_serve.train.files import FileNotFound, TrainingFiles
 from ptmoe_serve.train.jobs import CHECKPOINTS, FineTuningJobs
-from ptmoe_serve.train.trainer import TrainSettings, TrainingStopped, train
+from ptmoe_serve.train.trainer import Progress, TrainSettings, TrainingStopped, train
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ AUTO_EXAMPLES_SEEN = 800
 AUTO_BATCH_SIZE = 8
 DEFAULT_TASK_TEXT = "Answer as the examples answer."
 VALIDATE_EVERY_SECONDS = 2.0
+MAX_VALIDATION_EXAMPLES = 256  # the validation metrics read the file's first ones
+KEPT_CHECKPOINTS = 3  # a job's last ones (OpenAI's rule): one per epoch, the model the last
 
 
 class JobFileError(ValueError):
@@ -60,9 +63,13 @@ def adapter_name(base: str, suffix: str | None, job_id: str) -> str:
 
 
 class FineTuningWorker:
-    def __init__(self, store_root: Path, model_dir: Path, base_name: str):
+    def __init__(self, store_root: Path, model_dir: Path, base_name: str,
+                 stop: Callable[[], bool] = lambda: False):
+        """`stop()`: whether this worker should stop (a job it runs stops after its step and
+        stays running, to resume from its checkpoint)."""
         from transformers import AutoConfig, AutoTokenizer
 
+        self.stop = stop
         self.store_root = store_root
         self.model_dir = model_dir
         self.base_name = base_name
@@ -73,9 +80,8 @@ class FineTuningWorker:
         self.max_example_tokens = min(MAX_EXAMPLE_TOKENS,
                                       getattr(config, "max_position_embeddings", 1 << 30))
 
-    def run_forever(self, poll_seconds: float = 2.0,
-                    stop: Callable[[], bool] = lambda: False) -> None:
-        while not stop():
+    def run_forever(self, poll_seconds: float = 2.0) -> None:
+        while not self.stop():
             try:
                 worked = self.run_once()
             except Exception:  # a job's failure is recorded on it; this is anything else
@@ -171,9 +177,12 @@ class FineTuningWorker:
             return
         data = self.files.content_path(job["training_file"])
         examples = read_examples(data, self.tokenizer)
+        validation = read_examples(self.files.content_path(job["validation_file"]),
+                                   self.tokenizer)[:MAX_VALIDATION_EXAMPLES] \
+            if job.get("validation_file") else []
         hyperparameters = job["hyperparameters"]
-        steps = math.ceil(hyperparameters["n_epochs"] * len(examples)
-                          / hyperparameters["batch_size"])
+        epoch_steps = math.ceil(len(examples) / hyperparameters["batch_size"])
+        steps = hyperparameters["n_epochs"] * epoch_steps
         adapter = job.get("adapter") or {}
         settings = TrainSettings(
             model_dir=self.model_dir, base_name=self.base_name,
@@ -185,42 +194,67 @@ class FineTuningWorker:
             batch_size=hyperparameters["batch_size"],
             lr=BASE_LEARNING_RATE * hyperparameters["learning_rate_multiplier"],
             warmup_steps=max(1, steps // 10), seed=job["seed"],
-            checkpoint_every=max(1, steps // 10), resume=True)
+            checkpoint_every=max(1, min(epoch_steps, steps // 10)), resume=True)
         resumed = job["status"] == "running"
         self.jobs.update(job_id, lambda record: record.update(status="running"))
         self.jobs.add_event(job_id, "Fine-tuning job resumed from its last checkpoint"
                             if resumed else f"Fine-tuning job started: {steps} steps")
+        name = adapter_name(self.base_name, job.get("suffix"), job_id)
+        validated_at = [time.monotonic()]
 
-        losses, validated_at = [], [time.monotonic()]
-
-        def on_step(step: int, loss: float) -> None:
-            losses.append(loss)
-            self.jobs.add_event(job_id, f"Step {step}/{steps}: training loss={loss:.4f}",
-                                data={"step": step, "total_steps": steps, "train_loss": loss})
+        def on_step(progress: Progress) -> None:
+            step = progress.step
+            metrics = {"step": step, "total_steps": steps, "train_loss": progress.train_loss,
+                       "train_mean_token_accuracy": progress.train_mean_token_accuracy}
+            epoch_end = step % epoch_steps == 0
+            if epoch_end and validation:
+                metrics.update(progress.evaluate(validation))
+            self.jobs.add_event(job_id, f"Step {step}/{steps}: training loss="
+                                        f"{progress.train_loss:.4f}", data=metrics)
+            if epoch_end and step < steps:  # the last step's checkpoint is the model itself
+                self._add_checkpoint(job_id, f"{name}-ckpt-step-{step}", progress.adapter(),
+                                     metrics)
             if time.monotonic() - validated_at[0] > VALIDATE_EVERY_SECONDS:
                 self._validate_waiting()
                 validated_at[0] = time.monotonic()
 
         try:
             train(settings, on_step=on_step,
-                  should_stop=lambda: self.jobs.cancel_requested(job_id))
+                  should_stop=lambda: self.jobs.cancel_requested(job_id) or self.stop())
         except TrainingStopped:
-            self._cancelled(job_id, folder)
+            if self.jobs.cancel_requested(job_id):
+                self._cancelled(job_id, folder)
+            else:  # this worker stops; the job resumes from its checkpoint at the next
+                self.jobs.add_event(job_id, "The fine-tuning worker stopped; the job resumes "
+                                            "from its last checkpoint when one runs again")
             return
         except Exception as e:  # the job fails, the worker goes on
             logger.exception("fine-tuning job %s failed", job_id)
             self.jobs.finish(job_id, "failed", error={
                 "code": "training_failed", "message": f"{type(e).__name__}: {e}", "param": None})
             return
-        name = adapter_name(self.base_name, job.get("suffix"), job_id)
-        AdapterStore(self.store_root).write(name, (folder / CONFIG_FILE).read_bytes(),
-                                            (folder / WEIGHTS_FILE).read_bytes())
+        events = [e["data"] for e in self.jobs.events(job_id) if e.get("data")]
+        self._add_checkpoint(job_id, name, read_adapter(folder),
+                             events[-1] if events else {"step": steps})
         trained = hyperparameters["n_epochs"] * sum(
             len(e.prompt_ids) + len(e.answer_ids) for e in examples)
-        if losses:
-            self.jobs.add_checkpoint(job_id, name, steps, {"train_loss": losses[-1]})
         self.jobs.finish(job_id, "succeeded", fine_tuned_model=name, trained_tokens=trained)
 
+    def _add_checkpoint(self, job_id: str, name: str, adapter: PtMoeAdapter,
+                        metrics: dict) -> None:
+        """Write `adapter` into the store as `name`, served like any other, and keep the job's
+        last KEPT_CHECKPOINTS checkpoints (OpenAI's rule), removing older ones from the store."""
+        store = AdapterStore(self.store_root)
+        store.write(name, *adapter_files(adapter))
+        for old in self.jobs.add_checkpoint(job_id, name, metrics["step"], metrics,
+                                            keep=KEPT_CHECKPOINTS):
+            store.record_unloaded(old, purge=old)
+
     def _cancelled(self, job_id: str, folder: Path) -> None:
-        shutil.rmtree(folder, ignore_errors=True)  # nothing of a cancelled job stays
+        """Nothing of a cancelled job stays: its training checkpoint, and any checkpoint
+        adapter it wrote into the store."""
+        shutil.rmtree(folder, ignore_errors=True)
+        store = AdapterStore(self.store_root)
+        for old in self.jobs.drop_checkpoints(job_id):
+            store.record_unloaded(old, purge=old)
         self.jobs.finish(job_id, "cancelled")
