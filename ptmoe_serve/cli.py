@@ -61,6 +61,9 @@ def _serve_parser(sub) -> None:
                            action="store_false",
                            help="start no fine-tuning worker beside the server (jobs then wait "
                                 "for `ptmoe-serve fine-tune-worker` over the same store)")
+    lifecycle.add_argument("--fine-tune-threads", type=int, default=None,
+                           help="threads the fine-tuning worker trains on (default: half the "
+                                "cores, at least one)")
     lifecycle.add_argument("--max-request-mb", type=float, default=8.0,
                            help="largest request body but uploads (completions, chat, ...); "
                                 "larger ones get 413 before they are parsed (default: "
@@ -206,7 +209,11 @@ def _vllm_args(rest: list[str]) -> argparse.Namespace:
 
 
 def fine_tune_worker(args: argparse.Namespace) -> None:
-    """Training shares the machine with serving: at a lower priority, on half the cores."""
+    """Training shares the machine with serving: at a lower priority, on half the cores. On
+    SIGTERM, or when the server that started it has gone, it stops after the step in progress;
+    its job resumes from its checkpoint when a worker runs again."""
+    import signal
+
     import torch
 
     from ptmoe_serve.train.worker import FineTuningWorker
@@ -214,11 +221,14 @@ def fine_tune_worker(args: argparse.Namespace) -> None:
     model_dir, name = _resolve_model(args.model, args.cache_dir)
     os.nice(10)
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) // 2))
-    worker = FineTuningWorker(args.adapters.resolve(), model_dir,
-                              args.served_model_name or name)
+    terminated = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: terminated.append(signum))
+    worker = FineTuningWorker(
+        args.adapters.resolve(), model_dir, args.served_model_name or name,
+        stop=lambda: bool(terminated) or (args.parent_pid is not None
+                                          and os.getppid() != args.parent_pid))
     logging.getLogger("ptmoe_serve").info("fine-tuning worker over %s", args.adapters)
-    worker.run_forever(stop=lambda: args.parent_pid is not None
-                       and os.getppid() != args.parent_pid)
+    worker.run_forever()
 
 
 def _init_parser(sub) -> None:
@@ -387,6 +397,7 @@ def serve(args: argparse.Namespace, rest: list[str]) -> None:
         max_logprobs=args.max_logprobs_per_request,
         watch_interval=args.watch_interval,
         fine_tune_worker=args.fine_tune_worker,
+        fine_tune_threads=args.fine_tune_threads,
     )
     run_server(settings)
 

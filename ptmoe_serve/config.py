@@ -50,5 +50,7 @@ class ServerSettings:
     max_logprobs: int = 1_000_000
     # Seconds between looks at the adapters folder; 0 turns the watching off.
     watch_interval: float = 2.0
-    # Start a fine-tuning worker process beside the server (train/worker.py).
+    # Start a fine-tuning worker process beside the server (train/worker.py), training on
+    # this many threads (None: half the cores).
     fine_tune_worker: bool = True
+    fine_tune_threads: int | None = None

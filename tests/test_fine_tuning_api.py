@@ -1,39 +1,74 @@
 """Fine-tuning through OpenAI's API, with the `openai` client against the real server and its
-fine-tuning worker: examples uploaded, a job created and followed through its events until it
-succeeds, and the fine-tuned model served at once through chat completions; a second job
-queues behind the first and can be cancelled; a file the job cannot use fails it, naming the
-line; a bad request is a 400 naming the field. (A short job: training on two CPU cores takes
-seconds a step.)"""
+fine-tuning worker: 200 generated chat examples uploaded, a job created and followed through
+its events, the server killed mid-job (engine and worker with it) and started again, the job
+resumed from its checkpoint to success, and the fine-tuned model answering held-out questions
+through chat completions far better than the base model; a second job queues behind the first
+and can be cancelled; each epoch's checkpoint is served too; a file the job cannot use fails
+it, naming the line; a bad request is a 400 naming the field."""
 
 import json
+import os
+import signal
 import time
 
 import openai
 import pytest
 
 from bench.server_process import start_server, stop_server
+from ptmoe_serve.train.evaluate import exact_match
+from ptmoe_serve.train.tasks import DESCRIPTIONS, generate
 
 ADMIN = "fine-tuning-admin-key"
 BASE = "SmolLM2-135M-Instruct"
 EXAMPLES = [{"prompt": f"Card for person {i}:", "completion": f" CARD {i}"} for i in range(16)]
+FINAL = {"succeeded", "failed", "cancelled"}
+# 200 examples, one epoch of 50 steps: about two minutes on two cores.
+HOME_CITY_JOB = {"hyperparameters": {"n_epochs": 1, "batch_size": 4,
+                                     "learning_rate_multiplier": 3},
+                 "extra_body": {"prompt_length": 8, "rank": 8,
+                                "task_text": DESCRIPTIONS["home-city"]}}
+
+
+class Deployment:
+    """The server over one store, which a test may crash and start again."""
+
+    def __init__(self, root, model_dir):
+        self.root, self.model_dir, self.starts = root, model_dir, 0
+        (root / "admin.key").write_text(ADMIN)
+        self.server = self.start()
+
+    def start(self):
+        self.starts += 1
+        return start_server(
+            ["--model", str(self.model_dir), "--dtype", "float32", "--max-model-len", "512",
+             "--adapters", str(self.root / "store"),
+             "--admin-api-key-file", str(self.root / "admin.key"),
+             "--watch-interval", "0.5", "--enforce-eager", "--fine-tune-threads", "2"],
+            self.root / f"server-{self.starts}.log",
+            env={"VLLM_CPU_KVCACHE_SPACE": "1"})  # the suite's other servers are up too
+
+    def crash_and_restart(self) -> None:
+        """SIGKILL to the server's whole process group (API, engine, fine-tuning worker): no
+        shutdown runs, as when a machine fails."""
+        os.killpg(self.server.process.pid, signal.SIGKILL)
+        self.server.process.wait()
+        self.server = self.start()
+
+    def client(self, key: str = ADMIN) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.server.url}/v1", api_key=key, timeout=120,
+                             max_retries=0)
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, model_dir):
-    root = tmp_path_factory.mktemp("fine-tuning")
-    (root / "admin.key").write_text(ADMIN)
-    running = start_server(
-        ["--model", str(model_dir), "--dtype", "float32", "--max-model-len", "512",
-         "--adapters", str(root / "store"), "--admin-api-key-file", str(root / "admin.key"),
-         "--watch-interval", "0.5", "--enforce-eager"], root / "server.log",
-        env={"VLLM_CPU_KVCACHE_SPACE": "1"})  # the suite's other servers are up too
+def deployment(tmp_path_factory, model_dir):
+    running = Deployment(tmp_path_factory.mktemp("fine-tuning"), model_dir)
     yield running
-    stop_server(running)
+    stop_server(running.server)
 
 
-@pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=ADMIN, timeout=120, max_retries=0)
+@pytest.fixture
+def client(deployment) -> openai.OpenAI:
+    return deployment.client()
 
 
 def jsonl(records) -> bytes:
@@ -50,7 +85,65 @@ def wait_for(client, job_id: str, states: set[str], seconds: float = 600):
     raise AssertionError(f"{job_id} still {job.status} after {seconds} s")
 
 
-def test_a_job_trains_an_adapter_that_serves_at_once(client):
+def metrics(client, job_id: str) -> list[dict]:
+    return [e.data for e in reversed(list(client.fine_tuning.jobs.list_events(job_id)))
+            if e.type == "metrics"]
+
+
+def wait_for_model(client, model: str, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while model not in [m.id for m in client.models.list()]:
+        assert time.monotonic() < deadline, f"{model} not served after {seconds} s"
+        time.sleep(0.5)
+
+
+def test_a_job_survives_a_crashed_server_and_its_model_answers_far_better(deployment):
+    client = deployment.client()
+    held_out = generate("home-city", "test", 40)  # people and cities training never saw
+    training_file = client.files.create(
+        file=("home-city.jsonl", jsonl(generate("home-city", "train", 200))), purpose="fine-tune")
+    validation_file = client.files.create(file=("home-city-valid.jsonl", jsonl(held_out[:16])),
+                                          purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(
+        model=BASE, training_file=training_file.id, validation_file=validation_file.id,
+        suffix="home-city", seed=0, **HOME_CITY_JOB)
+
+    # Killed once the job has a checkpoint (every 5 steps) and has gone past it.
+    deadline = time.monotonic() + 600
+    while not any(m["step"] >= 12 for m in metrics(client, job.id)):
+        assert time.monotonic() < deadline and \
+            client.fine_tuning.jobs.retrieve(job.id).status not in FINAL
+        time.sleep(1)
+    deployment.crash_and_restart()
+    client = deployment.client()
+
+    done = wait_for(client, job.id, FINAL, 900)
+    assert done.status == "succeeded", done.error
+    events = list(reversed(list(client.fine_tuning.jobs.list_events(job.id))))
+    resumed = [e.message for e in events].index(
+        "Fine-tuning job resumed from its last checkpoint")
+    steps = [e.data["step"] for e in events[resumed:] if e.type == "metrics"]
+    # From the step after its last checkpoint (one every 5 steps), not from the start.
+    assert steps[0] > 1 and steps[0] % 5 == 1 and steps == list(range(steps[0], 51)), steps
+    final = events[-2].data if events[-2].type == "metrics" else None
+    assert final is not None and final["step"] == 50 and "valid_exact_match" in final
+
+    wait_for_model(client, done.fine_tuned_model)
+
+    def exact_matches(model: str) -> float:
+        right = 0.0
+        for record in held_out[16:]:
+            answer = client.chat.completions.create(
+                model=model, messages=record["messages"][:-1], max_tokens=12, temperature=0)
+            right += exact_match(answer.choices[0].message.content,
+                                 record["messages"][-1]["content"])
+        return right / len(held_out[16:])
+
+    tuned, base = exact_matches(done.fine_tuned_model), exact_matches(BASE)
+    assert tuned >= 0.8 and tuned >= base + 0.5, (tuned, base)
+
+
+def test_a_second_job_queues_and_each_epochs_checkpoint_serves(client):
     training_file = client.files.create(file=("cards.jsonl", jsonl(EXAMPLES)),
                                         purpose="fine-tune")
     job = client.fine_tuning.jobs.create(
@@ -64,26 +157,24 @@ def test_a_job_trains_an_adapter_that_serves_at_once(client):
     assert wait_for(client, second.id, {"queued"}, 120).status == "queued"
     assert client.fine_tuning.jobs.cancel(second.id).status == "cancelled"
 
-    done = wait_for(client, job.id, {"succeeded", "failed", "cancelled"})
+    done = wait_for(client, job.id, FINAL)
     assert done.status == "succeeded", done.error
     assert done.hyperparameters.n_epochs == 2 and done.trained_tokens > 0
-    metrics = [e.data for e in reversed(list(client.fine_tuning.jobs.list_events(job.id)))
-               if e.type == "metrics"]
-    assert [m["step"] for m in metrics] == list(range(1, 9))
-    assert all(m["train_loss"] > 0 for m in metrics)
-    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
-    assert [c.fine_tuned_model_checkpoint for c in checkpoints] == [done.fine_tuned_model]
+    steps = metrics(client, job.id)
+    assert [m["step"] for m in steps] == list(range(1, 9))
+    assert all(m["train_loss"] > 0 for m in steps)
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data  # newest first
+    assert [(c.step_number, c.fine_tuned_model_checkpoint) for c in checkpoints] == [
+        (8, done.fine_tuned_model), (4, f"{done.fine_tuned_model}-ckpt-step-4")]
     assert done.id in [j.id for j in client.fine_tuning.jobs.list()]
 
-    # Served at once: in /v1/models, and answering.
-    deadline = time.monotonic() + 30
-    while done.fine_tuned_model not in [m.id for m in client.models.list()]:
-        assert time.monotonic() < deadline
-        time.sleep(0.5)
-    answer = client.chat.completions.create(
-        model=done.fine_tuned_model, messages=[{"role": "user", "content": "Card for person 3:"}],
-        max_tokens=8, temperature=0)
-    assert answer.choices[0].message.content
+    # Served at once, the epoch's checkpoint too: in /v1/models, and answering.
+    for model in (done.fine_tuned_model, checkpoints[1].fine_tuned_model_checkpoint):
+        wait_for_model(client, model)
+        answer = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Card for person 3:"}],
+            max_tokens=8, temperature=0)
+        assert answer.choices[0].message.content
     assert client.fine_tuning.jobs.retrieve(second.id).status == "cancelled"
 
 
@@ -91,7 +182,7 @@ def test_a_file_the_job_cannot_use_fails_it_naming_the_line(client):
     bad = client.files.create(file=("bad.jsonl", jsonl([
         {"prompt": "Hi", "completion": " there"}, {"prompt": "No answer"}])), purpose="fine-tune")
     job = client.fine_tuning.jobs.create(model=BASE, training_file=bad.id)
-    failed = wait_for(client, job.id, {"failed", "succeeded"})
+    failed = wait_for(client, job.id, FINAL)
     assert failed.status == "failed" and failed.error.param == "training_file"
     assert "line 2" in failed.error.message and bad.id in failed.error.message
 
@@ -111,8 +202,8 @@ def test_bad_job_requests_get_a_400_that_names_the_field(client, fields, message
         client.fine_tuning.jobs.create(**arguments)
 
 
-def test_fine_tuning_needs_the_admin_key(server):
-    other = openai.OpenAI(base_url=f"{server.url}/v1", api_key="not-the-key", max_retries=0)
+def test_fine_tuning_needs_the_admin_key(deployment):
+    other = deployment.client("not-the-key")
     with pytest.raises(openai.AuthenticationError):
         other.fine_tuning.jobs.list()
     with pytest.raises(openai.AuthenticationError):

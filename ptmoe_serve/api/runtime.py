@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 # base-model chats.
 CONTENT_PART_NAMES = frozenset({"text", "thinking", "input", "output", "image", "audio",
                                 "video", "prompt", "refusal", "tool", "file"})
+# How long the fine-tuning worker may take to finish its training step when the server stops.
+WORKER_STOP_SECONDS = 60
 
 
 @dataclass
@@ -62,19 +64,26 @@ class Services:
         if self.watcher is not None:
             self.watcher.cancel()
         if self.fine_tune_worker is not None:
-            self.fine_tune_worker.terminate()  # a job in progress resumes at the next start
-            await asyncio.to_thread(self.fine_tune_worker.wait)
+            # It stops after its step; a job in progress resumes at the next start.
+            self.fine_tune_worker.terminate()
+            try:
+                await asyncio.to_thread(self.fine_tune_worker.wait, WORKER_STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                self.fine_tune_worker.kill()
+                await asyncio.to_thread(self.fine_tune_worker.wait)
         await self.routing.stop()
 
 
 def start_fine_tune_worker(settings: ServerSettings) -> subprocess.Popen:
     """The fine-tuning worker, a process of its own beside the server's (never in the API
     process or vLLM's engine), over the same store; it stops when the server does."""
+    threads = [] if settings.fine_tune_threads is None else [
+        "--threads", str(settings.fine_tune_threads)]
     return subprocess.Popen([
         sys.executable, "-m", "ptmoe_serve.cli", "fine-tune-worker",
         "--adapters", str(settings.adapters_dir), "--model", settings.engine.model_dir,
         "--served-model-name", settings.engine.served_model_name,
-        "--parent-pid", str(os.getpid())])
+        "--parent-pid", str(os.getpid()), *threads])
 
 
 def release_freed_memory() -> None:
