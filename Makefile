@@ -45,6 +45,7 @@ bench-full: model
 	$(PY) -m bench.routing_step --hidden 4096 8192 --resident 1 1000 --batch 1 8 64 256 --repeats 10 --out bench/results/routing_step_large.json
 	$(PY) -m bench.startup --adapters 100000
 	$(PY) -m bench.reconcile --adapters 10000 100000
+	$(PY) -m bench.fine_tune
 
 # Train the shipped task adapters and their baselines (PT, LoRA) and score them all through
 # the servers (about an hour here); writes adapters/<task> and bench/results/quality.json.

@@ -3,8 +3,8 @@ seconds), how much better its model answers held-out questions than the base mod
 a job in progress costs serving, as the same load's output tokens per second while a job
 trains over the mean of the load run idle before and after (same run, same server).
 
-The server runs in its default configuration, its worker with it (half the cores, lower
-priority). The job: the generated `home-city` chat task, 200 examples, one epoch of batch 4.
+The server runs in its default configuration but for `--dtype` (float32 by default here),
+its worker with it (half the cores, lower priority). The job: the generated `home-city` chat task, 200 examples, one epoch of batch 4.
 
     python -m bench.fine_tune --out bench/results/fine_tune.json --save-adapter adapters/home-city
 """
@@ -74,6 +74,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path,
                         default=default_cache_dir() / "models" / BASE)
+    parser.add_argument("--dtype", default="float32",
+                        help="the server's (bfloat16 crawls on a CPU without native bf16)")
     parser.add_argument("--requests", type=int, default=64, help="requests per load run")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path("bench/results/fine_tune.json"))
@@ -93,7 +95,8 @@ def main() -> None:
         (root / "admin.key").write_text(ADMIN)
         shutil.copytree(LOAD_ADAPTER, root / "store" / LOAD_ADAPTER.name)
         server = start_server(["--model", str(args.model), "--adapters", str(root / "store"),
-                               "--admin-api-key-file", str(root / "admin.key")],
+                               "--admin-api-key-file", str(root / "admin.key"),
+                               "--dtype", args.dtype],
                               root / "server.log")
         try:
             client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=ADMIN, timeout=600)

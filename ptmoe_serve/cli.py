@@ -223,11 +223,14 @@ def fine_tune_worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) // 2))
     terminated = []
     signal.signal(signal.SIGTERM, lambda signum, frame: terminated.append(signum))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     worker = FineTuningWorker(
         args.adapters.resolve(), model_dir, args.served_model_name or name,
         stop=lambda: bool(terminated) or (args.parent_pid is not None
-                                          and os.getppid() != args.parent_pid))
-    logging.getLogger("ptmoe_serve").info("fine-tuning worker over %s", args.adapters)
+                                          and os.getppid() != args.parent_pid),
+        device=device)
+    logging.getLogger("ptmoe_serve").info("fine-tuning worker over %s, training on %s",
+                                          args.adapters, device)
     worker.run_forever()
 
 
@@ -441,10 +444,13 @@ def main(argv: list[str] | None = None) -> None:
     worker.add_argument("--threads", type=int, default=None,
                         help="torch threads for training (default: half the cores, at least "
                              "one)")
+    worker.add_argument("--device", default=None,
+                        help="where to train: cpu, cuda, cuda:1, ... (default: cuda if there "
+                             "is one)")
     worker.add_argument("--parent-pid", type=int, default=None,
                         help="stop when this process has gone (serve sets it)")
     tasks = sub.add_parser("make-tasks", help="generate the example tasks' train and held-out "
-                                              "splits (extractive QA, arithmetic, contact cards)")
+                                              "splits (extractive QA, arithmetic, contact cards, home city)")
     tasks.add_argument("--out", type=Path, required=True, help="one folder per task goes here")
     tasks.add_argument("--task", action="append", help="only this task (repeatable)")
     tasks.add_argument("--train-size", type=int, default=2000)

@@ -53,6 +53,9 @@ class TrainSettings:
     method: str = "ptmoe"
     lora_rank: int | None = None  # None: the rank whose parameter count is closest
     lora_targets: tuple[str, ...] = ("q_proj",)
+    # Where PT-MoE training runs: "cpu", "cuda", "cuda:1", ... (the frozen model in float32
+    # there, and one batch's activations with their gradients).
+    device: str = "cpu"
 
 
 def batch_inputs(examples: list[Example], prompts: torch.Tensor, embed: torch.nn.Module):
@@ -60,18 +63,18 @@ def batch_inputs(examples: list[Example], prompts: torch.Tensor, embed: torch.nn
     t = prompts.shape[1]
     rows, labels = [], []
     for example, prompt in zip(examples, prompts):
-        ids = torch.tensor(example.prompt_ids + example.answer_ids)
+        ids = torch.tensor(example.prompt_ids + example.answer_ids, device=prompts.device)
         rows.append(torch.cat([prompt, embed(ids)]))
         labels.append([-100] * (t + len(example.prompt_ids)) + example.answer_ids)
     length = max(len(r) for r in rows)
     hidden = rows[0].shape[1]
-    inputs = torch.zeros(len(rows), length, hidden)
-    mask = torch.zeros(len(rows), length, dtype=torch.long)
-    target = torch.full((len(rows), length), -100, dtype=torch.long)
+    inputs = torch.zeros(len(rows), length, hidden, device=prompts.device)
+    mask = torch.zeros(len(rows), length, dtype=torch.long, device=prompts.device)
+    target = torch.full((len(rows), length), -100, dtype=torch.long, device=prompts.device)
     for i, (row, label) in enumerate(zip(rows, labels)):
         inputs[i, : len(row)] = row
         mask[i, : len(row)] = 1
-        target[i, : len(label)] = torch.tensor(label)
+        target[i, : len(label)] = torch.tensor(label, device=prompts.device)
     return inputs, mask, target
 
 
@@ -98,7 +101,9 @@ def answer_scores(model, embed, module: PtMoePrompt, examples: list[Example]
     Logits are computed at the answer positions alone: the vocabulary projection of every
     prompt position is a fifth of a step's time, for nothing."""
     with torch.no_grad():
-        means = torch.stack([embed(torch.tensor(e.prompt_ids)).float().mean(0) for e in examples])
+        device = embed.weight.device
+        means = torch.stack([embed(torch.tensor(e.prompt_ids, device=device)).float().mean(0)
+                             for e in examples])
     inputs, mask, labels = batch_inputs(examples, module(means), embed)
     hidden = model.get_decoder()(inputs_embeds=inputs, attention_mask=mask).last_hidden_state
     targets = labels[:, 1:]
@@ -138,7 +143,8 @@ class Progress:
             batch_loss, picked, rows = answer_scores(self.model, self.embed, self.module, batch)
             loss += batch_loss.item() * len(picked)
             tokens, correct = tokens + len(picked), correct + picked.sum().item()
-            wrong = torch.zeros(len(batch)).index_add_(0, rows, (~picked).float())
+            wrong = torch.zeros(len(batch), device=rows.device).index_add_(
+                0, rows, (~picked).float())
             exact += (wrong == 0).sum().item()
         self.module.train(was_training)
         return {"valid_loss": loss / tokens, "valid_mean_token_accuracy": correct / tokens,
@@ -169,6 +175,8 @@ def train(settings: TrainSettings, on_step: Callable[[Progress], None] | None = 
     with torch.no_grad():
         module = PtMoePrompt(init_from_text(embed(torch.tensor(text_ids)), config),
                              settings.noise_std)
+    model.to(settings.device)
+    module.to(settings.device)
     optimizer, schedule = _optimizer(module, settings)
 
     settings.output.mkdir(parents=True, exist_ok=True)
@@ -263,9 +271,9 @@ def _save_checkpoint(folder: Path, module: PtMoePrompt, optimizer, step: int) ->
     for i, p in enumerate(optimizer.param_groups[0]["params"]):
         for key, value in optimizer.state.get(p, {}).items():
             tensors[f"adam.{i}.{key}"] = value.detach().reshape(-1) if key == "step" else value
+    tensors = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
     partial = folder / f".{CHECKPOINT}.partial"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, partial,
-              metadata={"step": str(step)})
+    save_file(tensors, partial, metadata={"step": str(step)})
     os.replace(partial, folder / CHECKPOINT)
 
 
@@ -274,7 +282,7 @@ def _load_checkpoint(folder: Path, module: PtMoePrompt, optimizer, schedule) -> 
         return 0
     with safe_open(folder / CHECKPOINT, "pt") as f:
         step = int(f.metadata()["step"])
-    tensors = load_file(folder / CHECKPOINT)
+    tensors = load_file(folder / CHECKPOINT, device=str(module.experts_a.device))
     with torch.no_grad():
         for name, p in module.named_parameters():
             p.copy_(tensors[f"param.{name}"])

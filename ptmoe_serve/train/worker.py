@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from ptmoe_serve.adapters.format import (MAX_NAME_LENGTH, PtMoeAdapter, adapter_files,
                                          read_adapter)
 from ptmoe_serve.adapters.store import AdapterStore
@@ -64,12 +66,12 @@ def adapter_name(base: str, suffix: str | None, job_id: str) -> str:
 
 class FineTuningWorker:
     def __init__(self, store_root: Path, model_dir: Path, base_name: str,
-                 stop: Callable[[], bool] = lambda: False):
+                 stop: Callable[[], bool] = lambda: False, device: str = "cpu"):
         """`stop()`: whether this worker should stop (a job it runs stops after its step and
-        stays running, to resume from its checkpoint)."""
+        stays running, to resume from its checkpoint); `device`: where it trains."""
         from transformers import AutoConfig, AutoTokenizer
 
-        self.stop = stop
+        self.stop, self.device = stop, device
         self.store_root = store_root
         self.model_dir = model_dir
         self.base_name = base_name
@@ -194,7 +196,8 @@ class FineTuningWorker:
             batch_size=hyperparameters["batch_size"],
             lr=BASE_LEARNING_RATE * hyperparameters["learning_rate_multiplier"],
             warmup_steps=max(1, steps // 10), seed=job["seed"],
-            checkpoint_every=max(1, min(epoch_steps, steps // 10)), resume=True)
+            checkpoint_every=max(1, min(epoch_steps, steps // 10)), resume=True,
+            device=self.device)
         resumed = job["status"] == "running"
         self.jobs.update(job_id, lambda record: record.update(status="running"))
         self.jobs.add_event(job_id, "Fine-tuning job resumed from its last checkpoint"
@@ -218,6 +221,9 @@ class FineTuningWorker:
                 self._validate_waiting()
                 validated_at[0] = time.monotonic()
 
+        on_gpu = self.device.startswith("cuda")
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats(self.device)
         try:
             train(settings, on_step=on_step,
                   should_stop=lambda: self.jobs.cancel_requested(job_id) or self.stop())
@@ -233,6 +239,12 @@ class FineTuningWorker:
             self.jobs.finish(job_id, "failed", error={
                 "code": "training_failed", "message": f"{type(e).__name__}: {e}", "param": None})
             return
+        finally:
+            if on_gpu:  # what serving may have back between jobs
+                torch.cuda.empty_cache()
+        if on_gpu:  # what to leave the worker beside vLLM (--gpu-memory-utilization)
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+            self.jobs.add_event(job_id, f"Peak GPU memory of training: {peak:.2f} GiB")
         events = [e["data"] for e in self.jobs.events(job_id) if e.get("data")]
         self._add_checkpoint(job_id, name, read_adapter(folder),
                              events[-1] if events else {"step": steps})
