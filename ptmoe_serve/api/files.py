@@ -25,12 +25,16 @@ def _files(request: Request) -> TrainingFiles:
     return request.app.state.services.files
 
 
+def _not_found(file_id: str) -> RequestError:
+    return RequestError(404, f"No such File object: {file_id}", code="file_not_found",
+                        param="file_id")
+
+
 def _get(files: TrainingFiles, file_id: str) -> TrainingFile:
     try:
         return files.get(file_id)
     except FileNotFound:
-        raise RequestError(404, f"No such File object: {file_id}", code="file_not_found",
-                           param="file_id") from None
+        raise _not_found(file_id) from None
 
 
 @router.post("")
@@ -90,6 +94,5 @@ async def delete_file(file_id: str, request: Request) -> dict:
     try:
         files.delete(file_id)
     except FileNotFound:
-        raise RequestError(404, f"No such File object: {file_id}", code="file_not_found",
-                           param="file_id") from None
+        raise _not_found(file_id) from None
     return {"id": file_id, "object": "file", "deleted": True}

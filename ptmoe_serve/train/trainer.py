@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ptmoe_serve.adapters.format import AdapterConfig, PtMoeAdapter, write_adapter
@@ -267,10 +267,10 @@ def _save_checkpoint(folder: Path, module: PtMoePrompt, optimizer, step: int) ->
     """Parameters and AdamW moments in safetensors, the step in its metadata: one file,
     replaced atomically, so a process killed while saving leaves the previous checkpoint
     whole. No pickle."""
-    tensors = {f"param.{name}": p.detach() for name, p in module.named_parameters()}
+    tensors = {f"param.{name}": p for name, p in module.named_parameters()}
     for i, p in enumerate(optimizer.param_groups[0]["params"]):
         for key, value in optimizer.state.get(p, {}).items():
-            tensors[f"adam.{i}.{key}"] = value.detach().reshape(-1) if key == "step" else value
+            tensors[f"adam.{i}.{key}"] = value.reshape(-1) if key == "step" else value
     tensors = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
     partial = folder / f".{CHECKPOINT}.partial"
     save_file(tensors, partial, metadata={"step": str(step)})
@@ -280,9 +280,9 @@ def _save_checkpoint(folder: Path, module: PtMoePrompt, optimizer, step: int) ->
 def _load_checkpoint(folder: Path, module: PtMoePrompt, optimizer, schedule) -> int:
     if not (folder / CHECKPOINT).exists():
         return 0
-    with safe_open(folder / CHECKPOINT, "pt") as f:
+    with safe_open(folder / CHECKPOINT, "pt", device=str(module.experts_a.device)) as f:
         step = int(f.metadata()["step"])
-    tensors = load_file(folder / CHECKPOINT, device=str(module.experts_a.device))
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
     with torch.no_grad():
         for name, p in module.named_parameters():
             p.copy_(tensors[f"param.{name}"])

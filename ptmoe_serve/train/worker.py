@@ -73,6 +73,8 @@ class FineTuningWorker:
 
         self.stop, self.device = stop, device
         self.store_root = store_root
+        # One for the worker's life: it reads the store's journal once, then only what is new.
+        self.store = AdapterStore(store_root)
         self.model_dir = model_dir
         self.base_name = base_name
         self.jobs = FineTuningJobs(store_root)
@@ -256,17 +258,15 @@ class FineTuningWorker:
                         metrics: dict) -> None:
         """Write `adapter` into the store as `name`, served like any other, and keep the job's
         last KEPT_CHECKPOINTS checkpoints (OpenAI's rule), removing older ones from the store."""
-        store = AdapterStore(self.store_root)
-        store.write(name, *adapter_files(adapter))
+        self.store.write(name, *adapter_files(adapter))
         for old in self.jobs.add_checkpoint(job_id, name, metrics["step"], metrics,
                                             keep=KEPT_CHECKPOINTS):
-            store.record_unloaded(old, purge=old)
+            self.store.record_unloaded(old, purge=old)
 
     def _cancelled(self, job_id: str, folder: Path) -> None:
         """Nothing of a cancelled job stays: its training checkpoint, and any checkpoint
         adapter it wrote into the store."""
         shutil.rmtree(folder, ignore_errors=True)
-        store = AdapterStore(self.store_root)
         for old in self.jobs.drop_checkpoints(job_id):
-            store.record_unloaded(old, purge=old)
+            self.store.record_unloaded(old, purge=old)
         self.jobs.finish(job_id, "cancelled")
