@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ptmoe_serve.adapters.format import AdapterConfig, write_adapter
+from ptmoe_serve.adapters.config import AdapterConfig
+from ptmoe_serve.adapters.format import write_adapter
 from ptmoe_serve.adapters.create import init_from_text
 from ptmoe_serve.base_model import load_input_embeddings
 

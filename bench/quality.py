@@ -23,7 +23,8 @@ from bench.systems import GIB, SystemConfig, vllm_command
 from ptmoe_serve.base_model import DEFAULT_MODEL_NAME, default_cache_dir, ensure_default_model
 from ptmoe_serve.train.evaluate import evaluate_models, read_records
 from ptmoe_serve.train.tasks import DESCRIPTIONS, METRICS, TASKS, write_task
-from ptmoe_serve.train.trainer import TrainSettings, train
+from ptmoe_serve.train.spec import TrainSettings
+from ptmoe_serve.train.trainer import train
 
 # Each method's trainer settings beyond the shared ones; its name is its folder and the suffix
 # of its served name.

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ptmoe_serve.adapters.format import AdapterConfig, PtMoeAdapter, write_adapter
+from ptmoe_serve.adapters.config import AdapterConfig
+from ptmoe_serve.adapters.format import PtMoeAdapter, write_adapter
 from ptmoe_serve.adapters.manager import AdapterManager
 from ptmoe_serve.adapters.registry import AdapterRegistry
 from ptmoe_serve.adapters.store import AdapterStore, folder_stamp

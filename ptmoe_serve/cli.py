@@ -61,6 +61,9 @@ def _serve_parser(sub) -> None:
                            action="store_false",
                            help="start no fine-tuning worker beside the server (jobs then wait "
                                 "for `ptmoe-serve fine-tune-worker` over the same store)")
+    lifecycle.add_argument("--fine-tune-niceness", type=int, default=10,
+                           help="the fine-tuning worker's niceness, so that serving goes first "
+                                "(default: %(default)s; 0 trains at the server's priority)")
     lifecycle.add_argument("--fine-tune-threads", type=int, default=None,
                            help="threads the fine-tuning worker trains on (default: half the "
                                 "cores, at least one)")
@@ -219,7 +222,7 @@ def fine_tune_worker(args: argparse.Namespace) -> None:
     from ptmoe_serve.train.worker import FineTuningWorker
 
     model_dir, name = _resolve_model(args.model, args.cache_dir)
-    os.nice(10)
+    os.nice(args.niceness)
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) // 2))
     terminated = []
     signal.signal(signal.SIGTERM, lambda signum, frame: terminated.append(signum))
@@ -234,65 +237,74 @@ def fine_tune_worker(args: argparse.Namespace) -> None:
     worker.run_forever()
 
 
+def _add_spec_options(parser: argparse.ArgumentParser, model, names) -> None:
+    """Options for these fields of a spec model (train/spec.py), whose defaults, choices and
+    help are written there once."""
+    from typing import Literal, get_args, get_origin
+
+    for name in names:
+        field = model.model_fields[name]
+        kind = field.annotation
+        options = {"help": field.description or ""}
+        if field.is_required():
+            options["required"] = True
+        else:
+            options["default"] = field.default
+            options["help"] += " (default: %(default)s)"
+        if get_origin(kind) is Literal:
+            options["choices"] = list(get_args(kind))
+        elif kind is bool:
+            options["action"] = "store_true"
+        elif get_origin(kind) is tuple:
+            options.update(nargs="+", type=get_args(kind)[0])
+        else:  # one type, or one type or None
+            options["type"] = next(t for t in (get_args(kind) or (kind,)) if t is not type(None))
+        parser.add_argument("--" + name.replace("_", "-"), **options)
+
+
+def _spec(model, args: argparse.Namespace, **given):
+    """The spec model from the parsed options; its refusal as a usage error."""
+    from pydantic import ValidationError
+
+    from ptmoe_serve.adapters.config import problems
+
+    fields = {name: getattr(args, name) for name in model.model_fields if hasattr(args, name)}
+    try:
+        return model(**fields, **given)
+    except ValidationError as e:
+        raise SystemExit(f"ptmoe-serve {args.command}: {problems(e)}") from None
+
+
 def _init_parser(sub) -> None:
+    from ptmoe_serve.train.spec import AdapterShape
+
     p = sub.add_parser("init-adapter", help="write an adapter initialised from a task "
                                             "description (the paper's SVD initialisation)")
     _add_model_args(p)
     p.add_argument("output", type=Path, help="adapter folder to write; its name is the adapter's")
     p.add_argument("--text", required=True, help="the task description")
-    p.add_argument("--num-experts", type=int, default=2)
-    p.add_argument("--prompt-length", type=int, default=40)
-    p.add_argument("--rank", type=int, default=36)
-    p.add_argument("--top-k", type=int, default=1)
-    p.add_argument("--router-scaling", choices=["probability", "none"], default="probability")
+    _add_spec_options(p, AdapterShape, AdapterShape.model_fields)
 
 
 def _train_parser(sub) -> None:
+    from ptmoe_serve.train.spec import TrainSettings
+
     p = sub.add_parser("train", help="train a PT-MoE adapter on a frozen base model")
     _add_model_args(p)
-    p.add_argument("--data", type=Path, required=True,
-                   help='JSONL: {"prompt", "answer"} or {"messages": [..., assistant answer]}')
-    p.add_argument("--output", type=Path, required=True, help="adapter folder to write")
-    p.add_argument("--task-text", required=True,
-                   help="task description the prompt is initialised from (the paper's SVD init)")
-    p.add_argument("--num-experts", type=int, default=2)
-    p.add_argument("--prompt-length", type=int, default=40)
-    p.add_argument("--rank", type=int, default=36)
-    p.add_argument("--top-k", type=int, default=1)
-    p.add_argument("--router-scaling", choices=["probability", "none"], default="probability")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--warmup-steps", type=int, default=20)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--noise-std", type=float, default=0.01,
-                   help="multiplicative noise on router logits while training")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=50)
-    p.add_argument("--resume", action="store_true", help="continue from --output's checkpoint")
-    p.add_argument("--method", choices=["ptmoe", "lora"], default="ptmoe",
-                   help="lora: the LoRA baseline of about the same parameter count, in PEFT's "
-                        "format (served by vLLM's multi-LoRA)")
-    p.add_argument("--lora-rank", type=int, default=None,
-                   help="default: the rank whose parameter count is closest to the PT-MoE one")
-    p.add_argument("--lora-targets", nargs="+", default=["q_proj"])
+    _add_spec_options(p, TrainSettings,
+                      [name for name in TrainSettings.model_fields
+                       if name not in ("model_dir", "base_name")])
 
 
 def train(args: argparse.Namespace) -> None:
-    from ptmoe_serve.adapters.format import validate_name
-    from ptmoe_serve.train.trainer import TrainSettings, train as run_training
+    from ptmoe_serve.adapters.config import validate_name
+    from ptmoe_serve.train.spec import TrainSettings
+    from ptmoe_serve.train.trainer import train as run_training
 
     if args.method == "ptmoe":
         validate_name(args.output.name)
     model_dir, name = _resolve_model(args.model, args.cache_dir)
-    fields = {k: getattr(args, k) for k in (
-        "data", "output", "task_text", "num_experts", "prompt_length", "rank", "top_k",
-        "router_scaling", "steps", "batch_size", "grad_accum", "lr", "warmup_steps",
-        "weight_decay", "noise_std", "seed", "checkpoint_every", "resume", "method",
-        "lora_rank")}
-    fields["lora_targets"] = tuple(args.lora_targets)
-    summary = run_training(TrainSettings(model_dir=model_dir, base_name=name, **fields))
+    summary = run_training(_spec(TrainSettings, args, model_dir=model_dir, base_name=name))
     print(f"wrote {args.output}: loss {summary['losses'][0]:.4f} -> {summary['losses'][-1]:.4f}")
 
 
@@ -331,7 +343,8 @@ def make_tasks(args: argparse.Namespace) -> None:
 
 
 def convert_peft(args: argparse.Namespace) -> None:
-    from ptmoe_serve.adapters.format import validate_name, write_adapter
+    from ptmoe_serve.adapters.config import validate_name
+    from ptmoe_serve.adapters.format import write_adapter
     from ptmoe_serve.adapters.create import convert_prompt_tuning
 
     validate_name(args.output.name)
@@ -401,6 +414,7 @@ def serve(args: argparse.Namespace, rest: list[str]) -> None:
         watch_interval=args.watch_interval,
         fine_tune_worker=args.fine_tune_worker,
         fine_tune_threads=args.fine_tune_threads,
+        fine_tune_niceness=args.fine_tune_niceness,
     )
     run_server(settings)
 
@@ -409,18 +423,19 @@ def init_adapter(args: argparse.Namespace) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from ptmoe_serve.adapters.format import AdapterConfig, validate_name, write_adapter
+    from ptmoe_serve.adapters.config import validate_name
+    from ptmoe_serve.adapters.format import write_adapter
     from ptmoe_serve.adapters.create import fit_to_length, init_from_text
     from ptmoe_serve.base_model import load_input_embeddings
+    from ptmoe_serve.train.spec import AdapterShape
 
     validate_name(args.output.name)
+    shape = _spec(AdapterShape, args)
     model_dir, name = _resolve_model(args.model, args.cache_dir)
     table = load_input_embeddings(model_dir)
     ids = fit_to_length(AutoTokenizer.from_pretrained(model_dir).encode(args.text),
-                        args.prompt_length)
-    config = AdapterConfig.v1(name, hidden_size=table.shape[1], num_experts=args.num_experts,
-                              prompt_length=args.prompt_length, rank=args.rank,
-                              top_k=args.top_k, router_scaling=args.router_scaling)
+                        shape.prompt_length)
+    config = shape.adapter_config(name, table.shape[1])
     write_adapter(init_from_text(table[torch.tensor(ids)], config), args.output)
     print(f"wrote {args.output}")
 
@@ -441,6 +456,9 @@ def main(argv: list[str] | None = None) -> None:
     worker.add_argument("--adapters", type=Path, required=True, help="the adapter store")
     worker.add_argument("--served-model-name", default=None,
                         help="the base model's name in the server (default: its folder's)")
+    worker.add_argument("--niceness", type=int, default=10,
+                        help="added to this process's niceness, so that serving on the same "
+                             "machine goes first (default: %(default)s)")
     worker.add_argument("--threads", type=int, default=None,
                         help="torch threads for training (default: half the cores, at least "
                              "one)")

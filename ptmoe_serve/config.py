@@ -45,7 +45,7 @@ class ServerSettings:
     max_upload_bytes: int = 64 * 1024 * 1024
     # Largest body of any other request (completions, chat, ...).
     max_request_bytes: int = 8 * 1024 * 1024
-    # Sequences (prompts x n) per request; logprob entries per engine request (api/limits.py).
+    # Sequences (prompts x n) per request; logprob entries per engine request (engine/limits.py).
     max_sequences: int = 256
     max_logprobs: int = 1_000_000
     # Seconds between looks at the adapters folder; 0 turns the watching off.
@@ -54,3 +54,5 @@ class ServerSettings:
     # this many threads (None: half the cores).
     fine_tune_worker: bool = True
     fine_tune_threads: int | None = None
+    # Its niceness: serving goes first.
+    fine_tune_niceness: int = 10

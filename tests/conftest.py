@@ -5,14 +5,68 @@ from pathlib import Path
 
 import pytest
 import torch
+from _pytest.nodeid import NodeId
 
 # Without a GPU, Triton kernels run under Triton's interpreter. The switch is read when triton
 # is first imported, which other libraries may do before any kernel test runs.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from bench.server_process import start_server, stop_server
+from bench.server_process import launch_server, wait_until_healthy
+from helpers import reap_stopped, stop_later
 from ptmoe_serve.base_model import default_cache_dir, ensure_default_model
+
+# Fixtures that start real servers: a test using one is marked `server` (the fast tier,
+# `pytest -m "not server"`, leaves them out).
+SERVER_FIXTURES = frozenset({"server", "api_route_server", "routed_server",
+                             "tensor_parallel_server", "data_parallel_server", "replicas",
+                             "deployment"})
+# The two servers most tests share (defined below), and either of them.
+SHARED_SERVERS = frozenset({"server", "api_route_server", "routed_server"})
+
+
+# Whether this run has two pytest workers (`make test`), each with its own servers.
+PARALLEL = "PYTEST_XDIST_WORKER" in os.environ
+
+
+def pytest_configure(config):
+    if not PARALLEL:
+        return
+    # `make test` runs two pytest workers (pytest-xdist), which share out the tests a server's
+    # group at a time (`_server_group`). Every process then computes on one thread: OpenMP
+    # threads spin-wait for each other, and a thread whose core the other worker took holds
+    # up the rest (a 9 s test took 188 s so). Each worker's servers run their model on a core
+    # of its own (vLLM's own choice would put both on the first).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    if os.environ["PYTEST_XDIST_WORKER"] != "gw0" and (os.cpu_count() or 1) > 1:
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", str((os.cpu_count() or 1) - 1))
+
+
+def pytest_sessionfinish(session):
+    reap_stopped()
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        used = SERVER_FIXTURES.intersection(item.fixturenames)
+        if not used:
+            continue
+        item.add_marker(pytest.mark.server)
+        if getattr(config.option, "loadgroup", False):
+            item._id = NodeId.parse(f"{item.nodeid}@{_server_group(item, used)}")
+
+
+def _server_group(item, used: set[str]) -> str:
+    """Which pytest worker a test runs in (`make test`): the tests on the shared servers
+    together, each module's own servers' tests together; tests without a server anywhere.
+    pytest-xdist's --dist loadgroup schedules by a "@group" suffix of the node id, which
+    xdist 3.8 writes to a field pytest 9 no longer reads: written here instead."""
+    definitions = item._fixtureinfo.name2fixturedefs
+    if any(definitions[name][-1].func.__module__ == __name__
+           for name in SHARED_SERVERS.intersection(used)):
+        return "shared"
+    return item.path.stem
 
 
 @pytest.fixture(scope="session")
@@ -37,6 +91,14 @@ E2E_ADAPTERS = {
     "dense-prob": dict(num_texts=2, prompt_length=20, rank=12, top_k=2,
                        router_scaling="probability"),
 }
+
+
+@pytest.fixture(scope="session")
+def hf_model(model_dir):
+    """The independent reference: Hugging Face transformers' model, in float32."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="session")
@@ -65,14 +127,56 @@ def adapters_dir(tmp_path_factory, model_dir, tokenizer) -> Path:
     return folder
 
 
-def _server(model_dir, adapters_dir, tmp_path_factory, routing_location: str,
-            *vllm_args: str):
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    running = start_server(["--model", str(model_dir), "--dtype", "float32",
-                            "--adapters", str(adapters_dir), "--max-model-len", str(MAX_MODEL_LEN),
-                            "--routing-location", routing_location, *vllm_args], log)
-    assert routing_location_of(running) == routing_location
-    return running
+class SharedServers:
+    """The two servers most tests share: the routing step in the engine, and in the API
+    process. Both compile the model at their first start (minutes, on one core each), so the
+    first one asked for starts the other too, when this session's tests need it."""
+
+    ROUTES = {
+        # As users start it, with vLLM's own serving flags for tool calls and compact JSON.
+        "engine": ["--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+                   "--structured-outputs-config",
+                   '{"backend": "xgrammar", "disable_any_whitespace": true}'],
+        # vLLM's admission limit at four engine requests (one per prompt): its tests send one
+        # request at a time, of up to four prompts. Fine-tuning is the other one's.
+        "api": ["--max-num-queued-reqs", str(API_ROUTE_QUEUE_LIMIT), "--no-fine-tune-worker"],
+    }
+    FIXTURES = {"engine": ("server",), "api": ("api_route_server", "routed_server")}
+
+    def __init__(self, model_dir, adapters_dir, tmp_path_factory, session):
+        self.model_dir, self.adapters_dir, self.tmp = model_dir, adapters_dir, tmp_path_factory
+        needed = {name for item in session.items for name in item.fixturenames}
+        self.needed = {route for route, names in self.FIXTURES.items()
+                       if needed.intersection(names)}
+        self.launched, self.ready = {}, {}
+
+    def get(self, route: str):
+        if route not in self.ready:
+            for other in sorted(self.needed | {route}, key=lambda r: r != route):
+                if other not in self.launched and other not in self.ready:
+                    self.launched[other] = self._launch(other)
+            running = wait_until_healthy(self.launched.pop(route))
+            assert routing_location_of(running) == route
+            self.ready[route] = running
+        return self.ready[route]
+
+    def _launch(self, route: str):
+        log = self.tmp.mktemp("server") / "server.log"
+        return launch_server(["--model", str(self.model_dir), "--dtype", "float32",
+                              "--adapters", str(self.adapters_dir),
+                              "--max-model-len", str(MAX_MODEL_LEN),
+                              "--routing-location", route, *self.ROUTES[route]], log)
+
+    def stop(self):
+        for running in [*self.ready.values(), *self.launched.values()]:
+            stop_later(running)
+
+
+@pytest.fixture(scope="session")
+def shared_servers(model_dir, adapters_dir, tmp_path_factory, request):
+    servers = SharedServers(model_dir, adapters_dir, tmp_path_factory, request.session)
+    yield servers
+    servers.stop()
 
 
 def admin_headers() -> dict[str, str]:
@@ -92,23 +196,19 @@ def routing_location_of(server) -> str:
 
 
 @pytest.fixture(scope="session")
-def server(model_dir, adapters_dir, tmp_path_factory):
+def server(shared_servers):
     """The server as users start it: on this model, the routing step runs in the engine, and
-    vLLM compiles the model (its default, on the CPU too). With vLLM's own serving flags for
-    tool calls and compact JSON."""
-    running = _server(model_dir, adapters_dir, tmp_path_factory, "engine",
-                      "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
-                      "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}')
-    yield running
-    stop_server(running)
+    vLLM compiles the model (its default, on the CPU too)."""
+    return shared_servers.get("engine")
 
 
 @pytest.fixture(scope="session")
-def api_route_server(model_dir, adapters_dir, tmp_path_factory):
-    """The other route: soft prompts computed in the API process, handed over as embeddings.
-    With vLLM's admission limit at four engine requests (one per prompt): its tests send one
-    request at a time, of up to four prompts."""
-    running = _server(model_dir, adapters_dir, tmp_path_factory, "api",
-                      "--max-num-queued-reqs", str(API_ROUTE_QUEUE_LIMIT))
-    yield running
-    stop_server(running)
+def api_route_server(shared_servers):
+    """The other route: soft prompts computed in the API process, handed over as embeddings."""
+    return shared_servers.get("api")
+
+
+@pytest.fixture(params=["engine", "api"])
+def routed_server(request):
+    """Both routes of the routing step: in vLLM's workers, and through prompt embeddings."""
+    return request.getfixturevalue("server" if request.param == "engine" else "api_route_server")

@@ -8,7 +8,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ptmoe_serve.adapters.format import AdapterConfig, PtMoeAdapter
+from bench.server_process import RunningServer, reap_server, stop_server
+from ptmoe_serve.adapters.config import AdapterConfig
+from ptmoe_serve.adapters.format import CONFIG_FILE, WEIGHTS_FILE, PtMoeAdapter, write_adapter
 
 
 def make_config(hidden_size=16, num_experts=2, prompt_length=4, rank=3, top_k=1,
@@ -25,6 +27,13 @@ def random_adapter(seed: int = 0, **config) -> PtMoeAdapter:
     n, t, r, h = cfg.num_experts, cfg.prompt_length, cfg.rank, cfg.hidden_size
     return PtMoeAdapter(cfg, torch.randn(n, t, r, generator=g), torch.randn(r, h, generator=g),
                         torch.randn(n, h, generator=g), torch.randn(n, generator=g))
+
+
+def adapter_bytes(tmp_path: Path, seed: int = 0) -> tuple[bytes, bytes]:
+    """A random adapter's two files' contents."""
+    folder = tmp_path / f"src{seed}"
+    write_adapter(random_adapter(seed=seed), folder)
+    return (folder / CONFIG_FILE).read_bytes(), (folder / WEIGHTS_FILE).read_bytes()
 
 
 def text_experts_adapter(table: torch.Tensor, text_ids: list[list[int]], seed: int,
@@ -60,6 +69,28 @@ def reference_soft_prompt(adapter_dir: Path, token_embeddings: torch.Tensor) -> 
     return (mixed @ w["shared.B"].double()).float()
 
 
+# (adapter folder, prompt ids, new tokens) -> the reference's greedy tokens: computed once, for
+# every server and route compared with it.
+_GREEDY: dict[tuple, list[int]] = {}
+
+
+@torch.inference_mode()
+def reference_greedy(hf_model, adapter_dir: Path | None, ids: list[int], max_tokens: int
+                     ) -> list[int]:
+    """transformers' greedy generation from [P; token embeddings], P from the adapter's files
+    (the bare model when `adapter_dir` is None)."""
+    key = (adapter_dir, tuple(ids), max_tokens)
+    if key not in _GREEDY:
+        embeds = hf_model.get_input_embeddings()(torch.tensor(ids))
+        if adapter_dir is not None:
+            embeds = torch.cat([reference_soft_prompt(adapter_dir, embeds), embeds])
+        out = hf_model.generate(inputs_embeds=embeds[None],
+                                attention_mask=torch.ones(1, len(embeds), dtype=torch.long),
+                                max_new_tokens=max_tokens, do_sample=False)
+        _GREEDY[key] = out[0].tolist()
+    return _GREEDY[key]
+
+
 # Store folders as a hostile or careless user leaves them: name -> words of the reason each
 # is skipped with.
 HOSTILE = {"huge-rank": "rank", "null-shape": "has shape None", "deep-json": "not valid JSON",
@@ -79,8 +110,6 @@ def null_shape(weights: bytes) -> bytes:
 
 def hostile_folders(store: Path, good: Path, prefix: str = "") -> None:
     """Write the HOSTILE folders into `store`, made from the good adapter folder `good`."""
-    from ptmoe_serve.adapters.format import CONFIG_FILE, WEIGHTS_FILE
-
     config = json.loads((good / CONFIG_FILE).read_text())
     weights = (good / WEIGHTS_FILE).read_bytes()
     for name, config_text, weights_bytes in [
@@ -93,3 +122,19 @@ def hostile_folders(store: Path, good: Path, prefix: str = "") -> None:
         folder.mkdir()
         (folder / CONFIG_FILE).write_text(config_text)
         (folder / WEIGHTS_FILE).write_bytes(weights_bytes)
+
+
+# Servers told to stop whose ends the tests do not wait for (reaped when the session ends).
+_STOPPING: list[RunningServer] = []
+
+
+def stop_later(server: RunningServer) -> None:
+    """A fixture's teardown: the server is told to stop, and the next tests go on while it
+    does (a stop takes seconds, more beside another worker's load)."""
+    stop_server(server, wait=False)
+    _STOPPING.append(server)
+
+
+def reap_stopped() -> None:
+    while _STOPPING:
+        reap_server(_STOPPING.pop())

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import admin_headers
-from ptmoe_serve.adapters.format import AdapterError, read_adapter, write_adapter
+from ptmoe_serve.adapters.config import AdapterError
+from ptmoe_serve.adapters.format import read_adapter, write_adapter
 from ptmoe_serve.adapters.create import convert_prompt_tuning
 from ptmoe_serve.routing.reference import route_reference
 

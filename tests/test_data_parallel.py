@@ -4,16 +4,8 @@ with its own worker holding the banks; requests spread over both answer as trans
 
 import httpx
 import pytest
-import torch
 
 from test_e2e_greedy import MAX_TOKENS, PROMPTS, transformers_greedy
-
-
-@pytest.fixture(scope="module")
-def hf_model(model_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +14,8 @@ def data_parallel_server(model_dir, adapters_dir, tmp_path_factory):
     holding the banks, over a store of its own (one adapter at start-up)."""
     import shutil
 
-    from bench.server_process import start_server, stop_server
+    from bench.server_process import start_server
+    from helpers import stop_later
     from conftest import MAX_MODEL_LEN, routing_location_of
 
     store = tmp_path_factory.mktemp("dp-store")
@@ -30,14 +23,16 @@ def data_parallel_server(model_dir, adapters_dir, tmp_path_factory):
     running = start_server(
         ["--model", str(model_dir), "--dtype", "float32", "--adapters", str(store),
          "--max-model-len", str(MAX_MODEL_LEN), "--data-parallel-size", "2",
-         "--enforce-eager"],  # two engines compiling on two cores would take minutes
+         "--enforce-eager",  # two engines compiling on two cores would take minutes
+         "--no-fine-tune-worker"],
         tmp_path_factory.mktemp("dp") / "server.log",
         # A GiB of KV cache an engine: the suite's other servers are up too.
+        # One OpenMP thread an engine, as for tensor-parallel ranks (test_e2e_greedy.py).
         env={"VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-             "VLLM_CPU_KVCACHE_SPACE": "1"})
+             "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"})
     assert routing_location_of(running) == "engine"
     yield running
-    stop_server(running)
+    stop_later(running)
 
 
 def test_data_parallel_engines_each_route_exactly(data_parallel_server, hf_model, tokenizer,

@@ -7,19 +7,13 @@ import pytest
 import torch
 
 from conftest import BASE, E2E_ADAPTERS, SHIPPED
-from helpers import reference_soft_prompt
+from helpers import reference_greedy, reference_soft_prompt, stop_later
 
 MAX_TOKENS = 20
 PROMPTS = ["The capital of France is", "def fibonacci(n):",
            "Once upon a time, there was a little", "My favourite food is"]
 QUESTIONS = ["What is the capital of Germany?", "Give me three tips for sleeping well."]
 MODELS = [*E2E_ADAPTERS, *SHIPPED, BASE]
-
-
-@pytest.fixture(params=["engine", "api"])
-def routed_server(request):
-    """Both routes of the routing step: in vLLM's workers, and through prompt embeddings."""
-    return request.getfixturevalue("server" if request.param == "engine" else "api_route_server")
 
 
 def test_both_routes_run_the_compiled_model_by_default(routed_server):
@@ -30,21 +24,9 @@ def test_both_routes_run_the_compiled_model_by_default(routed_server):
     assert "enforce_eager=False" in log and "enforce_eager=True" not in log
 
 
-@pytest.fixture(scope="module")
-def hf_model(model_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-
-
-@torch.inference_mode()
 def transformers_greedy(hf_model, adapters_dir, model: str, ids: list[int]) -> list[int]:
-    embeds = hf_model.get_input_embeddings()(torch.tensor(ids))
-    if model != BASE:
-        embeds = torch.cat([reference_soft_prompt(adapters_dir / model, embeds), embeds])
-    out = hf_model.generate(inputs_embeds=embeds[None], attention_mask=torch.ones(1, len(embeds),
-                            dtype=torch.long), max_new_tokens=MAX_TOKENS, do_sample=False)
-    return out[0].tolist()
+    return reference_greedy(hf_model, None if model == BASE else adapters_dir / model, ids,
+                            MAX_TOKENS)
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -139,19 +121,22 @@ def test_adapters_change_the_answer(server):
 def tensor_parallel_server(model_dir, adapters_dir, tmp_path_factory):
     """Three tensor-parallel ranks (the model's 9 attention heads allow 1, 3 or 9) on this
     machine's cores; each rank holds the whole adapter bank."""
-    from bench.server_process import start_server, stop_server
+    from bench.server_process import start_server
     from conftest import MAX_MODEL_LEN, routing_location_of
 
     running = start_server(
         ["--model", str(model_dir), "--dtype", "float32", "--adapters", str(adapters_dir),
          "--max-model-len", str(MAX_MODEL_LEN), "--tensor-parallel-size", "3",
          # Three ranks compiling on two cores would take many minutes.
-         "--enforce-eager"],
+         "--enforce-eager", "--no-fine-tune-worker"],
         tmp_path_factory.mktemp("tp") / "server.log",
-        env={"VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"})
+        # One OpenMP thread a rank: three ranks of two threads each on two cores spend most
+        # of their time waiting on each other (a request took 7x as long).
+        env={"VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+             "OMP_NUM_THREADS": "1"})
     assert routing_location_of(running) == "engine"
     yield running
-    stop_server(running)
+    stop_later(running)
 
 
 def test_tensor_parallel_ranks_route_in_the_engine_exactly(tensor_parallel_server, hf_model,

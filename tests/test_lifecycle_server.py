@@ -20,7 +20,7 @@ from safetensors.torch import save
 
 from bench.server_process import start_server, stop_server
 from conftest import BASE, TEXTS
-from helpers import HOSTILE, hostile_folders, null_shape, text_experts_adapter
+from helpers import HOSTILE, hostile_folders, null_shape, stop_later, text_experts_adapter
 from ptmoe_serve.adapters.format import CONFIG_FILE, WEIGHTS_FILE, write_adapter
 from ptmoe_serve.base_model import load_input_embeddings
 
@@ -67,14 +67,16 @@ def server_args(lab, model_dir) -> list[str]:
             "--enable-prefix-caching",
             # Starts in seconds instead of compiling (minutes on two cores; it starts twice);
             # the compiled default is what the shared `server` fixture runs.
-            "--enforce-eager"]
+            "--enforce-eager",
+            # Fine-tuning is tested on a server of its own (api/test_fine_tuning.py).
+            "--no-fine-tune-worker"]
 
 
 @pytest.fixture(scope="module")
 def server(lab, model_dir):
     running = start_server(server_args(lab, model_dir), lab["root"] / "server.log")
     yield running
-    stop_server(running)
+    stop_later(running)
 
 
 def client(server, key=USER) -> httpx.Client:

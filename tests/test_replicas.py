@@ -10,9 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from bench.server_process import start_server, stop_server
+from bench.server_process import start_server
 from conftest import TEXTS
-from helpers import text_experts_adapter
+from helpers import stop_later, text_experts_adapter
 from ptmoe_serve.adapters.format import CONFIG_FILE, WEIGHTS_FILE, write_adapter
 from ptmoe_serve.base_model import load_input_embeddings
 
@@ -39,12 +39,12 @@ def lab(tmp_path_factory, model_dir, tokenizer):
 def replicas(lab, model_dir):
     args = ["--model", str(model_dir), "--dtype", "float32", "--max-model-len", "512",
             "--adapters", str(lab / "store"), "--admin-api-key-file", str(lab / "admin.key"),
-            "--watch-interval", str(WATCH_INTERVAL), "--enforce-eager"]
+            "--watch-interval", str(WATCH_INTERVAL), "--enforce-eager", "--no-fine-tune-worker"]
     with ThreadPoolExecutor(2) as pool:
         started = list(pool.map(lambda i: start_server(args, lab / f"server{i}.log"), (0, 1)))
     yield started
     for server in started:
-        stop_server(server)
+        stop_later(server)
     if CONVERGED:
         print(f"\nconverged in p50 {statistics.median(CONVERGED):.2f} s, "
               f"max {max(CONVERGED):.2f} s over {len(CONVERGED)} changes "

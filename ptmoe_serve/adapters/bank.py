@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ptmoe_serve.adapters.format import AdapterConfig, PtMoeAdapter
+from ptmoe_serve.adapters.config import AdapterConfig
+from ptmoe_serve.adapters.format import PtMoeAdapter
 
 
 @dataclass(frozen=True)

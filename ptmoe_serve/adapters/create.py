@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ptmoe_serve.adapters.format import (CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE,
-                                         AdapterConfig, AdapterError, PtMoeAdapter)
+from ptmoe_serve.adapters.config import AdapterConfig, AdapterError
+from ptmoe_serve.adapters.format import CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE, PtMoeAdapter
 
 PEFT_TENSOR = "prompt_embeddings"
 

@@ -1,24 +1,23 @@
 """Adapter format v1: a folder holding `adapter_config.json` and `adapter_model.safetensors`.
 
-Everything read from disk is validated here, before a tensor reaches the device: the config by
-pydantic, the safetensors header by hand (so an absurd size is refused without allocating it),
+Everything read from disk is validated here, before a tensor reaches the device: the config
+(config.py), the safetensors header by hand (so an absurd size is refused without allocating it),
 then shapes, dtypes and finiteness. Pickle-based files are never opened."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
 import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
-from pydantic import (BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
-                      model_validator)
+from pydantic import ValidationError
 from safetensors.torch import load, save
+
+from ptmoe_serve.adapters.config import AdapterConfig, AdapterError, problems
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -27,66 +26,6 @@ FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 MAX_CONFIG_BYTES = 64 * 1024
 MAX_WEIGHTS_BYTES = 512 * 1024 * 1024
 MAX_HEADER_BYTES = 1024 * 1024
-MAX_NAME_LENGTH = 128
-# Far above any PT-MoE adapter (the paper's: 2-8 experts, rank 36, tens of thousands of
-# parameters), low enough that one folder or upload cannot claim gigabytes of bank memory.
-MAX_EXPERTS = 256
-MAX_RANK = 4096
-MAX_PARAMETERS = 1 << 25
-# Matched against the whole name (fullmatch): "$" alone would let a trailing newline through.
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-
-
-class AdapterError(ValueError):
-    """An adapter that cannot be loaded; the message says why."""
-
-
-class AdapterConfig(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-    peft_type: Literal["PT_MOE"]
-    format_version: Literal[1]
-    base_model_name_or_path: str
-    hidden_size: PositiveInt
-    num_experts: PositiveInt = Field(le=MAX_EXPERTS)
-    prompt_length: PositiveInt
-    rank: PositiveInt = Field(le=MAX_RANK)
-    top_k: PositiveInt
-    router_scaling: Literal["probability", "none"]
-
-    @model_validator(mode="after")
-    def _bounded(self) -> AdapterConfig:
-        if self.top_k > self.num_experts:
-            raise ValueError(f"top_k={self.top_k} must be between 1 and num_experts={self.num_experts}")
-        if self.num_parameters > MAX_PARAMETERS:
-            raise ValueError(f"the adapter would have {self.num_parameters} parameters; the "
-                             f"limit is {MAX_PARAMETERS}")
-        return self
-
-    @classmethod
-    def v1(cls, base_model_name_or_path: str, *, hidden_size: int, num_experts: int,
-           prompt_length: int, rank: int, top_k: int, router_scaling: str) -> AdapterConfig:
-        """A format v1 config: how every new adapter's config is made (the command line,
-        the PEFT import, training)."""
-        return cls(peft_type="PT_MOE", format_version=1,
-                   base_model_name_or_path=base_model_name_or_path, hidden_size=hidden_size,
-                   num_experts=num_experts, prompt_length=prompt_length, rank=rank,
-                   top_k=top_k, router_scaling=router_scaling)
-
-    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
-        n, t, r, h = self.num_experts, self.prompt_length, self.rank, self.hidden_size
-        return {
-            "experts.A": (n, t, r),
-            "shared.B": (r, h),
-            "router.weight": (n, h),
-            "router.bias": (n,),
-        }
-
-    @property
-    def num_parameters(self) -> int:
-        return sum(math.prod(shape) for shape in self.tensor_shapes().values())
-
-
 @dataclass(frozen=True)
 class PtMoeAdapter:
     """One adapter's tensors, float32, in the layout of format v1."""
@@ -116,15 +55,6 @@ class PtMoeAdapter:
                        shared_b=self.shared_b.to("meta"))
 
 
-def validate_name(name: str) -> str:
-    if not name or len(name) > MAX_NAME_LENGTH or not NAME_PATTERN.fullmatch(name) or ".." in name:
-        raise AdapterError(
-            f"invalid adapter name {name!r}: use 1 to {MAX_NAME_LENGTH} letters, digits, "
-            "'.', '_' or '-', starting with a letter or digit, without '..'"
-        )
-    return name
-
-
 def parse_config(raw: bytes) -> AdapterConfig:
     if len(raw) > MAX_CONFIG_BYTES:
         raise AdapterError(f"{CONFIG_FILE} is {len(raw)} bytes; the limit is {MAX_CONFIG_BYTES}")
@@ -137,10 +67,7 @@ def parse_config(raw: bytes) -> AdapterConfig:
     try:
         return AdapterConfig.model_validate(data)
     except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors()
-        )
-        raise AdapterError(f"invalid {CONFIG_FILE}: {problems}") from None
+        raise AdapterError(f"invalid {CONFIG_FILE}: {problems(e)}") from None
 
 
 def parse_weights(raw: bytes, config: AdapterConfig) -> PtMoeAdapter:

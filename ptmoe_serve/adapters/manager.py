@@ -24,9 +24,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ptmoe_serve.adapters.format import (AdapterError, PtMoeAdapter, check_weights_file,
-                                         parse_config, parse_weights, read_adapter, read_config,
-                                         read_weights)
+from ptmoe_serve.adapters.config import AdapterError
+from ptmoe_serve.adapters.format import (PtMoeAdapter, check_weights_file, parse_config,
+                                         parse_weights, read_adapter, read_config, read_weights)
 from ptmoe_serve.adapters.registry import AdapterEntry, AdapterExists, AdapterRegistry
 from ptmoe_serve.adapters.store import AdapterStore, folder_stamp
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from ptmoe_serve.adapters.bank import AdapterBank, BankShape
-from ptmoe_serve.adapters.format import AdapterConfig, AdapterError, PtMoeAdapter, validate_name
+from ptmoe_serve.adapters.config import AdapterConfig, AdapterError, validate_name
+from ptmoe_serve.adapters.format import PtMoeAdapter
 
 
 
@@ -95,18 +96,15 @@ class AdapterRegistry:
 
     def check_compatible(self, config: AdapterConfig) -> None:
         if config.hidden_size != self.hidden_size:
-            raise AdapterError(
-                f"adapter hidden_size is {config.hidden_size}; the base model's is {self.hidden_size}"
-            )
+            raise AdapterError(f"adapter hidden_size is {config.hidden_size}; the base model's "
+                               f"is {self.hidden_size}", field="hidden_size")
         if config.prompt_length >= self.max_model_len:
-            raise AdapterError(
-                f"prompt_length {config.prompt_length} leaves no room in the context of "
-                f"{self.max_model_len} tokens"
-            )
+            raise AdapterError(f"prompt_length {config.prompt_length} leaves no room in the "
+                               f"context of {self.max_model_len} tokens", field="prompt_length")
         if self.max_prompt_length is not None and config.prompt_length > self.max_prompt_length:
             raise AdapterError(
                 f"prompt_length {config.prompt_length} is over this server's limit of "
-                f"{self.max_prompt_length} (--max-soft-prompt-length)")
+                f"{self.max_prompt_length} (--max-soft-prompt-length)", field="prompt_length")
 
     def check_name(self, name: str) -> None:
         validate_name(name)
@@ -156,10 +154,6 @@ class AdapterRegistry:
             if bank.in_use == 0:
                 del self._banks[shape]
                 self.on_bank_dropped(shape)
-
-    @property
-    def banks(self) -> dict[BankShape, AdapterBank]:
-        return dict(self._banks)
 
     @property
     def bank_bytes(self) -> int:

@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from stat import S_ISDIR
 
-from ptmoe_serve.adapters.format import CONFIG_FILE, WEIGHTS_FILE, AdapterError
+from ptmoe_serve.adapters.config import AdapterError
+from ptmoe_serve.adapters.format import CONFIG_FILE, WEIGHTS_FILE
 from ptmoe_serve.adapters.journal import JOURNAL, Journal
 
 logger = logging.getLogger(__name__)

@@ -88,4 +88,4 @@ class AccessPolicy:
 
 def require_admin(request: Request) -> None:
     """A route dependency: the admin key, before the route reads its body."""
-    request.app.state.services.access.check_admin(request)
+    request.app.state.access.check_admin(request)

@@ -14,7 +14,8 @@ from starlette.datastructures import UploadFile
 
 from ptmoe_serve.api.auth import require_admin
 from ptmoe_serve.api.errors import RequestError
-from ptmoe_serve.api.forms import read_bounded_form
+from ptmoe_serve.api.bodies import read_upload_form
+from ptmoe_serve.api.paging import cursor_page
 from ptmoe_serve.train.files import FileError, FileNotFound, TrainingFile, TrainingFiles
 
 router = APIRouter(prefix="/v1/files", dependencies=[Depends(require_admin)])
@@ -22,7 +23,7 @@ MAX_LIST_LIMIT = 10_000
 
 
 def _files(request: Request) -> TrainingFiles:
-    return request.app.state.services.files
+    return request.app.state.files
 
 
 def _not_found(file_id: str) -> RequestError:
@@ -40,7 +41,7 @@ def _get(files: TrainingFiles, file_id: str) -> TrainingFile:
 @router.post("")
 async def upload_file(request: Request) -> dict:
     services = request.app.state.services
-    form = await read_bounded_form(request, services.settings.max_upload_bytes)
+    form = await read_upload_form(request, services.settings.max_upload_bytes)
     part, purpose = form.get("file"), form.get("purpose")
     if not isinstance(part, UploadFile):
         raise RequestError(400, "the upload must hold the file as the multipart field 'file'",
@@ -50,7 +51,8 @@ async def upload_file(request: Request) -> dict:
                                 "multipart field 'purpose'", param="purpose")
     data = await part.read()
     try:  # a check of every line: off the event loop
-        record = await asyncio.to_thread(services.files.add, part.filename or "", purpose, data)
+        record = await asyncio.to_thread(_files(request).add, part.filename or "", purpose,
+                                         data)
     except FileError as e:
         raise RequestError(400, str(e), param="file") from None
     return record.describe()
@@ -63,16 +65,10 @@ async def list_files(request: Request, purpose: str | None = None,
                      order: Literal["asc", "desc"] = "desc") -> dict:
     """OpenAI's cursor pages: `limit` files after the file `after`, newest first unless
     `order` is asc."""
-    files = _files(request).list(purpose)
+    files = [f.describe() for f in _files(request).list(purpose)]
     if order == "desc":
         files.reverse()
-    if after is not None:
-        ids = [f.id for f in files]
-        files = files[ids.index(after) + 1:] if after in ids else []
-    page = files[:limit]
-    return {"object": "list", "data": [f.describe() for f in page],
-            "has_more": len(files) > limit,
-            "first_id": page[0].id if page else None, "last_id": page[-1].id if page else None}
+    return cursor_page(files, after, limit)
 
 
 @router.get("/{file_id}")

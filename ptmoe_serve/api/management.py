@@ -15,11 +15,12 @@ from starlette.datastructures import UploadFile
 
 from ptmoe_serve.api import protocol
 from ptmoe_serve.api.auth import require_admin
-from ptmoe_serve.adapters.format import CONFIG_FILE, WEIGHTS_FILE, AdapterError
+from ptmoe_serve.adapters.config import AdapterError
+from ptmoe_serve.adapters.format import CONFIG_FILE, WEIGHTS_FILE
 from ptmoe_serve.adapters.manager import PathNotAllowed
 from ptmoe_serve.adapters.registry import AdapterEntry, AdapterExists, AdapterNotFound
 from ptmoe_serve.api.errors import RequestError
-from ptmoe_serve.api.forms import read_bounded_form
+from ptmoe_serve.api.bodies import read_upload_form
 
 
 router = APIRouter(prefix="/v1/adapters", dependencies=[Depends(require_admin)])
@@ -87,7 +88,7 @@ async def unload_adapter(name: str, request: Request, purge: bool = False) -> pr
 
 async def _read_upload(request: Request, limit: int) -> dict[str, bytes]:
     """The two adapter files of a multipart body, refusing more than `limit` bytes early."""
-    form = await read_bounded_form(request, limit)
+    form = await read_upload_form(request, limit)
     files = {}
     for field in (CONFIG_FILE, WEIGHTS_FILE):
         part = form.get(field)

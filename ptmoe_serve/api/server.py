@@ -1,5 +1,5 @@
 """The HTTP server: vLLM's own OpenAI application, built by vLLM's launcher functions over the
-adapter-aware engine client (engine_client.py), with the project's routes added: adapter
+adapter-aware engine client (engine/client.py), with the project's routes added: adapter
 management, adapter cards in /v1/models, a prompt's routing, and API keys on every route but
 the health and metrics probes.
 
@@ -12,6 +12,7 @@ import functools
 import logging
 
 from fastapi import FastAPI, Request
+from starlette.datastructures import Headers
 from starlette.middleware import Middleware
 from starlette.routing import BaseRoute
 from vllm.entrypoints.launchers.api_server.app_state import init_app_state
@@ -27,22 +28,26 @@ from vllm.entrypoints.serve.tokenize.protocol import (TokenizeChatRequest,
 from vllm.exceptions import VLLMValidationError
 from vllm.v1.metrics.prometheus import get_prometheus_registry
 
-from ptmoe_serve.api import files, fine_tuning, management
-from ptmoe_serve.engine.engine import engine_args
-from ptmoe_serve.api.engine_client import SERVED_VERSIONS, AdapterNames
-from ptmoe_serve.api.errors import RequestError, request_error_handler
-from ptmoe_serve.api.limits import RequestLimits, prompt_count
-from ptmoe_serve.api.protocol import PromptRouting, RoutingRequest, RoutingResponse
 from ptmoe_serve.adapters.registry import AdapterNotFound
-from ptmoe_serve.api.runtime import Services, start_services
+from ptmoe_serve.api import files, fine_tuning, management
+from ptmoe_serve.api.auth import AccessPolicy
+from ptmoe_serve.api.bodies import BodyLimit, read_body
+from ptmoe_serve.api.errors import RequestError, request_error_handler
+from ptmoe_serve.api.protocol import PromptRouting, RoutingRequest, RoutingResponse
 from ptmoe_serve.config import ServerSettings
+from ptmoe_serve.engine.client import SERVED_VERSIONS, AdapterNames
+from ptmoe_serve.engine.engine import engine_args
+from ptmoe_serve.engine.limits import RequestLimits, prompt_count
+from ptmoe_serve.engine.services import Services, start_services
+from ptmoe_serve.train.files import TrainingFiles
+from ptmoe_serve.train.jobs import FineTuningJobs
 
 logger = logging.getLogger(__name__)
 OWNER = "ptmoe_serve"
 # Probes that answer without a key (and /metrics unless --metrics-need-key).
 OPEN_PATHS = frozenset({"/health", "/ping"})
 # A management call's JSON (load, replace) is a name and a path.
-MAX_MANAGEMENT_BODY_BYTES = 64 * 1024
+MANAGEMENT_BODY_LIMIT = BodyLimit(64 * 1024, "management calls")
 RETRY_AFTER_SECONDS = b"1"
 # Names the store's version of the adapter a response was generated with.
 ADAPTER_VERSION_HEADER = b"ptmoe-adapter-version"
@@ -78,6 +83,12 @@ async def run(settings: ServerSettings) -> None:
 def add_project_routes(app: FastAPI, services: Services) -> None:
     state = app.state
     state.services = services
+    settings = services.settings
+    state.access = AccessPolicy(settings.admin_api_key, settings.api_key,
+                                settings.metrics_need_key, settings.allowed_hosts)
+    # Fine-tuning's files and jobs live in the store, for every server and worker over it.
+    state.files = TrainingFiles(settings.adapters_dir)
+    state.jobs = FineTuningJobs(settings.adapters_dir)
     # vLLM's serving layer resolves model names through this table: adapters are in it.
     state.openai_serving_models.lora_requests = AdapterNames(services.registry)
     for serving in state._state.values():
@@ -102,7 +113,7 @@ def add_project_routes(app: FastAPI, services: Services) -> None:
     # Outermost: a request without a valid key is refused before its body is read; next, one
     # whose body is over its limit, before it is parsed. vLLM's app has built its middleware
     # stack already: built again, as vLLM's launcher does.
-    app.user_middleware.insert(0, Middleware(_AccessMiddleware, services=services))
+    app.user_middleware.insert(0, Middleware(_AccessMiddleware, access=state.access))
     app.user_middleware.insert(1, Middleware(_BodyLimitMiddleware,
                                              limit=services.settings.max_request_bytes))
     app.user_middleware.insert(2, Middleware(_RetryAfterMiddleware))
@@ -159,7 +170,7 @@ async def _models(request: Request) -> ModelList:
     for card in base.data:
         card.owned_by, card.adapter = OWNER, None
     max_model_len = services.engine.max_model_len
-    show_paths = services.access.allows_admin(request)
+    show_paths = request.app.state.access.allows_admin(request)
     base.data += [
         ModelCard(id=entry.name, created=int(entry.loaded_at), owned_by=OWNER,
                   root=str(entry.source) if show_paths and entry.source else entry.name,
@@ -188,10 +199,10 @@ async def _routing(body: RoutingRequest, request: Request) -> RoutingResponse:
             raise RequestError(400, f"prompt {i} holds token ids outside the vocabulary of "
                                     f"{services.engine.vocab_size}", param="prompt")
         count = min(body.route_tokens or len(ids), len(ids))
-        weights, probabilities = services.routing.routing(entry, ids[:count])
+        routing = services.route.routing(entry, ids[:count])
         routed.append(PromptRouting(prompt_index=i, prompt_tokens=len(ids),
-                                    routed_tokens=count, expert_weights=weights,
-                                    expert_probabilities=probabilities))
+                                    routed_tokens=count, expert_weights=routing.expert_weights,
+                                    expert_probabilities=routing.expert_probabilities))
     return RoutingResponse(model=entry.name, version=entry.version, data=routed)
 
 
@@ -224,9 +235,9 @@ class _AccessMiddleware:
     """The Host header on every route; the API key on every route but the open probes;
     management routes check the admin key themselves."""
 
-    def __init__(self, app, services: Services):
+    def __init__(self, app, access: AccessPolicy):
         self.app = app
-        self.access = services.access
+        self.access = access
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -246,39 +257,31 @@ class _AccessMiddleware:
 
 
 class _BodyLimitMiddleware:
-    """Bodies over their limit get a 413 before anything parses them: decided from
-    Content-Length when it is given, else from the bytes as they arrive (never more than the
-    limit is held). Management calls are small JSON; uploads are bounded by their own handler
-    (--max-upload-mb); everything else by --max-request-mb."""
+    """Bodies over their limit get a 413 before anything parses them (bodies.py). Management
+    calls are small JSON; uploads are bounded by their own handlers (--max-upload-mb);
+    everything else by --max-request-mb."""
 
     def __init__(self, app, limit: int):
         self.app = app
-        self.limit = limit
+        self.limit = BodyLimit(limit, "--max-request-mb")
 
-    def _limit(self, scope) -> int | None:
+    def _limit(self, scope) -> BodyLimit | None:
         if scope["path"].startswith(management.router.prefix):
-            return None if scope["method"] == "PUT" else MAX_MANAGEMENT_BODY_BYTES
+            return None if scope["method"] == "PUT" else MANAGEMENT_BODY_LIMIT
         if scope["path"] == files.router.prefix and scope["method"] == "POST":
             return None  # an upload: bounded by its handler (--max-upload-mb)
         return self.limit
 
     async def __call__(self, scope, receive, send):
-        limit = self._limit(scope) if scope["type"] == "http" else None
-        if limit is None:
+        bound = self._limit(scope) if scope["type"] == "http" else None
+        if bound is None:
             return await self.app(scope, receive, send)
-        declared = Request(scope).headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            return await _too_large(f"{declared} bytes", limit)(scope, receive, send)
-        body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client left before sending its body
-            body += message.get("body", b"")
-            if len(body) > limit:
-                return await _too_large(f"over {limit} bytes", limit)(scope, receive, send)
-            if not message.get("more_body"):
-                break
+        try:
+            body = await read_body(receive, Headers(scope=scope), bound)
+        except RequestError as e:
+            return await e.response()(scope, receive, send)
+        if body is None:
+            return  # the client left before sending its body
         replayed = False
 
         async def replay():
@@ -286,7 +289,7 @@ class _BodyLimitMiddleware:
             if replayed:
                 return await receive()  # what follows the body: vLLM watches for disconnects
             replayed = True
-            return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return {"type": "http.request", "body": body, "more_body": False}
 
         return await self.app(scope, replay, send)
 
@@ -334,12 +337,6 @@ class _AdapterVersionMiddleware:
             await send(message)
 
         return await self.app(scope, receive, send_with_version)
-
-
-def _too_large(size: str, limit: int):
-    option = "--max-request-mb" if limit != MAX_MANAGEMENT_BODY_BYTES else "management calls"
-    return RequestError(413, f"the request body is {size}; the limit is {limit} bytes ({option})",
-                        code="request_too_large").response()
 
 
 def serve(settings: ServerSettings) -> None:

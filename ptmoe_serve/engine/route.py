@@ -1,8 +1,8 @@
-"""The in-engine route, seen from this process: a request with an adapter goes to the engine
-as its token ids and a routing key, and the engine's workers compute the soft prompts of each
-step (vllm_model.py). Each adapter version is written into the workers' banks once: in bulk
-at start-up, else from its load on (a request that comes first waits for it); the key names
-that version, so no cache can serve an older one. Once written, this process keeps of an
+"""The engine route (a `Route`, routing/route.py), seen from this process: a request with an
+adapter goes to the engine as its token ids and a routing key, and the engine's workers compute
+the soft prompts of each step (vllm_model.py). Each adapter version is written into the
+workers' banks once: in bulk at start-up, else from its load on (a request that comes first
+waits for it); the key names that version, so no cache can serve an older one. Once written, this process keeps of an
 adapter only its router, for showing a prompt's routing (`routing`)."""
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import asyncio
 import logging
 import weakref
 from collections.abc import Awaitable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,8 +19,8 @@ from ptmoe_serve.engine.engine import Engine
 from ptmoe_serve.engine.vllm_model import MODALITY, AdapterRef, pack_adapters
 from ptmoe_serve.adapters.bank import BankShape
 from ptmoe_serve.adapters.registry import AdapterEntry
-from ptmoe_serve.routing.reference import gate_reference
 from ptmoe_serve.base_model import load_input_embeddings
+from ptmoe_serve.routing.route import ExpertRouting, RoutedRequest
 
 logger = logging.getLogger(__name__)
 
@@ -31,17 +30,7 @@ def _log_failure(future: asyncio.Future) -> None:
         logger.error("freeing an adapter bank in the engine failed: %s", future.exception())
 
 
-@dataclass(frozen=True)
-class KeyedPrompt:
-    token_ids: list[int]
-    key: dict
-
-    @property
-    def engine_prompt(self) -> dict:
-        return {"prompt_token_ids": self.token_ids, "multi_modal_data": {MODALITY: self.key}}
-
-
-class EngineRouting:
+class EngineRoute:
     def __init__(self, engine: Engine, model_dir: Path):
         self.engine = engine
         self.model_dir = model_dir
@@ -49,26 +38,22 @@ class EngineRouting:
             weakref.WeakKeyDictionary()
         self._table: torch.Tensor | None = None
 
-    async def build(self, entry: AdapterEntry, token_ids: list[int],
-                    route_tokens: int | None = None) -> KeyedPrompt:
-        """The request as the engine takes it: its token ids and the routing key (the
-        router reads the first `route_tokens` of them, all by default), once the adapter is
-        in the workers' banks."""
+    async def engine_prompt(self, request: RoutedRequest) -> dict:
+        """The request's token ids and routing key, once its adapter is in the workers'
+        banks."""
+        entry = request.entry
         ref = AdapterRef(entry.bank.shape, entry.slot, f"{entry.name}@{entry.version}")
-        key = ref.to_key(route_tokens or len(token_ids))
         written = self._written.get(entry)
         # A write that failed is tried again by the next request.
         if written is None or (written.done() and (written.cancelled()
                                                    or written.exception() is not None)):
             written = self._start_write([entry])
         await asyncio.shield(written)
-        return KeyedPrompt(token_ids, key)
+        return {"prompt_token_ids": request.token_ids,
+                "multi_modal_data": {MODALITY: ref.to_key(request.route_tokens)}}
 
-    def routing(self, entry: AdapterEntry, token_ids: list[int]) -> tuple[list[float], list[float]]:
-        """Expert weights and router probabilities for a prompt (the router alone)."""
-        weights, probabilities = gate_reference(entry.adapter,
-                                                self._embeddings()[torch.tensor(token_ids)])
-        return weights.tolist(), probabilities.tolist()
+    def routing(self, entry: AdapterEntry, token_ids: list[int]) -> ExpertRouting:
+        return ExpertRouting.of(entry, self._embeddings()[torch.tensor(token_ids)])
 
     async def write_all(self, batches: Iterable[list[AdapterEntry]]) -> None:
         """A bulk load: each batch goes to the workers' banks in one call. (Reading the next
@@ -109,6 +94,3 @@ class EngineRouting:
         if self._table is None:
             self._table = load_input_embeddings(self.model_dir)
         return self._table
-
-    async def stop(self) -> None:
-        """Nothing runs in the background here (the api route's batcher has a task to stop)."""

@@ -55,12 +55,13 @@ class AdapterRef:
     slot: int
     version: str
 
-    def to_key(self, route_tokens: int | None = None) -> dict:
-        """The request's key; the router reads the prompt's first `route_tokens` tokens
-        (None: all)."""
+    def to_key(self, route_tokens: int) -> dict:
+        """The request's key; the router reads the prompt's first `route_tokens` tokens."""
+        return {**self._row_fields(), "version": self.version, "route_tokens": route_tokens}
+
+    def _row_fields(self) -> dict[str, int]:
         return {"num_experts": self.shape.num_experts, "prompt_length": self.shape.prompt_length,
-                "rank": self.shape.rank, "slot": self.slot, "version": self.version,
-                "route_tokens": route_tokens}
+                "rank": self.shape.rank, "slot": self.slot}
 
     @staticmethod
     def from_key(key: dict) -> AdapterRef:
@@ -68,8 +69,8 @@ class AdapterRef:
                           key["slot"], key["version"])
 
     def row(self) -> list[int]:
-        key = self.to_key()
-        return [key[field] for field in KEY_FIELDS]
+        fields = self._row_fields()
+        return [fields[field] for field in KEY_FIELDS]
 
     @staticmethod
     def target(row: list[int], banks: dict[BankShape, AdapterBank]
@@ -123,7 +124,7 @@ class PtMoeDummyInputs(BaseDummyInputsBuilder[PtMoeProcessingInfo]):
 
     def get_dummy_mm_data(self, seq_len, mm_counts, mm_options):
         length = getattr(self.info.get_hf_config(), MAX_PROMPT_LENGTH)
-        return {MODALITY: AdapterRef(BankShape(1, length, 1), -1, "profile").to_key()}
+        return {MODALITY: AdapterRef(BankShape(1, length, 1), -1, "profile").to_key(0)}
 
 
 class PtMoeProcessor(BaseMultiModalProcessor[PtMoeProcessingInfo]):
@@ -138,7 +139,7 @@ class PtMoeProcessor(BaseMultiModalProcessor[PtMoeProcessingInfo]):
         key = inputs.mm_data_items[MODALITY].get(0)
         ref = AdapterRef.from_key(key)
         prompt = list(inputs.prompt)
-        routed = prompt[: key.get("route_tokens") or len(prompt)]
+        routed = prompt[: key["route_tokens"]]
         length = ref.shape.prompt_length
         fields = BatchFeature({
             "ptmoe_key": torch.tensor([ref.row()]),

@@ -11,7 +11,6 @@ import json
 import os
 import random
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -19,43 +18,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from ptmoe_serve.adapters.format import AdapterConfig, PtMoeAdapter, write_adapter
+from ptmoe_serve.adapters.format import PtMoeAdapter, write_adapter
 from ptmoe_serve.adapters.create import fit_to_length, init_from_text
 from ptmoe_serve.train.data import Example, load_examples
 from ptmoe_serve.train.module import PtMoePrompt
+from ptmoe_serve.train.spec import TrainSettings
 
 CHECKPOINT = "checkpoint.safetensors"
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    model_dir: Path
-    base_name: str
-    data: Path
-    output: Path
-    task_text: str
-    num_experts: int = 2
-    prompt_length: int = 40
-    rank: int = 36
-    top_k: int = 1
-    router_scaling: str = "probability"
-    steps: int = 200
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 3e-3
-    warmup_steps: int = 20
-    weight_decay: float = 0.0
-    noise_std: float = 0.01
-    seed: int = 0
-    checkpoint_every: int = 50
-    resume: bool = False
-    # "lora": the LoRA baseline of about the same parameter count, saved in PEFT's format
-    method: str = "ptmoe"
-    lora_rank: int | None = None  # None: the rank whose parameter count is closest
-    lora_targets: tuple[str, ...] = ("q_proj",)
-    # Where PT-MoE training runs: "cpu", "cuda", "cuda:1", ... (the frozen model in float32
-    # there, and one batch's activations with their gradients).
-    device: str = "cpu"
 
 
 def batch_inputs(examples: list[Example], prompts: torch.Tensor, embed: torch.nn.Module):
@@ -76,13 +45,6 @@ def batch_inputs(examples: list[Example], prompts: torch.Tensor, embed: torch.nn
         mask[i, : len(row)] = 1
         target[i, : len(label)] = torch.tensor(label, device=prompts.device)
     return inputs, mask, target
-
-
-def _adapter_config(settings: TrainSettings, hidden: int):
-    return AdapterConfig.v1(settings.base_name, hidden_size=hidden,
-                            num_experts=settings.num_experts,
-                            prompt_length=settings.prompt_length, rank=settings.rank,
-                            top_k=settings.top_k, router_scaling=settings.router_scaling)
 
 
 def _optimizer(module: torch.nn.Module, settings: TrainSettings):
@@ -112,10 +74,6 @@ def answer_scores(model, embed, module: PtMoePrompt, examples: list[Example]
     picked = logits.detach().argmax(-1) == targets[answer]
     return torch.nn.functional.cross_entropy(logits, targets[answer]), picked, \
         answer.nonzero()[:, 0]
-
-
-def step_loss(model, embed, module: PtMoePrompt, examples: list[Example]) -> torch.Tensor:
-    return answer_scores(model, embed, module, examples)[0]
 
 
 class Progress:
@@ -170,7 +128,7 @@ def train(settings: TrainSettings, on_step: Callable[[Progress], None] | None = 
     model.requires_grad_(False)
     embed = model.get_input_embeddings()
 
-    config = _adapter_config(settings, embed.weight.shape[1])
+    config = settings.adapter_config(settings.base_name, embed.weight.shape[1])
     text_ids = fit_to_length(tokenizer.encode(settings.task_text), settings.prompt_length)
     with torch.no_grad():
         module = PtMoePrompt(init_from_text(embed(torch.tensor(text_ids)), config),
@@ -211,7 +169,7 @@ def train(settings: TrainSettings, on_step: Callable[[Progress], None] | None = 
     module.eval()
     write_adapter(module.to_adapter(), settings.output)
     summary = {"steps": settings.steps, "losses": losses, "settings": {
-        k: str(v) for k, v in asdict(settings).items()}}
+        k: str(v) for k, v in settings.model_dump().items()}}
     (settings.output / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -230,7 +188,7 @@ def train_lora(settings: TrainSettings) -> dict:
     hidden = base.config.hidden_size
     per_rank = sum(m.in_features + m.out_features for name, m in base.named_modules()
                    if name.split(".")[-1] in settings.lora_targets)
-    ptmoe_parameters = _adapter_config(settings, hidden).num_parameters
+    ptmoe_parameters = settings.adapter_config(settings.base_name, hidden).num_parameters
     rank = settings.lora_rank or max(1, round(ptmoe_parameters / per_rank))
     model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
                                             target_modules=list(settings.lora_targets)))
@@ -258,7 +216,7 @@ def train_lora(settings: TrainSettings) -> dict:
     summary = {"steps": settings.steps, "losses": losses, "lora_rank": rank,
                "parameters": sum(p.numel() for p in params),
                "ptmoe_parameters": ptmoe_parameters,
-               "settings": {k: str(v) for k, v in asdict(settings).items()}}
+               "settings": {k: str(v) for k, v in settings.model_dump().items()}}
     (settings.output / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

@@ -19,42 +19,34 @@ from pathlib import Path
 
 import torch
 
-from ptmoe_serve.adapters.format import (MAX_NAME_LENGTH, PtMoeAdapter, adapter_files,
-                                         read_adapter)
+from pydantic import ValidationError
+
+from ptmoe_serve.adapters.config import MAX_NAME_LENGTH, problems
+from ptmoe_serve.adapters.format import PtMoeAdapter, adapter_files, read_adapter
 from ptmoe_serve.adapters.store import AdapterStore
 from ptmoe_serve.train.data import BadExample, Example, read_examples
 from ptmoe_serve.train.files import FileNotFound, TrainingFiles
 from ptmoe_serve.train.jobs import CHECKPOINTS, FineTuningJobs
-from ptmoe_serve.train.trainer import Progress, TrainSettings, TrainingStopped, train
+from ptmoe_serve.train.spec import (BASE_LEARNING_RATE, DEFAULT_TASK_TEXT, Hyperparameters,
+                                    JobAdapter, TrainSettings)
+from ptmoe_serve.train.trainer import Progress, TrainingStopped, train
 
 logger = logging.getLogger(__name__)
 
 MAX_EXAMPLES = 50_000
-MAX_EPOCHS = 50
 MAX_EXAMPLE_TOKENS = 4096
-BASE_LEARNING_RATE = 3e-3  # the trainer's, for learning_rate_multiplier 1
-# "auto": enough epochs for about this many examples seen, within 1..10.
-AUTO_EXAMPLES_SEEN = 800
-AUTO_BATCH_SIZE = 8
-DEFAULT_TASK_TEXT = "Answer as the examples answer."
 VALIDATE_EVERY_SECONDS = 2.0
 MAX_VALIDATION_EXAMPLES = 256  # the validation metrics read the file's first ones
 KEPT_CHECKPOINTS = 3  # a job's last ones (OpenAI's rule): one per epoch, the model the last
 
 
-class JobFileError(ValueError):
+class InvalidJob(ValueError):
+    """A job this worker cannot run, for a reason in its files or its record; `param` names the
+    job's field at fault."""
+
     def __init__(self, param: str, message: str):
         super().__init__(message)
         self.param = param
-
-
-def resolved_hyperparameters(hyperparameters: dict, examples: int) -> dict:
-    """OpenAI's hyperparameters with "auto" (or absent) replaced by the value this worker
-    chooses from the data."""
-    auto = {"n_epochs": max(1, min(10, round(AUTO_EXAMPLES_SEEN / examples))),
-            "batch_size": min(AUTO_BATCH_SIZE, examples), "learning_rate_multiplier": 1.0}
-    return {name: default if hyperparameters.get(name) in (None, "auto")
-            else hyperparameters[name] for name, default in auto.items()}
 
 
 def adapter_name(base: str, suffix: str | None, job_id: str) -> str:
@@ -129,10 +121,10 @@ class FineTuningWorker:
             examples = self._examples(job["training_file"], "training_file")
             if job.get("validation_file"):
                 self._examples(job["validation_file"], "validation_file")
-            hyperparameters = resolved_hyperparameters(job.get("hyperparameters") or {},
-                                                       len(examples))
-            self._check_bounds(hyperparameters)
-        except JobFileError as e:
+            hyperparameters = self._spec(Hyperparameters, job, "hyperparameters").resolved(
+                len(examples)).model_dump()
+            self._spec(JobAdapter, job, "adapter")
+        except InvalidJob as e:
             self.jobs.finish(job_id, "failed", error={
                 "code": f"invalid_{e.param}", "message": str(e), "param": e.param})
             return
@@ -146,30 +138,27 @@ class FineTuningWorker:
             path = self.files.content_path(self.files.get(file_id).id)
             examples = read_examples(path, self.tokenizer)
         except FileNotFound:
-            raise JobFileError(param, f"{param} {file_id} does not exist") from None
+            raise InvalidJob(param, f"{param} {file_id} does not exist") from None
         except BadExample as e:
-            raise JobFileError(param, f"{param} {file_id}, {e}") from None
+            raise InvalidJob(param, f"{param} {file_id}, {e}") from None
         if len(examples) > MAX_EXAMPLES:
-            raise JobFileError(param, f"{param} {file_id} holds {len(examples)} examples; the "
+            raise InvalidJob(param, f"{param} {file_id} holds {len(examples)} examples; the "
                                       f"limit is {MAX_EXAMPLES}")
         for number, example in enumerate(examples, start=1):
             tokens = len(example.prompt_ids) + len(example.answer_ids)
             if tokens > self.max_example_tokens:
-                raise JobFileError(param, f"{param} {file_id}, example {number}: {tokens} "
+                raise InvalidJob(param, f"{param} {file_id}, example {number}: {tokens} "
                                           f"tokens; the limit is {self.max_example_tokens}")
         return examples
 
     @staticmethod
-    def _check_bounds(hyperparameters: dict) -> None:
-        epochs, batch = hyperparameters["n_epochs"], hyperparameters["batch_size"]
-        rate = hyperparameters["learning_rate_multiplier"]
-        if not isinstance(epochs, int) or not 1 <= epochs <= MAX_EPOCHS:
-            raise JobFileError("hyperparameters", f"n_epochs must be 1 to {MAX_EPOCHS}")
-        if not isinstance(batch, int) or not 1 <= batch <= 256:
-            raise JobFileError("hyperparameters", "batch_size must be 1 to 256")
-        if not isinstance(rate, (int, float)) or not 0 < rate <= 100:
-            raise JobFileError("hyperparameters",
-                               "learning_rate_multiplier must be above 0, at most 100")
+    def _spec(model, job: dict, param: str):
+        """The job record's `param` read with its model (train/spec.py): a record the API did
+        not write may hold anything."""
+        try:
+            return model.model_validate(job.get(param) or {})
+        except ValidationError as e:
+            raise InvalidJob(param, problems(e)) from None
 
     # -- running -------------------------------------------------------------------------------
 
@@ -184,19 +173,16 @@ class FineTuningWorker:
         validation = read_examples(self.files.content_path(job["validation_file"]),
                                    self.tokenizer)[:MAX_VALIDATION_EXAMPLES] \
             if job.get("validation_file") else []
-        hyperparameters = job["hyperparameters"]
-        epoch_steps = math.ceil(len(examples) / hyperparameters["batch_size"])
-        steps = hyperparameters["n_epochs"] * epoch_steps
-        adapter = job.get("adapter") or {}
+        hyperparameters = Hyperparameters.model_validate(job["hyperparameters"])
+        epoch_steps = math.ceil(len(examples) / hyperparameters.batch_size)
+        steps = hyperparameters.n_epochs * epoch_steps
+        adapter = JobAdapter.model_validate(job.get("adapter") or {})
         settings = TrainSettings(
-            model_dir=self.model_dir, base_name=self.base_name,
-            data=data, output=folder,
-            task_text=adapter.get("task_text") or DEFAULT_TASK_TEXT,
-            num_experts=adapter.get("num_experts", 2),
-            prompt_length=adapter.get("prompt_length", 16), rank=adapter.get("rank", 16),
-            top_k=adapter.get("top_k", 1), steps=steps,
-            batch_size=hyperparameters["batch_size"],
-            lr=BASE_LEARNING_RATE * hyperparameters["learning_rate_multiplier"],
+            **adapter.model_dump(exclude={"task_text"}),
+            model_dir=self.model_dir, base_name=self.base_name, data=data, output=folder,
+            task_text=adapter.task_text or DEFAULT_TASK_TEXT, steps=steps,
+            batch_size=hyperparameters.batch_size,
+            lr=BASE_LEARNING_RATE * hyperparameters.learning_rate_multiplier,
             warmup_steps=max(1, steps // 10), seed=job["seed"],
             checkpoint_every=max(1, min(epoch_steps, steps // 10)), resume=True,
             device=self.device)
@@ -250,7 +236,7 @@ class FineTuningWorker:
         events = [e["data"] for e in self.jobs.events(job_id) if e.get("data")]
         self._add_checkpoint(job_id, name, read_adapter(folder),
                              events[-1] if events else {"step": steps})
-        trained = hyperparameters["n_epochs"] * sum(
+        trained = hyperparameters.n_epochs * sum(
             len(e.prompt_ids) + len(e.answer_ids) for e in examples)
         self.jobs.finish(job_id, "succeeded", fine_tuned_model=name, trained_tokens=trained)
 

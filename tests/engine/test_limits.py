@@ -2,7 +2,7 @@ import pytest
 from vllm.exceptions import VLLMValidationError
 from vllm.sampling_params import SamplingParams
 
-from ptmoe_serve.api.limits import RequestLimits, prompt_count
+from ptmoe_serve.engine.limits import RequestLimits, prompt_count
 
 LIMITS = RequestLimits(max_model_len=1024, vocab_size=1000, max_sequences=8,
                        max_logprobs=10_000)

@@ -1,6 +1,7 @@
 """Builds the project's running parts around vLLM's engine, in order, and stops them: the
-adapter registry and store (loaded as they were left), the routing step, the engine client
-that vLLM's serving layer calls, the metrics and the access policy."""
+adapter registry and store (loaded as they were left), the route and its routing step, the
+engine client that vLLM's serving layer calls, the metrics, the store's watcher and the
+fine-tuning worker's process."""
 
 from __future__ import annotations
 
@@ -18,20 +19,18 @@ import torch
 from prometheus_client import CollectorRegistry
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from ptmoe_serve.api.auth import AccessPolicy
-from ptmoe_serve.engine.engine import Engine
-from ptmoe_serve.api.engine_client import AdapterEngineClient
-from ptmoe_serve.engine.route import EngineRouting
 from ptmoe_serve.adapters.manager import AdapterManager
-from ptmoe_serve.api.limits import RequestLimits
-from ptmoe_serve.metrics import Metrics
 from ptmoe_serve.adapters.registry import AdapterRegistry
-from ptmoe_serve.config import ServerSettings
-from ptmoe_serve.base_model import load_input_embeddings
-from ptmoe_serve.routing.batcher import SoftPromptBatcher
 from ptmoe_serve.adapters.store import AdapterStore
-from ptmoe_serve.train.files import TrainingFiles
-from ptmoe_serve.train.jobs import FineTuningJobs
+from ptmoe_serve.base_model import load_input_embeddings
+from ptmoe_serve.config import ServerSettings
+from ptmoe_serve.engine.client import AdapterEngineClient
+from ptmoe_serve.engine.engine import Engine
+from ptmoe_serve.engine.limits import RequestLimits
+from ptmoe_serve.engine.route import EngineRoute
+from ptmoe_serve.metrics import Metrics
+from ptmoe_serve.routing.batcher import SoftPromptBatcher
+from ptmoe_serve.routing.route import Route
 
 logger = logging.getLogger(__name__)
 # Chat content-part types (their part before "_"), which vLLM matches against adapter names
@@ -49,20 +48,19 @@ class Services:
     engine: Engine
     registry: AdapterRegistry
     manager: AdapterManager
-    routing: SoftPromptBatcher | EngineRouting
+    route: Route
     client: AdapterEngineClient
     metrics: Metrics
-    access: AccessPolicy
     limits: RequestLimits
-    files: TrainingFiles
-    jobs: FineTuningJobs
     started_at: int
-    watcher: asyncio.Task | None = None
+    # What runs beside the requests: the store's watcher, the api route's routing steps.
+    tasks: list[asyncio.Task]
     fine_tune_worker: subprocess.Popen | None = None
 
     async def stop(self) -> None:
-        if self.watcher is not None:
-            self.watcher.cancel()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
         if self.fine_tune_worker is not None:
             # It stops after its step; a job in progress resumes at the next start.
             self.fine_tune_worker.terminate()
@@ -71,7 +69,6 @@ class Services:
             except subprocess.TimeoutExpired:
                 self.fine_tune_worker.kill()
                 await asyncio.to_thread(self.fine_tune_worker.wait)
-        await self.routing.stop()
 
 
 def start_fine_tune_worker(settings: ServerSettings) -> subprocess.Popen:
@@ -83,7 +80,8 @@ def start_fine_tune_worker(settings: ServerSettings) -> subprocess.Popen:
         sys.executable, "-m", "ptmoe_serve.cli", "fine-tune-worker",
         "--adapters", str(settings.adapters_dir), "--model", settings.engine.model_dir,
         "--served-model-name", settings.engine.served_model_name,
-        "--parent-pid", str(os.getpid()), *threads])
+        "--niceness", str(settings.fine_tune_niceness), "--parent-pid", str(os.getpid()),
+        *threads])
 
 
 def release_freed_memory() -> None:
@@ -102,7 +100,7 @@ async def start_services(settings: ServerSettings, llm: AsyncLLM,
     engine = Engine(llm)
     model_dir = Path(settings.engine.model_dir)
     in_engine = settings.engine.routing_in_engine
-    # On the in-engine route the adapters' tensors live in the workers; here the banks only
+    # On the engine route the adapters' tensors live in the workers; here the banks only
     # keep the slots (meta tensors take no memory).
     device = torch.device("meta" if in_engine else settings.routing_device)
     registry = AdapterRegistry(
@@ -113,35 +111,36 @@ async def start_services(settings: ServerSettings, llm: AsyncLLM,
                       lambda: engine.num_unfinished_requests, lambda: registry.bank_bytes)
     metrics.server.info({"model": settings.engine.served_model_name,
                          "routing": "engine" if in_engine else "api"})
+    manager = AdapterManager(registry, AdapterStore(settings.adapters_dir),
+                             list(settings.allowed_adapter_roots), on_unload=metrics.forget)
+    tasks = []
+    route: Route
     if in_engine:
-        routing = EngineRouting(engine, model_dir)
+        route = EngineRoute(engine, model_dir)
+        manager.on_load = route.preload
+        registry.on_bank_dropped = route.drop_bank
+        # Into the engine's banks a batch at a time: this process holds one batch's tensors.
+        await route.write_all(manager.start_in_batches())
     else:
         fused = {"auto": None, "triton": True, "torch": False}[settings.routing_kernel]
-        routing = SoftPromptBatcher(registry, load_input_embeddings(model_dir), engine.dtype,
-                                    on_step=metrics.observe_routing_step, fused=fused)
-        routing.start()
-    manager = AdapterManager(registry, AdapterStore(settings.adapters_dir),
-                             list(settings.allowed_adapter_roots), on_load=routing.preload,
-                             on_unload=metrics.forget)
-    registry.on_bank_dropped = routing.drop_bank
-    # Into the engine's banks a batch at a time: this process holds one batch's tensors.
-    await routing.write_all(manager.start_in_batches())
+        route = SoftPromptBatcher(load_input_embeddings(model_dir), engine.dtype, device,
+                                  on_step=metrics.observe_routing_step, fused=fused)
+        tasks.append(asyncio.create_task(route.run()))
+        for _ in manager.start_in_batches():  # the banks are this process's: nothing to move
+            pass
     registry.drop_empty_banks()  # reserved for folders that then failed their checks
     release_freed_memory()
     limits = RequestLimits(engine.max_model_len, engine.vocab_size, settings.max_sequences,
                            settings.max_logprobs)
-    client = AdapterEngineClient(llm, registry, routing, metrics,
+    client = AdapterEngineClient(llm, registry, route, metrics,
                                  settings.engine.served_model_name,
                                  routes_prompt_logprobs=in_engine, limits=limits)
-    access = AccessPolicy(settings.admin_api_key, settings.api_key, settings.metrics_need_key,
-                          settings.allowed_hosts)
-    services = Services(settings, engine, registry, manager, routing, client, metrics, access,
-                        limits, TrainingFiles(manager.store.root),
-                        FineTuningJobs(manager.store.root), int(started))
+    if settings.watch_interval > 0:
+        tasks.append(asyncio.create_task(manager.watch(settings.watch_interval)))
+    services = Services(settings, engine, registry, manager, route, client, metrics, limits,
+                        int(started), tasks)
     if settings.fine_tune_worker:
         services.fine_tune_worker = start_fine_tune_worker(settings)
-    if settings.watch_interval > 0:
-        services.watcher = asyncio.create_task(manager.watch(settings.watch_interval))
     logger.info("serving %s with %d adapters (routing %s), ready in %.1f s",
                 settings.engine.served_model_name, len(registry),
                 "in the engine" if in_engine else "through prompt embeddings",

@@ -7,8 +7,18 @@ from ptmoe_serve.adapters.registry import AdapterRegistry
 from ptmoe_serve.routing.reference import route_reference
 from ptmoe_serve.base_model import load_input_embeddings
 from ptmoe_serve.routing.batcher import SoftPromptBatcher
+from ptmoe_serve.routing.route import RoutedRequest
 
 VOCAB, HIDDEN = 50, 16
+CPU = torch.device("cpu")
+
+
+def routed(entry, ids, route_tokens=None) -> RoutedRequest:
+    return RoutedRequest(entry, ids, route_tokens or len(ids))
+
+
+async def embeds(batcher, request: RoutedRequest) -> torch.Tensor:
+    return (await batcher.engine_prompt(request))["prompt_embeds"]
 
 
 def build_all(batcher_args, requests):
@@ -17,11 +27,11 @@ def build_all(batcher_args, requests):
 
     async def run():
         batcher = SoftPromptBatcher(*batcher_args, on_step=lambda n, s: steps.append(n))
-        batcher.start()
+        task = asyncio.create_task(batcher.run())
         try:
-            return await asyncio.gather(*(batcher.build(e, ids) for e, ids in requests))
+            return await asyncio.gather(*(embeds(batcher, routed(e, ids)) for e, ids in requests))
         finally:
-            await batcher.stop()
+            task.cancel()
 
     return asyncio.run(run()), steps
 
@@ -39,15 +49,15 @@ def test_requests_arriving_together_share_one_step_and_match_the_reference():
     requests = [(entries[name], torch.randint(0, VOCAB, (length,), generator=g).tolist())
                 for name, length in [("top1", 3), ("dense", 7), ("long", 1), ("top1", 12),
                                      ("long", 5), ("dense", 2)]]
-    results, steps = build_all((reg, table, torch.float32), requests)
+    results, steps = build_all((table, torch.float32, CPU), requests)
     assert steps == [len(requests)]
     for (entry, ids), result in zip(requests, results):
         tokens = table[torch.tensor(ids)]
         reference = route_reference(adapters[entry.name], tokens)
         t = entry.adapter.config.prompt_length
-        assert result.embeds.shape == (t + len(ids), HIDDEN)
-        torch.testing.assert_close(result.embeds[:t], reference.soft_prompt, rtol=1e-5, atol=1e-5)
-        assert torch.equal(result.embeds[t:], tokens)
+        assert result.shape == (t + len(ids), HIDDEN)
+        torch.testing.assert_close(result[:t], reference.soft_prompt, rtol=1e-5, atol=1e-5)
+        assert torch.equal(result[t:], tokens)
 
 
 def test_the_router_reads_only_the_routed_tokens_and_routing_shows_its_weights():
@@ -58,20 +68,22 @@ def test_the_router_reads_only_the_routed_tokens_and_routing_shows_its_weights()
     question, options = [3, 9, 4, 1], [[7, 7, 2], [11]]
 
     async def run():
-        batcher = SoftPromptBatcher(reg, table, torch.float32)
-        batcher.start()
+        batcher = SoftPromptBatcher(table, torch.float32, CPU)
+        task = asyncio.create_task(batcher.run())
         try:
-            built = await asyncio.gather(*(batcher.build(entry, question + o, len(question))
+            built = await asyncio.gather(*(embeds(batcher, routed(entry, question + o,
+                                                                  len(question)))
                                            for o in options))
             return built, batcher.routing(entry, question)
         finally:
-            await batcher.stop()
+            task.cancel()
 
-    built, (weights, probabilities) = asyncio.run(run())
+    built, routing = asyncio.run(run())
+    weights, probabilities = routing.expert_weights, routing.expert_probabilities
     reference = route_reference(adapter, table[torch.tensor(question)])
     for result, option in zip(built, options):
-        torch.testing.assert_close(result.embeds[:4], reference.soft_prompt, rtol=1e-5, atol=1e-5)
-        assert torch.equal(result.embeds[4:], table[torch.tensor(question + option)])
+        torch.testing.assert_close(result[:4], reference.soft_prompt, rtol=1e-5, atol=1e-5)
+        assert torch.equal(result[4:], table[torch.tensor(question + option)])
     torch.testing.assert_close(torch.tensor(weights), reference.weights)
     torch.testing.assert_close(torch.tensor(probabilities), reference.probabilities)
 
@@ -80,30 +92,33 @@ def test_output_is_cast_to_the_model_dtype():
     table = torch.randn(VOCAB, HIDDEN)
     reg = AdapterRegistry(HIDDEN, 128, torch.device("cpu"))
     entry = reg.add("a", random_adapter(), version=1)
-    (result,), _ = build_all((reg, table, torch.bfloat16), [(entry, [1, 2, 3])])
-    assert result.embeds.dtype == torch.bfloat16
+    (result,), _ = build_all((table, torch.bfloat16, CPU), [(entry, [1, 2, 3])])
+    assert result.dtype == torch.bfloat16
 
 
 def test_unloading_while_queued_still_serves_the_queued_request():
+    """The engine client holds a request's slot (acquire) while the route reads it."""
     table = torch.randn(VOCAB, HIDDEN)
     reg = AdapterRegistry(HIDDEN, 128, torch.device("cpu"))
     adapter = random_adapter(seed=7)
     entry = reg.add("a", adapter, version=1)
 
     async def run():
-        batcher = SoftPromptBatcher(reg, table, torch.float32)
-        batcher.start()
-        pending = asyncio.ensure_future(batcher.build(entry, [4, 5]))
+        batcher = SoftPromptBatcher(table, torch.float32, CPU)
+        task = asyncio.create_task(batcher.run())
+        reg.acquire(entry)
+        pending = asyncio.ensure_future(embeds(batcher, routed(entry, [4, 5])))
         await asyncio.sleep(0)  # queued, step not run yet
         reg.remove("a")
         reg.add("b", random_adapter(seed=8), version=1)  # must not take the queued slot
         result = await pending
-        await batcher.stop()
+        reg.release(entry)
+        task.cancel()
         return result
 
     result = asyncio.run(run())
     expected = route_reference(adapter, table[torch.tensor([4, 5])]).soft_prompt
-    torch.testing.assert_close(result.embeds[:4], expected)
+    torch.testing.assert_close(result[:4], expected)
 
 
 def test_input_embeddings_are_read_from_safetensors(tmp_path):
@@ -124,18 +139,17 @@ def test_a_request_that_fails_its_step_fails_alone():
     good = [[1, 2, 3], [4, 5], [6]]
 
     async def run():
-        batcher = SoftPromptBatcher(reg, table, torch.float32)
-        batcher.start()
+        batcher = SoftPromptBatcher(table, torch.float32, CPU)
+        task = asyncio.create_task(batcher.run())
         try:
             return await asyncio.gather(
-                *(batcher.build(entry, ids) for ids in [good[0], [VOCAB + 7], *good[1:]]),
+                *(embeds(batcher, routed(entry, ids)) for ids in [good[0], [VOCAB + 7], *good[1:]]),
                 return_exceptions=True)
         finally:
-            await batcher.stop()
+            task.cancel()
 
     results = asyncio.run(run())
     assert isinstance(results[1], IndexError)
     for ids, result in zip(good, [results[0], *results[2:]]):
         reference = route_reference(entry.adapter, table[torch.tensor(ids)]).soft_prompt
-        torch.testing.assert_close(result.embeds[:4], reference, rtol=1e-5, atol=1e-5)
-    assert entry.pending == 0
+        torch.testing.assert_close(result[:4], reference, rtol=1e-5, atol=1e-5)

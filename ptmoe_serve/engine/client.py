@@ -1,14 +1,15 @@
 """The one seam between vLLM's OpenAI serving layer and PT-MoE adapters: vLLM's engine client,
 as its handlers see it, with `generate` taught what an adapter's name means.
 
-vLLM resolves `model` to a `LoRARequest` through `AdapterNames` (the adapter registry seen as
-its table of LoRA names), renders the prompt (chat template, tokenization, truncation), and
-calls `generate` with the token ids and that request. For an adapter, `generate` checks the
-prompt against the context (a 400 before any stream starts), then routes: the engine route
-attaches a routing key, the api route builds prompt embeddings. It holds the adapter's slot
-for the request's life and strips the T soft-prompt positions from what comes back (prompt
-token ids, prompt logprobs, cached-token counts), so echo, prompt logprobs and usage describe
-the caller's prompt. Everything else is vLLM's engine client, unchanged."""
+vLLM resolves `model` through `AdapterNames` (the adapter registry seen as its table of LoRA
+names) to an `AdapterRequest`, vLLM's `LoRARequest` carrying the adapter's entry, renders the
+prompt (chat template, tokenization, truncation), and calls `generate` with the token ids and
+that request. For an adapter, `generate` checks the prompt against the context (a 400 before any
+stream starts) and resolves it once, into a `RoutedRequest`: the entry, the token ids, how many
+of them the router reads. It holds the adapter's slot for the request's life, has the route
+(routing/route.py) make the engine's prompt, and strips the T soft-prompt positions from what
+comes back (prompt token ids, prompt logprobs, cached-token counts), so echo, prompt logprobs
+and usage describe the caller's prompt. Everything else is vLLM's engine client, unchanged."""
 
 from __future__ import annotations
 
@@ -24,14 +25,22 @@ from vllm.outputs import RequestOutput
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from ptmoe_serve.api.limits import RequestLimits
-from ptmoe_serve.metrics import Metrics
-from ptmoe_serve.config import ROUTE_TOKENS
 from ptmoe_serve.adapters.registry import AdapterEntry, AdapterNotFound, AdapterRegistry
+from ptmoe_serve.config import ROUTE_TOKENS
+from ptmoe_serve.engine.limits import RequestLimits
+from ptmoe_serve.metrics import Metrics
+from ptmoe_serve.routing.route import Route, RoutedRequest
 
 # The adapter versions an HTTP request's generations were routed with (set per request by the
 # server, which reports them in a response header).
 SERVED_VERSIONS: ContextVar[set[int] | None] = ContextVar("served_versions", default=None)
+
+
+class AdapterRequest(LoRARequest, kw_only=True):
+    """vLLM's name for a request's adapter, with the entry it was resolved to: vLLM's serving
+    layer hands it to `generate` as it is."""
+
+    entry: AdapterEntry
 
 
 class AdapterNames(Mapping[str, LoRARequest]):
@@ -42,13 +51,13 @@ class AdapterNames(Mapping[str, LoRARequest]):
     def __init__(self, registry: AdapterRegistry):
         self._registry = registry
 
-    def __getitem__(self, name: str) -> LoRARequest:
+    def __getitem__(self, name: str) -> AdapterRequest:
         try:
             entry = self._registry.get(name)
         except AdapterNotFound:
             raise KeyError(name) from None
-        return LoRARequest(lora_name=name, lora_int_id=entry.version,
-                           lora_path=str(entry.source or name))
+        return AdapterRequest(lora_name=name, lora_int_id=entry.version,
+                              lora_path=str(entry.source or name), entry=entry)
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and name in self._registry
@@ -63,12 +72,12 @@ class AdapterNames(Mapping[str, LoRARequest]):
 class AdapterEngineClient:
     """vLLM's `AsyncLLM`, passed through but for `generate`."""
 
-    def __init__(self, llm: AsyncLLM, registry: AdapterRegistry, routing, metrics: Metrics,
+    def __init__(self, llm: AsyncLLM, registry: AdapterRegistry, route: Route, metrics: Metrics,
                  base_model_name: str, routes_prompt_logprobs: bool, limits: RequestLimits):
         self._llm = llm
         self._limits = limits
         self._registry = registry
-        self._routing = routing
+        self._route = route
         self._metrics = metrics
         self._base_model_name = base_model_name
         # Prompt logprobs need token ids at every position: the engine route has them, the
@@ -81,7 +90,7 @@ class AdapterEngineClient:
         return getattr(self._llm, name)
 
     def generate(self, prompt, sampling_params: SamplingParams, request_id: str, *,
-                 lora_request: LoRARequest | None = None, **kwargs
+                 lora_request: AdapterRequest | None = None, **kwargs
                  ) -> AsyncGenerator[RequestOutput, None]:
         """vLLM's `generate`. Refusals are raised here, before the caller iterates: a
         streaming request gets its 400 before the stream starts."""
@@ -91,24 +100,27 @@ class AdapterEngineClient:
             return self._observed(self._base_model_name, None, sampling_params,
                                   self._llm.generate(prompt, sampling_params, request_id,
                                                      **kwargs))
-        entry = self._resolve(lora_request.lora_name)
+        entry = self._current(lora_request.entry)
         served = SERVED_VERSIONS.get()
         if served is not None:
             served.add(entry.version)
         ids = self._token_ids(prompt, entry)
-        route_tokens = self._route_tokens(sampling_params, len(ids))
+        request = RoutedRequest(entry, ids, self._route_tokens(sampling_params, len(ids)))
         self._check_prompt_logprobs(sampling_params)
         params = self._fit(sampling_params, entry, len(ids))
         return self._observed(entry.name, entry, params, self._generate_routed(
-            entry, prompt, ids, route_tokens, params, request_id, kwargs))
+            request, prompt, params, request_id, kwargs))
 
     # -- checks, before anything runs ------------------------------------------------------
 
-    def _resolve(self, name: str) -> AdapterEntry:
+    def _current(self, entry: AdapterEntry) -> AdapterEntry:
+        """`entry`, or what replaced it since vLLM looked its name up (a 404 if it went)."""
+        if not entry.retired:
+            return entry
         try:
-            return self._registry.get(name)
-        except AdapterNotFound:  # unloaded since vLLM looked the name up
-            raise VLLMNotFoundError(f"The model `{name}` does not exist.") from None
+            return self._registry.get(entry.name)
+        except AdapterNotFound:
+            raise VLLMNotFoundError(f"The model `{entry.name}` does not exist.") from None
 
     def _token_ids(self, prompt, entry: AdapterEntry) -> list[int]:
         kind = prompt.get("type") if isinstance(prompt, dict) else None
@@ -165,22 +177,27 @@ class AdapterEngineClient:
 
     # -- generating --------------------------------------------------------------------------
 
-    async def _generate_routed(self, entry: AdapterEntry, prompt: dict, ids: list[int],
-                               route_tokens: int, params: SamplingParams, request_id: str,
-                               kwargs: dict) -> AsyncGenerator[RequestOutput, None]:
-        # Held until the request ends: the engine may read the adapter's slot again (a
-        # preempted request is prefilled anew), so the slot is not reused before then.
+    async def _generate_routed(self, request: RoutedRequest, prompt: dict,
+                               params: SamplingParams, request_id: str, kwargs: dict
+                               ) -> AsyncGenerator[RequestOutput, None]:
+        entry = request.entry
+        # Held until the request ends: the route and the engine read the adapter's slot (a
+        # preempted request is prefilled anew), so the slot is not reused before then. Taken
+        # when the caller starts iterating: should the adapter have been replaced since
+        # `generate`, its slot may serve another, so the request follows the name again.
+        if entry.retired:
+            entry = self._current(entry)
+            request = RoutedRequest(entry, request.token_ids, request.route_tokens)
         self._registry.acquire(entry)
         try:
-            routed = await self._routing.build(entry, ids, route_tokens=route_tokens)
-            engine_prompt = routed.engine_prompt
+            engine_prompt = await self._route.engine_prompt(request)
             for field in ("prompt", "cache_salt"):
                 if field in prompt:
                     engine_prompt[field] = prompt[field]
             soft = entry.adapter.config.prompt_length
             async for output in self._llm.generate(engine_prompt, params, request_id,
                                                    **kwargs):
-                yield _without_soft_prompt(output, ids, soft)
+                yield _without_soft_prompt(output, request.token_ids, soft)
         finally:
             self._registry.release(entry)
 

@@ -12,6 +12,7 @@ from ptmoe_serve.adapters.bank import AdapterBank, BankShape
 from ptmoe_serve.adapters.registry import AdapterRegistry
 from ptmoe_serve.routing.reference import route_reference
 from ptmoe_serve.routing.batcher import SoftPromptBatcher
+from ptmoe_serve.routing.route import RoutedRequest
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # float32 throughout; the kernels sum in another order than torch: tolerance 1e-5 relative.
@@ -74,19 +75,19 @@ def test_the_serving_step_gives_the_same_prompts_fused_or_not(kernel):
     requests = [(entries[i % 3], list(range(5 * i, 5 * i + 3 + i))) for i in range(7)]
 
     async def build(fused: bool):
-        batcher = SoftPromptBatcher(registry, table, torch.float32, fused=fused)
-        batcher.start()
+        batcher = SoftPromptBatcher(table, torch.float32, DEVICE, fused=fused)
+        task = asyncio.create_task(batcher.run())
         try:
             # Some prompts routed on their leading tokens only.
-            return await asyncio.gather(*(batcher.build(e, ids, len(ids) - i % 2)
-                                          for i, (e, ids) in enumerate(requests)))
+            return await asyncio.gather(*(
+                batcher.engine_prompt(RoutedRequest(e, ids, len(ids) - i % 2))
+                for i, (e, ids) in enumerate(requests)))
         finally:
-            await batcher.stop()
+            task.cancel()
 
     for plain, fused in zip(asyncio.run(build(False)), asyncio.run(build(True))):
-        torch.testing.assert_close(fused.embeds, plain.embeds, **TOLERANCE)
+        torch.testing.assert_close(fused["prompt_embeds"], plain["prompt_embeds"], **TOLERANCE)
 
 
 def test_without_cuda_the_batched_torch_version_is_chosen():
-    registry = AdapterRegistry(16, 64, torch.device("cpu"))
-    assert SoftPromptBatcher(registry, torch.zeros(4, 16), torch.float32).fused is False
+    assert SoftPromptBatcher(torch.zeros(4, 16), torch.float32, torch.device("cpu")).fused is False

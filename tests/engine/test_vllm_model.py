@@ -7,7 +7,7 @@ import json
 import pytest
 
 from ptmoe_serve.cli import _routing_in_engine
-from ptmoe_serve.engine.vllm_model import KEY_FIELDS, supports
+from ptmoe_serve.engine.vllm_model import supports
 
 
 @pytest.fixture
@@ -52,7 +52,8 @@ def test_the_workers_step_routes_every_request_by_its_key():
     g = torch.Generator().manual_seed(0)
     requests = [(entries[i % 3], torch.randint(0, vocab, (1 + 3 * i,), generator=g))
                 for i in range(7)]
-    keys = [[AdapterRef(e.bank.shape, e.slot, "v").to_key()[f] for f in KEY_FIELDS]
+    # Each request's key as the input processor turns it into the worker's row.
+    keys = [AdapterRef.from_key(AdapterRef(e.bank.shape, e.slot, "v").to_key(3)).row()
             for e, _ in requests]
     prompts = [ids for _, ids in requests]
     expected = [route_reference(e.adapter, table[ids]).soft_prompt for e, ids in requests]

@@ -13,7 +13,8 @@ from conftest import admin_headers
 from helpers import random_adapter
 from ptmoe_serve.adapters.format import read_adapter
 from ptmoe_serve.train.module import PtMoePrompt
-from ptmoe_serve.train.trainer import TrainSettings, train
+from ptmoe_serve.train.spec import TrainSettings
+from ptmoe_serve.train.trainer import train
 
 EXAMPLES = [
     {"prompt": "Capital of France:", "answer": " Paris"},
@@ -170,7 +171,7 @@ def test_the_step_loss_is_the_models_own_loss_on_the_answer_tokens(model_dir, to
     from transformers import AutoModelForCausalLM
 
     from ptmoe_serve.train.data import encode_example
-    from ptmoe_serve.train.trainer import batch_inputs, step_loss
+    from ptmoe_serve.train.trainer import answer_scores, batch_inputs
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     model.requires_grad_(False)
@@ -178,7 +179,7 @@ def test_the_step_loss_is_the_models_own_loss_on_the_answer_tokens(model_dir, to
     examples = [encode_example(e, tokenizer) for e in EXAMPLES]  # answers of unequal length
     module = PtMoePrompt(random_adapter(hidden_size=embed.weight.shape[1], prompt_length=4,
                                         seed=3), noise_std=0.0)
-    ours = step_loss(model, embed, module, examples)
+    ours = answer_scores(model, embed, module, examples)[0]
     ours.backward()
     ours_grad = module.experts_a.grad.clone()
     module.zero_grad()

@@ -14,7 +14,9 @@ import time
 import openai
 import pytest
 
-from bench.server_process import start_server, stop_server
+from bench.server_process import start_server
+from conftest import PARALLEL
+from helpers import stop_later
 from ptmoe_serve.train.evaluate import exact_match
 from ptmoe_serve.train.tasks import DESCRIPTIONS, generate
 
@@ -43,7 +45,11 @@ class Deployment:
             ["--model", str(self.model_dir), "--dtype", "float32", "--max-model-len", "512",
              "--adapters", str(self.root / "store"),
              "--admin-api-key-file", str(self.root / "admin.key"),
-             "--watch-interval", "0.5", "--enforce-eager", "--fine-tune-threads", "2"],
+             # Not watching the store: what a job shows must be served without it.
+             "--watch-interval", "0", "--enforce-eager",
+             # At the tests' own priority: beside the other pytest worker's load, a worker at
+             # the default niceness waits most of the time.
+             "--fine-tune-niceness", "0", "--fine-tune-threads", "1" if PARALLEL else "2"],
             self.root / f"server-{self.starts}.log",
             env={"VLLM_CPU_KVCACHE_SPACE": "1"})  # the suite's other servers are up too
 
@@ -63,7 +69,7 @@ class Deployment:
 def deployment(tmp_path_factory, model_dir):
     running = Deployment(tmp_path_factory.mktemp("fine-tuning"), model_dir)
     yield running
-    stop_server(running.server)
+    stop_later(running.server)
 
 
 @pytest.fixture
@@ -176,6 +182,54 @@ def test_a_second_job_queues_and_each_epochs_checkpoint_serves(client):
             max_tokens=8, temperature=0)
         assert answer.choices[0].message.content
     assert client.fine_tuning.jobs.retrieve(second.id).status == "cancelled"
+
+
+def test_a_model_or_checkpoint_answers_the_moment_its_job_shows_it(client):
+    """Polled every 0.5 s, as a script would, and called as soon as it is shown: every
+    checkpoint a job lists and its model once it reports succeeded, three jobs over."""
+    training_file = client.files.create(file=("cards.jsonl", jsonl(EXAMPLES[:4])),
+                                        purpose="fine-tune")
+    for seed in range(3):
+        job = client.fine_tuning.jobs.create(
+            model=BASE, training_file=training_file.id, seed=seed, suffix=f"at-once-{seed}",
+            hyperparameters={"n_epochs": 2, "batch_size": 4},
+            extra_body={"prompt_length": 4, "rank": 4})
+        called = set()
+
+        def call_what_is_listed():
+            listed = {c.fine_tuned_model_checkpoint
+                      for c in client.fine_tuning.jobs.checkpoints.list(job.id).data}
+            for model in sorted(listed - called):
+                assert_answers(client, model)
+            called.update(listed)
+
+        deadline = time.monotonic() + 300
+        while (job := client.fine_tuning.jobs.retrieve(job.id)).status not in FINAL:
+            assert time.monotonic() < deadline, job.status
+            call_what_is_listed()
+            time.sleep(0.5)
+        assert job.status == "succeeded", job.error
+        assert_answers(client, job.fine_tuned_model)
+        call_what_is_listed()
+        assert called == {job.fine_tuned_model, f"{job.fine_tuned_model}-ckpt-step-1"}
+
+
+def assert_answers(client, model: str) -> None:
+    answer = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Card for person 3:"}],
+        max_tokens=4, temperature=0)
+    assert answer.model == model and answer.choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_job_the_server_could_not_serve_is_refused_naming_the_field(client):
+    training_file = client.files.create(file=("t.jsonl", jsonl(EXAMPLES[:1])),
+                                        purpose="fine-tune")
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.fine_tuning.jobs.create(model=BASE, training_file=training_file.id,
+                                       extra_body={"prompt_length": 200})
+    assert refused.value.param == "prompt_length"
+    assert "prompt_length 200 is over this server's limit of 128" in str(refused.value)
+    assert "--max-soft-prompt-length" in str(refused.value)
 
 
 def test_a_file_the_job_cannot_use_fails_it_naming_the_line(client):

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from helpers import HOSTILE, hostile_folders, random_adapter
-from ptmoe_serve.adapters.format import CONFIG_FILE, WEIGHTS_FILE, AdapterError, write_adapter
+from ptmoe_serve.adapters.config import AdapterError
+from ptmoe_serve.adapters.format import CONFIG_FILE, WEIGHTS_FILE, write_adapter
 from ptmoe_serve.adapters.manager import AdapterManager, PathNotAllowed
 from ptmoe_serve.adapters.registry import AdapterExists, AdapterRegistry
 from ptmoe_serve.adapters import store as store_module
@@ -192,7 +193,7 @@ def test_hostile_store_folders_are_skipped_listed_and_reserve_nothing(roots):
     for name, reason in cases.items():
         assert reason in m.failed[name], m.failed[name]
     # Only the good adapter's shape got a bank, of one slot.
-    assert [bank.capacity for bank in m.registry.banks.values()] == [1]
+    assert m.registry.bank_bytes == m.registry.get("good").bank.bytes_per_slot
 
 
 def test_the_watcher_skips_hostile_folders_and_keeps_going(roots):

@@ -13,7 +13,8 @@ from ptmoe_serve.adapters.registry import AdapterRegistry
 from ptmoe_serve.adapters.store import AdapterStore
 from ptmoe_serve.train.files import TrainingFiles
 from ptmoe_serve.train.jobs import FineTuningJobs
-from ptmoe_serve.train.worker import FineTuningWorker, adapter_name, resolved_hyperparameters
+from ptmoe_serve.train.spec import Hyperparameters
+from ptmoe_serve.train.worker import FineTuningWorker, adapter_name
 
 EXAMPLES = [{"messages": [{"role": "user", "content": f"Say the number {i}."},
                           {"role": "assistant", "content": str(i)}]} for i in range(8)]
@@ -140,9 +141,9 @@ def test_a_cancelled_job_ends_and_leaves_no_adapter(store, worker):
 
 
 def test_auto_hyperparameters_follow_the_data():
-    assert resolved_hyperparameters({}, 200) == {"n_epochs": 4, "batch_size": 8,
-                                                 "learning_rate_multiplier": 1.0}
-    assert resolved_hyperparameters({"n_epochs": "auto", "batch_size": 2}, 3) == {
+    assert Hyperparameters().resolved(200).model_dump() == {
+        "n_epochs": 4, "batch_size": 8, "learning_rate_multiplier": 1.0}
+    assert Hyperparameters(n_epochs="auto", batch_size=2).resolved(3).model_dump() == {
         "n_epochs": 10, "batch_size": 2, "learning_rate_multiplier": 1.0}
     assert adapter_name("org/Model:1", "my suffix", "ftjob-abc123") == "ft-org-Model-1-my-suffix-abc123"
 
