@@ -28,6 +28,12 @@ SHARED_SERVERS = frozenset({"server", "api_route_server", "routed_server"})
 # Whether this run has two pytest workers (`make test`), each with its own servers.
 PARALLEL = "PYTEST_XDIST_WORKER" in os.environ
 
+# A GiB of KV cache for every engine the suite starts (vLLM's CPU build reads this in each
+# engine and rank; the default is 2): up to eight engines run at once here, and vLLM refuses
+# to start one when the machine's free memory is short of its cache. A GiB holds 23,000
+# tokens of this model, more than any test asks at once.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
 
 def pytest_configure(config):
     if not PARALLEL:

@@ -26,10 +26,9 @@ def data_parallel_server(model_dir, adapters_dir, tmp_path_factory):
          "--enforce-eager",  # two engines compiling on two cores would take minutes
          "--no-fine-tune-worker"],
         tmp_path_factory.mktemp("dp") / "server.log",
-        # A GiB of KV cache an engine: the suite's other servers are up too.
         # One OpenMP thread an engine, as for tensor-parallel ranks (test_e2e_greedy.py).
         env={"VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-             "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"})
+             "OMP_NUM_THREADS": "1"})
     assert routing_location_of(running) == "engine"
     yield running
     stop_later(running)

@@ -344,13 +344,15 @@ def test_a_full_queue_is_503_with_retry_after(api_route_server):
     """vLLM's admission limits (here --max-num-queued-reqs 4) answer 503 with Retry-After,
     streaming or not, while a request of four prompts runs; the running one is unharmed."""
     url = f"{api_route_server.url}/v1/completions"
+    # Long enough to outlast the two refused requests on a busy machine (seconds).
+    max_tokens = 300
     with ThreadPoolExecutor(1) as pool, httpx.Client(timeout=120) as client:
         running = threading.Event()
 
         def long_stream():
             with client.stream("POST", url, json={
                     "model": "dense", "prompt": [PROMPT] * API_ROUTE_QUEUE_LIMIT,
-                    "max_tokens": 30, "ignore_eos": True, "stream": True}) as response:
+                    "max_tokens": max_tokens, "ignore_eos": True, "stream": True}) as response:
                 tokens = 0
                 for line in response.iter_lines():
                     if line.startswith("data: {"):
@@ -366,7 +368,8 @@ def test_a_full_queue_is_503_with_retry_after(api_route_server):
             assert refused.status_code == 503, refused.text
             assert refused.headers["retry-after"] == "1"
             assert "try again" in refused.json()["error"]["message"]
-        assert first.result() == (200, 30 * API_ROUTE_QUEUE_LIMIT)
+        assert not first.done()
+        assert first.result() == (200, max_tokens * API_ROUTE_QUEUE_LIMIT)
     assert httpx.post(url, timeout=60, json={"model": "top1", "prompt": "Hi",
                                               "max_tokens": 1}).status_code == 200
 

@@ -50,8 +50,7 @@ class Deployment:
              # At the tests' own priority: beside the other pytest worker's load, a worker at
              # the default niceness waits most of the time.
              "--fine-tune-niceness", "0", "--fine-tune-threads", "1" if PARALLEL else "2"],
-            self.root / f"server-{self.starts}.log",
-            env={"VLLM_CPU_KVCACHE_SPACE": "1"})  # the suite's other servers are up too
+            self.root / f"server-{self.starts}.log")
 
     def crash_and_restart(self) -> None:
         """SIGKILL to the server's whole process group (API, engine, fine-tuning worker): no
