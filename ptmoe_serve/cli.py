@@ -51,6 +51,22 @@ def _serve_parser(sub) -> None:
     lifecycle.add_argument("--allow-adapter-path", type=Path, action="append", default=[],
                            metavar="DIR", help="a further folder POST /v1/adapters may load "
                            "from (repeatable; --adapters is always allowed)")
+    lifecycle.add_argument("--max-resident-adapters", type=int, default=None, metavar="N",
+                           help="adapters the banks hold at most, across all shapes; the "
+                                "store may hold any number, each read when a request first "
+                                "names it (default: as many of the paper's shape as 1 GiB "
+                                "holds, on a GPU half the memory --gpu-memory-utilization "
+                                "leaves)")
+    lifecycle.add_argument("--max-cpu-adapters", type=int, default=None, metavar="N",
+                           help="adapters kept decoded in host memory besides, so that an "
+                                "evicted one comes back without a read (default: "
+                                "--max-resident-adapters)")
+    lifecycle.add_argument("--pin", action="append", default=[], metavar="NAME",
+                           help="an adapter loaded at start-up and never evicted (repeatable)")
+    lifecycle.add_argument("--adapter-wait-seconds", type=float, default=10.0,
+                           help="how long a request for a cold adapter waits for a slot "
+                                "while running requests hold every one, before a 503 "
+                                "(default: %(default)s)")
     lifecycle.add_argument("--watch-interval", type=float, default=2.0,
                            help="seconds between looks at --adapters for folders copied in or "
                                 "removed; 0 turns it off (default: %(default)s)")
@@ -412,6 +428,10 @@ def serve(args: argparse.Namespace, rest: list[str]) -> None:
         max_sequences=args.max_sequences_per_request,
         max_logprobs=args.max_logprobs_per_request,
         watch_interval=args.watch_interval,
+        max_resident_adapters=args.max_resident_adapters,
+        max_cpu_adapters=args.max_cpu_adapters,
+        pinned=tuple(args.pin),
+        adapter_wait_seconds=args.adapter_wait_seconds,
         fine_tune_worker=args.fine_tune_worker,
         fine_tune_threads=args.fine_tune_threads,
         fine_tune_niceness=args.fine_tune_niceness,

@@ -50,6 +50,14 @@ class ServerSettings:
     max_logprobs: int = 1_000_000
     # Seconds between looks at the adapters folder; 0 turns the watching off.
     watch_interval: float = 2.0
+    # Adapters resident in the banks at most (None: as many as the banks' memory budget
+    # holds, engine/services.py), decoded on the host besides (None: as many), pinned
+    # (loaded at start-up, never evicted), and how long a request for a cold adapter waits
+    # for a slot while every one is held.
+    max_resident_adapters: int | None = None
+    max_cpu_adapters: int | None = None
+    pinned: tuple[str, ...] = ()
+    adapter_wait_seconds: float = 10.0
     # Start a fine-tuning worker process beside the server (train/worker.py), training on
     # this many threads (None: half the cores).
     fine_tune_worker: bool = True

@@ -2,8 +2,8 @@
 series in the one registry that vLLM's `/metrics` serves.
 
 Only requests that reach the engine are counted, so the adapter label takes only the names of
-loaded adapters (and the base model's): a client cannot grow the label set, and an adapter's
-series go when it is unloaded."""
+resident adapters (and the base model's): a client cannot grow the label set, and an adapter's
+series go when it is unloaded or evicted, so they are bounded by the resident set."""
 
 from __future__ import annotations
 
@@ -11,15 +11,20 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
+from ptmoe_serve.adapters.residency import LoadObserver
+
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 ROUTING_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+LOAD_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0)
+LOAD_SOURCES = ("disk", "host")
 OUTCOMES = ("finished", "aborted", "error")
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry, adapters_loaded: Callable[[], int],
-                 engine_requests: Callable[[], int], bank_bytes: Callable[[], int]) -> None:
+    def __init__(self, registry: CollectorRegistry, adapters_resident: Callable[[], int],
+                 adapters_in_store: Callable[[], int], engine_requests: Callable[[], int],
+                 bank_bytes: Callable[[], int]) -> None:
         r = registry
         self.requests = Counter(
             "ptmoe_requests", "Engine requests (one per prompt) by adapter and outcome: "
@@ -43,8 +48,27 @@ class Metrics:
         self.routing_batch_size = Histogram(
             "ptmoe_routing_batch_size", "Prompts routed together in one step.",
             buckets=BATCH_BUCKETS, registry=r)
-        Gauge("ptmoe_adapters_loaded", "Adapters resident on the routing device.",
-              registry=r).set_function(adapters_loaded)
+        self.time_to_first_token_cold = Histogram(
+            "ptmoe_time_to_first_token_cold_seconds", "Time from request to first generated "
+            "token, for requests that had to load their adapter first (counted in "
+            "ptmoe_time_to_first_token_seconds too).", buckets=LATENCY_BUCKETS, registry=r)
+        Gauge("ptmoe_adapters_resident", "Adapters resident in the banks (at most "
+              "--max-resident-adapters).", registry=r).set_function(adapters_resident)
+        Gauge("ptmoe_adapters_in_store", "Adapters the store serves, resident or not.",
+              registry=r).set_function(adapters_in_store)
+        self.adapter_loads = Counter(
+            "ptmoe_adapter_loads", "Adapters made resident for a request or a pin, by where "
+            "they came from: disk (read and checked), host (decoded already).", ["source"],
+            registry=r)
+        self.adapter_load_seconds = Histogram(
+            "ptmoe_adapter_load_seconds", "Time to make an adapter resident, by source.",
+            ["source"], buckets=LOAD_BUCKETS, registry=r)
+        self.adapter_evictions = Counter(
+            "ptmoe_adapter_evictions", "Adapters evicted from the banks to make room.",
+            registry=r)
+        for source in LOAD_SOURCES:
+            self.adapter_loads.labels(source)
+            self.adapter_load_seconds.labels(source)
         Gauge("ptmoe_adapter_bank_bytes", "Bytes the adapter banks take on the routing device "
               "(in each engine worker on the engine route).",
               registry=r).set_function(bank_bytes)
@@ -64,6 +88,13 @@ class Metrics:
             _remove(metric, adapter)
         for outcome in OUTCOMES:
             _remove(self.requests, adapter, outcome)
+
+    def residency_observer(self) -> LoadObserver:
+        def loaded(source: str, seconds: float) -> None:
+            self.adapter_loads.labels(source).inc()
+            self.adapter_load_seconds.labels(source).observe(seconds)
+
+        return LoadObserver(loaded, lambda name: self.adapter_evictions.inc())
 
     def observe_routing_step(self, batch_size: int, seconds: float) -> None:
         self.routing_step.observe(seconds)

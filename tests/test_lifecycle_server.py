@@ -286,20 +286,35 @@ def test_unload_and_purge(server, lab):
     assert missing.status_code == 404
 
 
-def test_hostile_store_folders_are_skipped_and_listed(server, lab):
+def test_hostile_store_folders_fail_their_first_request_and_are_listed(server, lab):
     """Planted before the start (the server started all the same) and copied in while it
-    runs: each is skipped with its reason in GET /v1/adapters, and the watcher goes on to
-    serve a good folder copied in after them."""
+    runs: each one's first request is a 400 naming what is wrong with it, it is listed with
+    its reason in GET /v1/adapters, the adapters beside it answer as before, and the watcher
+    goes on to serve a good folder copied in after them."""
     admin = client(server, ADMIN)
+    stable = greedy(server, "stable")
+
+    def refused(name: str, reason: str) -> None:
+        response = client(server).post("/v1/completions", json={
+            "model": name, "prompt": PROMPT, "max_tokens": 2})
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert reason in error["message"] and error["param"] == "model", error
+
+    for name, reason in HOSTILE.items():
+        refused(name, reason)
     failed = {f["name"]: f["error"] for f in admin.get("/v1/adapters").json()["failed"]}
     for name, reason in HOSTILE.items():
         assert reason in failed.get(name, ""), (name, failed)
     hostile_folders(lab["store"], lab["library"] / "v2", prefix="late-")
     shutil.copytree(lab["library"] / "v3", lab["store"] / "after-the-hostile")
     assert wait_until(lambda: "after-the-hostile" in names(server))
+    for name, reason in HOSTILE.items():
+        refused(f"late-{name}", reason)
     failed = {f["name"] for f in admin.get("/v1/adapters").json()["failed"]}
     assert {f"late-{name}" for name in HOSTILE} <= failed
     assert greedy(server, "after-the-hostile")
+    assert greedy(server, "stable") == stable
     assert admin.delete("/v1/adapters/after-the-hostile", params={"purge": "true"}
                         ).status_code == 200
     for name in HOSTILE:

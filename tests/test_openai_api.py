@@ -31,9 +31,14 @@ def metric_value(server, name: str, **labels) -> float:
                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
-def test_models_lists_the_base_model_and_every_adapter(client):
-    models = {m.id: m for m in client.models.list().data}
+def test_models_lists_the_base_model_and_the_resident_adapters(client, server):
+    for name in [*SHIPPED, *E2E_ADAPTERS]:  # each made resident by a request
+        client.completions.create(model=name, prompt="Hi", max_tokens=1)
+    listed = client.models.list()
+    models = {m.id: m for m in listed.data}
     assert set(models) == {BASE, *SHIPPED, *E2E_ADAPTERS}
+    in_store = httpx.get(f"{server.url}/v1/models").json()["adapters_in_store"]
+    assert in_store == len(SHIPPED) + len(E2E_ADAPTERS)
     card = models["dense"].model_dump()
     assert card["parent"] == BASE and card["owned_by"] == "ptmoe_serve"
     assert card["adapter"]["num_experts"] == 3 and card["adapter"]["top_k"] == 3
@@ -288,7 +293,8 @@ def test_metrics_hold_vllms_series_and_the_adapters_own(client, server):
     assert metric_value(server, "ptmoe_prompt_tokens_total", adapter="dense") >= 4
     assert metric_value(server, "ptmoe_e2e_request_latency_seconds_count", adapter="dense") >= 4
     assert metric_value(server, "ptmoe_time_to_first_token_seconds_count", adapter="dense") >= 4
-    assert metric_value(server, "ptmoe_adapters_loaded") == len(E2E_ADAPTERS) + len(SHIPPED)
+    assert metric_value(server, "ptmoe_adapters_in_store") == len(E2E_ADAPTERS) + len(SHIPPED)
+    assert 1 <= metric_value(server, "ptmoe_adapters_resident") <= len(E2E_ADAPTERS) + len(SHIPPED)
     # A name that does not exist never becomes a label.
     assert not any(s.labels.get("adapter") == "missing" for s in metric_samples(server))
 

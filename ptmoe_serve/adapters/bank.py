@@ -24,6 +24,11 @@ class BankShape:
     def of(config: AdapterConfig) -> BankShape:
         return BankShape(config.num_experts, config.prompt_length, config.rank)
 
+    def bytes_per_slot(self, hidden_size: int) -> int:
+        """One adapter's bytes in a bank: its float32 tensors, its top_k and its scaling."""
+        n, t, r, h = self.num_experts, self.prompt_length, self.rank, hidden_size
+        return 4 * (n * t * r + r * h + n * h + n) + 8 + 1
+
 
 class AdapterBank:
     """Stacked float32 tensors of all resident adapters of one shape, one slot each."""
@@ -62,7 +67,7 @@ class AdapterBank:
 
     @property
     def bytes_per_slot(self) -> int:
-        return sum(t[0].numel() * t.element_size() for t in self._tensors.values())
+        return self.shape.bytes_per_slot(self.hidden_size)
 
     def _grow(self, capacity: int) -> None:
         old, old_capacity = self._tensors, self.capacity

@@ -1,5 +1,10 @@
-"""Adapters coming and going while the server runs: load from an allowed folder, upload into
-the store, unload, and follow the store folder as files are copied in or removed.
+"""Adapters coming and going while the server runs: the catalog of what the store serves, the
+resident set it is read into on demand, loads from an allowed folder, uploads into the store,
+unloads, and following the store as other servers or people change it.
+
+Start-up reads the store's index (its journal, manifest and folder listing), never an
+adapter's weights: the catalog names every adapter the store serves, and an adapter is read
+when a request first needs it (residency.py), or at start-up when pinned.
 
 Every operation validates fully before it touches the registry or the store, so a refused
 adapter changes nothing. Registry changes run on the event loop, between routing steps, so a
@@ -8,26 +13,28 @@ checks and fsyncs run in a thread first, one upload at a time.
 
 The store is the one source of truth for every server over it (replicas): each change made
 through any server is a line of the store's journal, whose numbering gives versions all servers
-agree on, and the watcher reconciles each name a look at the store says changed (`sync_store`)
-to what the store holds. A server never goes back to a version older than the one it serves.
+agree on, and the watcher reconciles each name a look at the store says changed (`sync_store`):
+the catalog follows, and a resident copy is replaced or unloaded. A server never goes back to a
+version older than the one it serves.
 
-A store folder that cannot be loaded, whatever is wrong with it, is skipped with a log line and
-listed in `failed` (GET /v1/adapters), and tried again when its files change, until it loads or
-goes; it never stops the start-up or the watcher."""
+A store folder that cannot be loaded, whatever is wrong with it, is listed in `failed` with the
+reason (GET /v1/adapters) when a request or a pin first reads it, and read again once its files
+change; it never stops the server or the watcher."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+from ptmoe_serve.adapters.catalog import AdapterCatalog
 from ptmoe_serve.adapters.config import AdapterError
-from ptmoe_serve.adapters.format import (PtMoeAdapter, check_weights_file, parse_config,
-                                         parse_weights, read_adapter, read_config, read_weights)
-from ptmoe_serve.adapters.registry import AdapterEntry, AdapterExists, AdapterRegistry
+from ptmoe_serve.adapters.format import PtMoeAdapter, parse_config, parse_weights, read_adapter
+from ptmoe_serve.adapters.registry import AdapterEntry, AdapterExists, AdapterNotFound, AdapterRegistry
+from ptmoe_serve.adapters.residency import Fetched, LoadObserver, ResidentSet
 from ptmoe_serve.adapters.store import AdapterStore, folder_stamp
 
 logger = logging.getLogger(__name__)
@@ -37,92 +44,102 @@ class PathNotAllowed(AdapterError):
     """A folder outside every allowed root (after following symlinks)."""
 
 
+@dataclass(frozen=True)
+class ResidencyLimits:
+    """How many adapters the banks hold, how many more stay decoded on the host, and how long
+    a request for a cold adapter waits for a slot when every one is held."""
+
+    capacity: int
+    host_capacity: int = 0
+    wait_seconds: float = 10.0
+
+
 class AdapterManager:
     def __init__(self, registry: AdapterRegistry, store: AdapterStore,
-                 extra_roots: list[Path] = (),
-                 on_load: Callable[[AdapterEntry], None] = lambda entry: None,
-                 on_unload: Callable[[str], None] = lambda name: None):
+                 extra_roots: list[Path] = (), limits: ResidencyLimits = ResidencyLimits(1 << 30),
+                 on_unload: Callable[[str], None] = lambda name: None,
+                 observer: LoadObserver = LoadObserver()):
         self.registry = registry
         self.store = store
-        # Told of each adapter loaded while serving (the engine route moves it to its workers).
-        self.on_load = on_load
-        # Told of each name unloaded (its metric series go).
+        # Told of each name no longer resident (its metric series go).
         self.on_unload = on_unload
         self.allowed_roots = [store.root, *(Path(r).resolve() for r in extra_roots)]
+        self.catalog = AdapterCatalog()
+        self.resident = ResidentSet(
+            registry, self.fetch, limits.capacity, limits.host_capacity, limits.wait_seconds,
+            observer=LoadObserver(observer.loaded, self._evicted(observer.evicted)))
         # Adapters (by name) whose folder could not be loaded, and why.
         self.failed: dict[str, str] = {}
-        # Their folders and stamps when they failed: tried again once the stamp changes.
-        self._retry: dict[str, tuple[Path, list[int] | None]] = {}
+        # Their folders and stamps when they failed: read again once the stamp changes.
+        self._failed_at: dict[str, tuple[Path, list[int] | None]] = {}
         self._upload_lock = asyncio.Lock()
 
-    def start_in_batches(self, batch_parameters: int = 1 << 24) -> Iterator[list[AdapterEntry]]:
-        """Serve what the store holds: its folders and the adapters linked from other roots,
-        after undoing whatever a crash left half done. Loads as it is iterated: the entries
-        come a batch (of about `batch_parameters` parameters) at a time, so each can move on,
-        to the engine's workers, before the next is read. The banks are sized first for the
-        adapters whose config and weights header passed every check, so a bulk load never
-        copies a bank."""
+    def _evicted(self, observe: Callable[[str], None]) -> Callable[[str], None]:
+        def evicted(name: str) -> None:
+            self.on_unload(name)
+            observe(name)
+        return evicted
+
+    def start(self) -> None:
+        """Undo whatever a crash left half done, then read the store's index into the
+        catalog: its folders and the adapters linked from other roots, not their weights."""
         self.store.recover()
         names = self.store.changes() | self.store.manifest.linked.keys()
-        found = []
-        for name in sorted(names):
-            folder = self._served_folder(name)
-            if folder is None:
-                continue
-            stamp = folder_stamp(folder)
-            with self._skipping(name, folder, stamp):
-                config = read_config(folder, self.registry.check_compatible)
-                check_weights_file(folder, config)
-                found.append((name, folder, stamp, config))
-        versions = self._versions([(name, folder, stamp) for name, folder, stamp, _ in found])
-        self.registry.reserve(config for *_, config in found)
-        batch, size = [], 0
-        for name, folder, stamp, config in found:
-            with self._skipping(name, folder, stamp):
-                adapter = read_weights(folder, config)
-                version = self._check_unchanged(folder, stamp, versions.get(name))
-                batch.append(self.registry.add(name, adapter, version=version, source=folder))
-                size += config.num_parameters
-            if size >= batch_parameters:
-                yield batch
-                batch, size = [], 0
-        if batch:
-            yield batch
+        folders = {name: self._served_folder(name) for name in names}
+        self.catalog.reset({name: folder for name, folder in folders.items() if folder})
 
-    def _versions(self, found: list[tuple[str, Path, list[int]]]) -> dict[str, int]:
-        """The store's versions of these folders, recording those no change recorded (none
-        for a folder changed since it was read)."""
-        versions = {name: self.store.version_of(name, folder, stamp)
-                    for name, folder, stamp in found}
-        unrecorded = [item for item in found if versions[item[0]] is None]
-        if unrecorded:
-            versions.update(self.store.record_found(unrecorded))
-        return versions
+    # -- reading an adapter ---------------------------------------------------------------
 
-    @contextmanager
-    def _skipping(self, name: str, folder: Path, stamp: list[int] | None) -> Iterator[None]:
-        """Any failure to load one folder skips that folder, logged and listed in `failed`,
-        and tried again when its files change."""
+    async def fetch(self, name: str) -> Fetched:
+        """`name` as the store serves it: read and checked in a thread, its version the
+        store's. AdapterNotFound if the store does not serve it; AdapterError, naming the
+        problem, if its folder fails (and until its files change)."""
+        folder = self.catalog.folder(name)
+        if folder is None:
+            raise AdapterNotFound(name)
+        stamp = folder_stamp(folder)
+        if self._failed_at.get(name) == (folder, stamp):
+            raise AdapterError(self.failed[name])
         try:
-            yield
+            adapter = await asyncio.to_thread(self._read, folder)
+            version = self._version(name, folder, stamp)
         except Exception as e:  # whatever a hostile or half-copied folder raises
-            self._fail(name, folder, stamp, e)
-        else:
-            self.failed.pop(name, None)
-            self._retry.pop(name, None)
+            raise self._fail(name, folder, stamp, e) from None
+        self._clear_failure(name)
+        return Fetched(adapter, version, folder)
 
-    def _fail(self, name: str, folder: Path, stamp: list[int] | None, error: Exception) -> None:
+    def _version(self, name: str, folder: Path, stamp: list[int] | None) -> int:
+        """The store's version of `name` served from `folder`, recording one if no change
+        recorded it (a folder copied in by hand), if its files still bear `stamp`."""
+        version = self.store.version_of(name, folder, stamp)
+        if version is None:
+            version = self.store.record_found([(name, folder, stamp)]).get(name)
+        if version is None or folder_stamp(folder) != stamp:
+            raise AdapterError(f"{folder} changed while it was read; trying again when it "
+                               "settles")
+        return version
+
+    def _fail(self, name: str, folder: Path, stamp: list[int] | None, error: Exception
+              ) -> AdapterError:
         reason = str(error) if isinstance(error, AdapterError) else f"{type(error).__name__}: {error}"
         self.failed[name] = reason
-        self._retry[name] = (folder, stamp)
+        self._failed_at[name] = (folder, stamp)
         logger.error("adapter %s (from %s) not loaded: %s", name, folder, reason)
+        return error if isinstance(error, AdapterError) else AdapterError(reason)
+
+    def _clear_failure(self, name: str) -> None:
+        self.failed.pop(name, None)
+        self._failed_at.pop(name, None)
+
+    def _read(self, folder: Path) -> PtMoeAdapter:
+        return read_adapter(folder, self.registry.check_compatible)
 
     # -- operations behind the management API ---------------------------------------------
 
     def load_path(self, name: str, path: str, replace: bool) -> AdapterEntry:
         self.registry.check_name(name)
         folder = self._allowed_folder(path)
-        if not replace and name in self.registry:
+        if not replace and name in self.catalog:
             raise AdapterExists(f"adapter {name!r} is already loaded; pass replace to swap it")
         stamp = folder_stamp(folder)
         adapter = self._read(folder)
@@ -146,27 +163,39 @@ class AdapterManager:
         adapter = parse_weights(weights, parsed)
         return adapter, *self.store.write(name, config, weights)
 
-    def unload(self, name: str, purge: bool) -> AdapterEntry:
-        entry = self.registry.remove(name)
-        self.on_unload(name)
-        from_store = entry.source is not None and self.store.contains(entry.source)
-        self.store.record_unloaded(name, entry.source.name if purge and from_store else None)
-        return entry
+    def unload(self, name: str, purge: bool) -> Path:
+        """Stop serving `name` (and remove its store folder with `purge`); the folder it was
+        served from."""
+        source = self.catalog.folder(name)
+        if source is None:
+            raise AdapterNotFound(name)
+        self._drop(name)
+        from_store = self.store.contains(source) and source.name == name
+        self.store.record_unloaded(name, name if purge and from_store else None)
+        return source
 
-    def _read(self, folder: Path) -> PtMoeAdapter:
-        return read_adapter(folder, self.registry.check_compatible)
+    def _drop(self, name: str) -> None:
+        """`name` is not served any more: out of the catalog and the banks."""
+        self.catalog.set(name, None)
+        self.resident.forget(name)
+        self.resident.unpin(name)
+        self._clear_failure(name)
+        if name in self.registry:
+            self.registry.remove(name)
+            self.on_unload(name)
 
     def _add(self, name: str, adapter: PtMoeAdapter, version: int, source: Path) -> AdapterEntry:
-        """Serve `adapter` as `name` at the store's `version`, unless this server already
-        serves that version or a newer one (another server's change, followed meanwhile)."""
+        """Serve `adapter` as `name` at the store's `version`, resident at once, unless this
+        server already serves that version or a newer one (another server's change, followed
+        meanwhile)."""
         current = self.registry.find(name)
         if current is not None and current.version >= version:
             return current
         started = time.perf_counter()
-        entry = self.registry.add(name, adapter, version=version, replace=True, source=source)
-        self.on_load(entry)
-        self.failed.pop(name, None)
-        self._retry.pop(name, None)
+        self.catalog.set(name, source)
+        self.resident.forget(name)
+        entry = self.resident.place(name, Fetched(adapter, version, source))
+        self._clear_failure(name)
         logger.info("loaded adapter %s v%d from %s in %.2f ms", name, version, source,
                     1000 * (time.perf_counter() - started))
         return entry
@@ -191,49 +220,47 @@ class AdapterManager:
             raise AdapterError(f"adapter {name!r} is loaded from {self.store.manifest.linked[name]};"
                                " unload it before uploading under that name")
 
-    @staticmethod
-    def _check_unchanged(folder: Path, stamp: list[int] | None, version: int | None) -> int:
-        """`version`, if the folder's files still bear the stamp they had when it was read."""
-        if version is None or folder_stamp(folder) != stamp:
-            raise AdapterError(f"{folder} changed while it was read; trying again when it "
-                               "settles")
-        return version
-
     # -- following the store --------------------------------------------------------------
 
     def sync_store(self) -> None:
         """One look at the store: each name it says changed (through any server, or by hand)
-        and each failed folder whose files changed, reconciled to what the store holds."""
-        changed = self.store.changes()
-        changed |= {name for name, (folder, stamp) in self._retry.items()
-                    if folder_stamp(folder) != stamp}
-        for name in sorted(changed):
+        reconciled to what the store holds. A failed folder whose files changed is read again
+        at its next request."""
+        for name, (folder, stamp) in list(self._failed_at.items()):
+            if folder_stamp(folder) != stamp:
+                self._clear_failure(name)
+        for name in sorted(self.store.changes()):
             self._reconcile(name)
 
     def _reconcile(self, name: str) -> None:
-        current = self.registry.find(name)
         folder = self._served_folder(name)
         if folder is None:
-            self.failed.pop(name, None)
-            self._retry.pop(name, None)
-            if current is not None:
+            if name in self.registry:
                 logger.info("adapter %s unloaded: the store no longer serves it", name)
-                self.registry.remove(name)
-                self.on_unload(name)
+            self._drop(name)
             return
+        self.catalog.set(name, folder)
+        self.resident.forget(name)
+        current = self.registry.find(name)
+        if current is None:
+            return  # read at its next request
         stamp = folder_stamp(folder)
         version = self.store.version_of(name, folder, stamp)
-        if current is not None and version is not None and current.version >= version:
+        if version is not None and current.version >= version:
             return
-        with self._skipping(name, folder, stamp):
+        # Resident here: the store's new version replaces it at once, on every server.
+        try:
             adapter = self._read(folder)
-            if version is None:
-                version = self._versions([(name, folder, stamp)]).get(name)
-            self._add(name, adapter, self._check_unchanged(folder, stamp, version), folder)
+            version = self._version(name, folder, stamp)
+        except Exception as e:
+            self._fail(name, folder, stamp, e)
+            return
+        self._add(name, adapter, version, folder)
 
     def _served_folder(self, name: str) -> Path | None:
         """The folder the store says `name` is served from, or None if it is not served (or
-        is linked from a folder outside this server's roots: failed)."""
+        is linked from a folder outside this server's roots: failed). Called after a look at
+        the store, whose folder listing it reads instead of the disk."""
         linked = self.store.manifest.linked.get(name)
         if linked is not None:
             try:
@@ -241,10 +268,9 @@ class AdapterManager:
             except AdapterError as e:
                 self._fail(name, Path(linked), None, e)
                 return None
-        folder = self.store.root / name
-        if name in self.store.manifest.unloaded or not folder.is_dir():
+        if name in self.store.manifest.unloaded or not self.store.lists(name):
             return None
-        return folder
+        return self.store.root / name
 
     async def watch(self, interval: float) -> None:
         """Follow the store until cancelled; no error ends it."""

@@ -1,13 +1,13 @@
 """Adapters resident on the routing device: names -> entries -> slots in per-shape banks
-(bank.py). A bank goes when its last adapter does. A slot still referenced by a request is
-freed only once that request is done, so replacing or unloading an adapter never changes a
-request already accepted."""
+(bank.py), in the order they were last used. A bank goes when its last adapter does. A slot
+still referenced by a request is freed only once that request is done, so replacing, unloading
+or evicting an adapter never changes a request already accepted."""
 
 from __future__ import annotations
 
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,7 +71,8 @@ class AdapterRegistry:
         self.reserved_names = frozenset(reserved_names)
         self.max_model_len = max_model_len
         self.device = device
-        self._entries: dict[str, AdapterEntry] = {}
+        # Least recently used first.
+        self._entries: OrderedDict[str, AdapterEntry] = OrderedDict()
         self._banks: dict[BankShape, AdapterBank] = {}
         # Told when a shape's bank goes (the engine route drops the workers' copy too).
         self.on_bank_dropped = on_bank_dropped
@@ -84,6 +85,10 @@ class AdapterRegistry:
 
     def entries(self) -> list[AdapterEntry]:
         return sorted(self._entries.values(), key=lambda e: e.name)
+
+    def least_recently_used(self) -> Iterator[AdapterEntry]:
+        """The entries, least recently used first (not to be changed while iterated)."""
+        return iter(self._entries.values())
 
     def get(self, name: str) -> AdapterEntry:
         try:
@@ -124,6 +129,7 @@ class AdapterRegistry:
         bank = self._bank(BankShape.of(adapter.config))
         entry = AdapterEntry(name, adapter, bank, bank.put(adapter), version, source)
         self._entries[name] = entry
+        self._entries.move_to_end(name)
         if old is not None:
             self._retire(old)
         return entry
@@ -147,14 +153,6 @@ class AdapterRegistry:
         self._retire(entry)
         return entry
 
-    def drop_empty_banks(self) -> None:
-        """Free every bank no adapter uses (after a bulk load whose reservations some folders
-        failed to fill, and as adapters go)."""
-        for shape, bank in list(self._banks.items()):
-            if bank.in_use == 0:
-                del self._banks[shape]
-                self.on_bank_dropped(shape)
-
     @property
     def bank_bytes(self) -> int:
         return sum(bank.capacity * bank.bytes_per_slot for bank in self._banks.values())
@@ -172,6 +170,8 @@ class AdapterRegistry:
 
     def acquire(self, entry: AdapterEntry) -> None:
         entry.pending += 1
+        if self._entries.get(entry.name) is entry:
+            self._entries.move_to_end(entry.name)
 
     def release(self, entry: AdapterEntry) -> None:
         entry.pending -= 1

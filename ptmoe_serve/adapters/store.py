@@ -112,6 +112,11 @@ class AdapterStore:
     def contains(self, path: Path) -> bool:
         return path.resolve().parent == self.root
 
+    def lists(self, name: str) -> bool:
+        """Whether the store folder held a folder of this name at the last look (`changes`):
+        no stat, however many the store holds."""
+        return name in self._listing
+
     # -- following the store ----------------------------------------------------------------
 
     def changes(self) -> set[str]:

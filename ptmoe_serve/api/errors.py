@@ -7,7 +7,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 ERROR_TYPES = {401: "AuthenticationError", 403: "PermissionDeniedError", 404: "NotFoundError",
-               409: "ConflictError", 413: "RequestTooLargeError"}
+               409: "ConflictError", 413: "RequestTooLargeError",
+               503: "ServiceUnavailableError"}
 
 
 class RequestError(Exception):

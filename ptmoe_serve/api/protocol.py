@@ -16,21 +16,25 @@ class LoadAdapterRequest(BaseModel):
 
 
 class AdapterInfo(BaseModel):
+    """An adapter the store serves; its shape and state when it is resident."""
+
     object: Literal["adapter"] = "adapter"
     name: str
-    version: int
-    num_experts: int
-    prompt_length: int
-    rank: int
-    top_k: int
-    router_scaling: str
-    hidden_size: int
-    base_model_name_or_path: str
-    num_parameters: int
-    bytes_on_device: int
-    loaded_at: int
-    requests_served: int
-    source: str
+    resident: bool
+    pinned: bool = False
+    source: str | None = None
+    version: int | None = None
+    num_experts: int | None = None
+    prompt_length: int | None = None
+    rank: int | None = None
+    top_k: int | None = None
+    router_scaling: str | None = None
+    hidden_size: int | None = None
+    base_model_name_or_path: str | None = None
+    num_parameters: int | None = None
+    bytes_on_device: int | None = None
+    loaded_at: int | None = None
+    requests_served: int | None = None
     # Time the load took in the server, for the call that loaded it.
     load_ms: float | None = None
 
@@ -42,8 +46,14 @@ class FailedAdapter(BaseModel):
 
 
 class AdapterList(BaseModel):
+    """A page of the store's adapters, in name order (`after` the last one for the next)."""
+
     object: Literal["list"] = "list"
     data: list[AdapterInfo]
+    has_more: bool
+    in_store: int
+    resident: int
+    max_resident: int
     failed: list[FailedAdapter] = []
 
 

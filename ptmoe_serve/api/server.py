@@ -9,7 +9,9 @@ more model name to it."""
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import time
 
 from fastapi import FastAPI, Request
 from starlette.datastructures import Headers
@@ -28,14 +30,16 @@ from vllm.entrypoints.serve.tokenize.protocol import (TokenizeChatRequest,
 from vllm.exceptions import VLLMValidationError
 from vllm.v1.metrics.prometheus import get_prometheus_registry
 
+from ptmoe_serve.adapters.config import AdapterError
 from ptmoe_serve.adapters.registry import AdapterNotFound
+from ptmoe_serve.adapters.residency import ResidentSetFull
 from ptmoe_serve.api import files, fine_tuning, management
 from ptmoe_serve.api.auth import AccessPolicy
 from ptmoe_serve.api.bodies import BodyLimit, read_body
 from ptmoe_serve.api.errors import RequestError, request_error_handler
 from ptmoe_serve.api.protocol import PromptRouting, RoutingRequest, RoutingResponse
 from ptmoe_serve.config import ServerSettings
-from ptmoe_serve.engine.client import SERVED_VERSIONS, AdapterNames
+from ptmoe_serve.engine.client import COLD_START, SERVED_VERSIONS
 from ptmoe_serve.engine.engine import engine_args
 from ptmoe_serve.engine.limits import RequestLimits, prompt_count
 from ptmoe_serve.engine.services import Services, start_services
@@ -90,7 +94,7 @@ def add_project_routes(app: FastAPI, services: Services) -> None:
     state.files = TrainingFiles(settings.adapters_dir)
     state.jobs = FineTuningJobs(settings.adapters_dir)
     # vLLM's serving layer resolves model names through this table: adapters are in it.
-    state.openai_serving_models.lora_requests = AdapterNames(services.registry)
+    state.openai_serving_models.lora_requests = services.client.names
     for serving in state._state.values():
         if not isinstance(serving, BaseServing):
             continue
@@ -116,8 +120,9 @@ def add_project_routes(app: FastAPI, services: Services) -> None:
     app.user_middleware.insert(0, Middleware(_AccessMiddleware, access=state.access))
     app.user_middleware.insert(1, Middleware(_BodyLimitMiddleware,
                                              limit=services.settings.max_request_bytes))
-    app.user_middleware.insert(2, Middleware(_RetryAfterMiddleware))
-    app.user_middleware.insert(3, Middleware(_AdapterVersionMiddleware))
+    app.user_middleware.insert(2, Middleware(_ResidencyMiddleware, services=services))
+    app.user_middleware.insert(3, Middleware(_RetryAfterMiddleware))
+    app.user_middleware.insert(4, Middleware(_AdapterVersionMiddleware))
     app.middleware_stack = app.build_middleware_stack()
 
 
@@ -162,21 +167,25 @@ def _replace_route(app: FastAPI, path: str, method: str, endpoint) -> None:
 
 
 async def _models(request: Request) -> ModelList:
-    """vLLM's model list, with each adapter's card: its shape and state under `adapter`. An
-    adapter's `root` is the folder it was loaded from only for callers who may manage
-    adapters; for the others, its name: the server's file layout is not theirs to see."""
+    """vLLM's model list, with each resident adapter's card (its shape and state under
+    `adapter`), and how many adapters the store serves in all (`adapters_in_store`; every one
+    of them is a valid `model`, and GET /v1/adapters pages through them). An adapter's `root`
+    is the folder it was loaded from only for callers who may manage adapters; for the others,
+    its name: the server's file layout is not theirs to see."""
     services: Services = request.app.state.services
     base = await request.app.state.openai_serving_models.registry.show_available_models()
     for card in base.data:
         card.owned_by, card.adapter = OWNER, None
     max_model_len = services.engine.max_model_len
     show_paths = request.app.state.access.allows_admin(request)
+    pinned = services.manager.resident.pinned
     base.data += [
         ModelCard(id=entry.name, created=int(entry.loaded_at), owned_by=OWNER,
                   root=str(entry.source) if show_paths and entry.source else entry.name,
                   parent=base.data[0].id, max_model_len=max_model_len,
-                  adapter=entry.describe())
+                  adapter={**entry.describe(), "pinned": entry.name in pinned})
         for entry in services.registry.entries()]
+    base.adapters_in_store = len(services.manager.catalog)
     return base
 
 
@@ -292,6 +301,87 @@ class _BodyLimitMiddleware:
             return {"type": "http.request", "body": body, "more_body": False}
 
         return await self.app(scope, replay, send)
+
+
+class _ResidencyMiddleware:
+    """A request naming an adapter the store serves gets it resident before vLLM sees the
+    request, and holds it until the response has ended, streamed or not: a first request waits
+    for the load (milliseconds), one whose adapter cannot be read gets a 400 naming the
+    problem, and one that finds every slot held longer than --adapter-wait-seconds a 503 with
+    Retry-After, all before any stream starts. Requests for resident adapters only take a hold.
+    The project's own management, files and fine-tuning routes pass by."""
+
+    PASSING = (management.router.prefix, files.router.prefix, fine_tuning.router.prefix)
+
+    def __init__(self, app, services: Services):
+        self.app = app
+        self.catalog = services.manager.catalog
+        self.resident = services.manager.resident
+
+    async def __call__(self, scope, receive, send):
+        if (scope["type"] != "http" or scope["method"] != "POST"
+                or scope["path"].startswith(self.PASSING)):
+            return await self.app(scope, receive, send)
+        body, receive = await _buffered(receive)
+        name = _model_of(body) if body is not None else None
+        if name not in self.catalog:  # the base model, or not an adapter: vLLM answers
+            return await self.app(scope, receive, send)
+        arrived = time.perf_counter()
+        cold = self.resident.registry.find(name) is None
+        try:
+            entry = await self.resident.acquire(name)
+        except ResidentSetFull as e:
+            return await _unavailable(str(e))(scope, receive, send)
+        except AdapterNotFound:  # went from the store meanwhile: vLLM's 404
+            return await self.app(scope, receive, send)
+        except AdapterError as e:
+            return await RequestError(400, f"adapter '{name}' cannot be loaded: {e}",
+                                      code="invalid_adapter", param="model"
+                                      ).response()(scope, receive, send)
+        if cold:
+            COLD_START.set(arrived)
+        try:
+            return await self.app(scope, receive, send)
+        finally:
+            self.resident.release(entry)
+
+
+async def _buffered(receive):
+    """The request's body (None if the client left), and a receive that replays it."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None, receive
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    body, replayed = b"".join(chunks), False
+
+    async def replay():
+        nonlocal replayed
+        if replayed:
+            return await receive()
+        replayed = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return body, replay
+
+
+def _model_of(body: bytes) -> str | None:
+    """The `model` a JSON request body names, if it names one."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    model = data.get("model") if isinstance(data, dict) else None
+    return model if isinstance(model, str) else None
+
+
+def _unavailable(message: str):
+    response = RequestError(503, message, code="adapters_busy").response()
+    response.headers["retry-after"] = RETRY_AFTER_SECONDS.decode()
+    return response
 
 
 class _RetryAfterMiddleware:

@@ -1,8 +1,9 @@
 """The one seam between vLLM's OpenAI serving layer and PT-MoE adapters: vLLM's engine client,
 as its handlers see it, with `generate` taught what an adapter's name means.
 
-vLLM resolves `model` through `AdapterNames` (the adapter registry seen as its table of LoRA
-names) to an `AdapterRequest`, vLLM's `LoRARequest` carrying the adapter's entry, renders the
+vLLM resolves `model` through `AdapterNames` (the store's catalog seen as its table of LoRA
+names) to an `AdapterRequest`, vLLM's `LoRARequest` carrying the adapter's resident entry (the
+server made it resident, and holds it, before vLLM saw the request: api/server.py), renders the
 prompt (chat template, tokenization, truncation), and calls `generate` with the token ids and
 that request. For an adapter, `generate` checks the prompt against the context (a 400 before any
 stream starts) and resolves it once, into a `RoutedRequest`: the entry, the token ids, how many
@@ -17,15 +18,17 @@ import asyncio
 import time
 from collections.abc import AsyncGenerator, Iterator, Mapping
 from contextvars import ContextVar
+from http import HTTPStatus
 from typing import Any
 
-from vllm.exceptions import VLLMNotFoundError, VLLMValidationError
+from vllm.exceptions import GracefulHTTPError, VLLMNotFoundError, VLLMValidationError
 from vllm.lora.request import LoRARequest
 from vllm.outputs import RequestOutput
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from ptmoe_serve.adapters.registry import AdapterEntry, AdapterNotFound, AdapterRegistry
+from ptmoe_serve.adapters.catalog import AdapterCatalog
+from ptmoe_serve.adapters.registry import AdapterEntry, AdapterRegistry
 from ptmoe_serve.config import ROUTE_TOKENS
 from ptmoe_serve.engine.limits import RequestLimits
 from ptmoe_serve.metrics import Metrics
@@ -34,49 +37,56 @@ from ptmoe_serve.routing.route import Route, RoutedRequest
 # The adapter versions an HTTP request's generations were routed with (set per request by the
 # server, which reports them in a response header).
 SERVED_VERSIONS: ContextVar[set[int] | None] = ContextVar("served_versions", default=None)
+# When an HTTP request that had to load its adapter arrived (perf_counter), else None: its
+# first token is counted apart (set by the server).
+COLD_START: ContextVar[float | None] = ContextVar("cold_start", default=None)
 
 
 class AdapterRequest(LoRARequest, kw_only=True):
-    """vLLM's name for a request's adapter, with the entry it was resolved to: vLLM's serving
-    layer hands it to `generate` as it is."""
+    """vLLM's name for a request's adapter, with the resident entry it was resolved to (None
+    if it was not resident): vLLM's serving layer hands it to `generate` as it is."""
 
-    entry: AdapterEntry
+    entry: AdapterEntry | None
 
 
 class AdapterNames(Mapping[str, LoRARequest]):
-    """The adapter registry as vLLM's serving layer's table of adapter names
-    (`OpenAIServingModels.lora_requests`): a live view, so a load, replace or unload is seen
-    by the next request with no copy to keep in step."""
+    """The store's catalog as vLLM's serving layer's table of adapter names
+    (`OpenAIServingModels.lora_requests`): every adapter the store serves, resident or not. A
+    live view, so a load, replace or unload is seen by the next request with no copy to keep
+    in step, and looking a name up costs a dict lookup however many the store holds."""
 
-    def __init__(self, registry: AdapterRegistry):
+    def __init__(self, catalog: AdapterCatalog, registry: AdapterRegistry):
+        self._catalog = catalog
         self._registry = registry
 
     def __getitem__(self, name: str) -> AdapterRequest:
-        try:
-            entry = self._registry.get(name)
-        except AdapterNotFound:
-            raise KeyError(name) from None
-        return AdapterRequest(lora_name=name, lora_int_id=entry.version,
-                              lora_path=str(entry.source or name), entry=entry)
+        folder = self._catalog.folder(name)
+        if folder is None:
+            raise KeyError(name)
+        entry = self._registry.find(name)
+        return AdapterRequest(lora_name=name, lora_int_id=entry.version if entry else 1,
+                              lora_path=str(folder), entry=entry)
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name in self._registry
+        return isinstance(name, str) and name in self._catalog
 
     def __iter__(self) -> Iterator[str]:
-        return iter([entry.name for entry in self._registry.entries()])
+        return iter(self._catalog.page(None, len(self._catalog)))
 
     def __len__(self) -> int:
-        return len(self._registry)
+        return len(self._catalog)
 
 
 class AdapterEngineClient:
     """vLLM's `AsyncLLM`, passed through but for `generate`."""
 
-    def __init__(self, llm: AsyncLLM, registry: AdapterRegistry, route: Route, metrics: Metrics,
-                 base_model_name: str, routes_prompt_logprobs: bool, limits: RequestLimits):
+    def __init__(self, llm: AsyncLLM, registry: AdapterRegistry, catalog: AdapterCatalog,
+                 route: Route, metrics: Metrics, base_model_name: str,
+                 routes_prompt_logprobs: bool, limits: RequestLimits):
         self._llm = llm
         self._limits = limits
         self._registry = registry
+        self.names = AdapterNames(catalog, registry)
         self._route = route
         self._metrics = metrics
         self._base_model_name = base_model_name
@@ -100,7 +110,7 @@ class AdapterEngineClient:
             return self._observed(self._base_model_name, None, sampling_params,
                                   self._llm.generate(prompt, sampling_params, request_id,
                                                      **kwargs))
-        entry = self._current(lora_request.entry)
+        entry = self._current(lora_request.lora_name, lora_request.entry)
         served = SERVED_VERSIONS.get()
         if served is not None:
             served.add(entry.version)
@@ -113,14 +123,20 @@ class AdapterEngineClient:
 
     # -- checks, before anything runs ------------------------------------------------------
 
-    def _current(self, entry: AdapterEntry) -> AdapterEntry:
-        """`entry`, or what replaced it since vLLM looked its name up (a 404 if it went)."""
-        if not entry.retired:
+    def _current(self, name: str, entry: AdapterEntry | None) -> AdapterEntry:
+        """`entry`, or what replaced it since vLLM looked the name up: the resident entry of
+        `name`. A 404 if the store serves it no more; a 503 if it is not resident (the server
+        makes a request's adapter resident before vLLM sees the request: only a request that
+        named it some other way meets this)."""
+        if entry is not None and not entry.retired:
             return entry
-        try:
-            return self._registry.get(entry.name)
-        except AdapterNotFound:
-            raise VLLMNotFoundError(f"The model `{entry.name}` does not exist.") from None
+        current = self._registry.find(name)
+        if current is not None:
+            return current
+        if name not in self.names:
+            raise VLLMNotFoundError(f"The model `{name}` does not exist.")
+        raise GracefulHTTPError(f"adapter '{name}' is not resident; try again",
+                                HTTPStatus.SERVICE_UNAVAILABLE)
 
     def _token_ids(self, prompt, entry: AdapterEntry) -> list[int]:
         kind = prompt.get("type") if isinstance(prompt, dict) else None
@@ -186,7 +202,7 @@ class AdapterEngineClient:
         # when the caller starts iterating: should the adapter have been replaced since
         # `generate`, its slot may serve another, so the request follows the name again.
         if entry.retired:
-            entry = self._current(entry)
+            entry = self._current(entry.name, None)
             request = RoutedRequest(entry, request.token_ids, request.route_tokens)
         self._registry.acquire(entry)
         try:
@@ -209,6 +225,7 @@ class AdapterEngineClient:
         the unload removed)."""
         metrics = self._metrics
         started = time.perf_counter()
+        arrived = COLD_START.get()
         first_token_seen, generated, prompt_tokens, outcome = False, 0, 0, "error"
         delta = params.output_kind == RequestOutputKind.DELTA
         if entry is not None:
@@ -225,6 +242,8 @@ class AdapterEngineClient:
                     if self._counted(label):
                         metrics.time_to_first_token.labels(label).observe(
                             time.perf_counter() - started)
+                    if arrived is not None:
+                        metrics.time_to_first_token_cold.observe(time.perf_counter() - arrived)
                 yield output
             outcome = "finished"
             if self._counted(label):

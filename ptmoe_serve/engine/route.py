@@ -1,8 +1,8 @@
 """The engine route (a `Route`, routing/route.py), seen from this process: a request with an
 adapter goes to the engine as its token ids and a routing key, and the engine's workers compute
 the soft prompts of each step (vllm_model.py). Each adapter version is written into the
-workers' banks once: in bulk at start-up, else from its load on (a request that comes first
-waits for it); the key names that version, so no cache can serve an older one. Once written, this process keeps of an
+workers' banks once, when it becomes resident (a request that comes first waits for it); the
+key names that version, so no cache can serve an older one. Once written, this process keeps of an
 adapter only its router, for showing a prompt's routing (`routing`)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable
 from pathlib import Path
 
 import torch
@@ -54,12 +54,6 @@ class EngineRoute:
 
     def routing(self, entry: AdapterEntry, token_ids: list[int]) -> ExpertRouting:
         return ExpertRouting.of(entry, self._embeddings()[torch.tensor(token_ids)])
-
-    async def write_all(self, batches: Iterable[list[AdapterEntry]]) -> None:
-        """A bulk load: each batch goes to the workers' banks in one call. (Reading the next
-        batch while one is written gained nothing measurable on two cores.)"""
-        for entries in batches:
-            await asyncio.shield(self._start_write(entries))
 
     def preload(self, entry: AdapterEntry) -> None:
         """Start moving a just-loaded adapter to the workers, so that its first request

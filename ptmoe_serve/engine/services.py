@@ -6,7 +6,6 @@ fine-tuning worker's process."""
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
 import subprocess
@@ -19,7 +18,8 @@ import torch
 from prometheus_client import CollectorRegistry
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from ptmoe_serve.adapters.manager import AdapterManager
+from ptmoe_serve.adapters.bank import BankShape
+from ptmoe_serve.adapters.manager import AdapterManager, ResidencyLimits
 from ptmoe_serve.adapters.registry import AdapterRegistry
 from ptmoe_serve.adapters.store import AdapterStore
 from ptmoe_serve.base_model import load_input_embeddings
@@ -40,6 +40,9 @@ CONTENT_PART_NAMES = frozenset({"text", "thinking", "input", "output", "image", 
                                 "video", "prompt", "refusal", "tool", "file"})
 # How long the fine-tuning worker may take to finish its training step when the server stops.
 WORKER_STOP_SECONDS = 60
+# The adapter banks' memory where there is no GPU: about 10,800 adapters of the paper's shape at
+# H=576, 1,700 at H=4096.
+CPU_BANK_BUDGET = 1 << 30
 
 
 @dataclass
@@ -84,14 +87,19 @@ def start_fine_tune_worker(settings: ServerSettings) -> subprocess.Popen:
         *threads])
 
 
-def release_freed_memory() -> None:
-    """Give the C allocator's freed pages back to the system. A bulk load frees gigabytes of
-    adapter tensors between the routers it keeps, and glibc holds on to such pages (3,000
-    adapters at H=4096: 490 MB kept, 116 MB after this). Nothing to do elsewhere."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+def default_capacity(hidden_size: int, budget_bytes: int) -> int:
+    """How many adapters of the paper's shape (N=2, T=40, R=36) at this hidden size fit the
+    banks' memory budget (--max-resident-adapters' default)."""
+    return max(1, budget_bytes // BankShape(2, 40, 36).bytes_per_slot(hidden_size))
+
+
+def bank_budget(settings: ServerSettings) -> int:
+    """The banks' memory: on a GPU, half of what vLLM leaves of the device
+    (1 - --gpu-memory-utilization); elsewhere CPU_BANK_BUDGET."""
+    if not torch.cuda.is_available():
+        return CPU_BANK_BUDGET
+    utilization = getattr(settings.vllm_args, "gpu_memory_utilization", 0.9)
+    return int(torch.cuda.get_device_properties(0).total_memory * (1 - utilization) / 2)
 
 
 async def start_services(settings: ServerSettings, llm: AsyncLLM,
@@ -107,42 +115,50 @@ async def start_services(settings: ServerSettings, llm: AsyncLLM,
         engine.hidden_size, engine.max_model_len, device,
         reserved_names={settings.engine.served_model_name, *CONTENT_PART_NAMES},
         max_prompt_length=settings.engine.max_soft_prompt_length if in_engine else None)
-    metrics = Metrics(metrics_registry, lambda: len(registry),
+    capacity = settings.max_resident_adapters or default_capacity(engine.hidden_size,
+                                                                  bank_budget(settings))
+    limits = ResidencyLimits(capacity, capacity if settings.max_cpu_adapters is None
+                             else settings.max_cpu_adapters, settings.adapter_wait_seconds)
+    metrics = Metrics(metrics_registry, lambda: len(registry), lambda: len(manager.catalog),
                       lambda: engine.num_unfinished_requests, lambda: registry.bank_bytes)
     metrics.server.info({"model": settings.engine.served_model_name,
-                         "routing": "engine" if in_engine else "api"})
+                         "routing": "engine" if in_engine else "api",
+                         "max_resident_adapters": str(capacity)})
     manager = AdapterManager(registry, AdapterStore(settings.adapters_dir),
-                             list(settings.allowed_adapter_roots), on_unload=metrics.forget)
+                             list(settings.allowed_adapter_roots), limits,
+                             on_unload=metrics.forget, observer=metrics.residency_observer())
     tasks = []
     route: Route
     if in_engine:
         route = EngineRoute(engine, model_dir)
-        manager.on_load = route.preload
+        manager.resident.on_resident = route.preload
         registry.on_bank_dropped = route.drop_bank
-        # Into the engine's banks a batch at a time: this process holds one batch's tensors.
-        await route.write_all(manager.start_in_batches())
     else:
         fused = {"auto": None, "triton": True, "torch": False}[settings.routing_kernel]
         route = SoftPromptBatcher(load_input_embeddings(model_dir), engine.dtype, device,
                                   on_step=metrics.observe_routing_step, fused=fused)
         tasks.append(asyncio.create_task(route.run()))
-        for _ in manager.start_in_batches():  # the banks are this process's: nothing to move
-            pass
-    registry.drop_empty_banks()  # reserved for folders that then failed their checks
-    release_freed_memory()
-    limits = RequestLimits(engine.max_model_len, engine.vocab_size, settings.max_sequences,
-                           settings.max_logprobs)
-    client = AdapterEngineClient(llm, registry, route, metrics,
+    manager.start()
+    for name in settings.pinned:
+        try:
+            await manager.resident.pin(name)
+        except Exception as e:
+            raise RuntimeError(f"--pin {name}: {'not in the store' if isinstance(e, KeyError) else e}"
+                               ) from None
+    request_limits = RequestLimits(engine.max_model_len, engine.vocab_size,
+                                   settings.max_sequences, settings.max_logprobs)
+    client = AdapterEngineClient(llm, registry, manager.catalog, route, metrics,
                                  settings.engine.served_model_name,
-                                 routes_prompt_logprobs=in_engine, limits=limits)
+                                 routes_prompt_logprobs=in_engine, limits=request_limits)
     if settings.watch_interval > 0:
         tasks.append(asyncio.create_task(manager.watch(settings.watch_interval)))
-    services = Services(settings, engine, registry, manager, route, client, metrics, limits,
-                        int(started), tasks)
+    services = Services(settings, engine, registry, manager, route, client, metrics,
+                        request_limits, int(started), tasks)
     if settings.fine_tune_worker:
         services.fine_tune_worker = start_fine_tune_worker(settings)
-    logger.info("serving %s with %d adapters (routing %s), ready in %.1f s",
-                settings.engine.served_model_name, len(registry),
+    logger.info("serving %s with %d adapters in the store, %d resident of at most %d "
+                "(routing %s), ready in %.1f s", settings.engine.served_model_name,
+                len(manager.catalog), len(registry), capacity,
                 "in the engine" if in_engine else "through prompt embeddings",
                 time.time() - started)
     return services

@@ -1,4 +1,5 @@
 import asyncio
+import contextlib
 import shutil
 import time
 
@@ -40,9 +41,29 @@ def roots(tmp_path):
 def manager(store_dir, library) -> AdapterManager:
     registry = AdapterRegistry(16, 64, torch.device("cpu"))
     result = AdapterManager(registry, AdapterStore(store_dir), [library])
-    for _ in result.start_in_batches():
-        pass
+    result.start()
     return result
+
+
+def served(m: AdapterManager) -> list[str]:
+    """What the manager's catalog says the store serves, resident or not."""
+    return m.catalog.page(None, len(m.catalog))
+
+
+def resident(m: AdapterManager) -> list[str]:
+    return [e.name for e in m.registry.entries()]
+
+
+def make_resident(m: AdapterManager, *names: str) -> None:
+    """As a request does: acquired (loaded if need be), then released."""
+    async def run():
+        for name in names:
+            m.resident.release(await m.resident.acquire(name))
+    asyncio.run(run())
+
+
+def fetch(m: AdapterManager, name: str):
+    return asyncio.run(m.fetch(name))
 
 
 def upload(m: AdapterManager, name: str, config: bytes, weights: bytes):
@@ -58,32 +79,21 @@ def files(adapter) -> tuple[bytes, bytes]:
         return (Path(d) / CONFIG_FILE).read_bytes(), (Path(d) / WEIGHTS_FILE).read_bytes()
 
 
-def test_start_serves_the_store_and_skips_bad_folders(roots):
+def test_start_reads_the_index_not_the_weights_and_a_bad_folder_fails_at_its_first_read(roots):
     store, library, _ = roots
     write_adapter(random_adapter(seed=1), store / "good")
     write_adapter(random_adapter(hidden_size=8), store / "wrong-size")
     (store / "empty").mkdir()
     m = manager(store, library)
-    assert [e.name for e in m.registry.entries()] == ["good"]
-
-
-def test_start_loads_in_batches_into_banks_sized_once(roots):
-    """A bulk start-up: the bank is allocated once for all, and the adapters are read a batch
-    at a time, as the caller asks for them (each batch moves to the engine's workers before the
-    next is read)."""
-    store, library, _ = roots
-    for i in range(10):
-        write_adapter(random_adapter(seed=i), store / f"a{i}")
-    write_adapter(random_adapter(hidden_size=8), store / "wrong-size")
-    registry = AdapterRegistry(16, 64, torch.device("cpu"))
-    m = AdapterManager(registry, AdapterStore(store), [library])
-    batches = m.start_in_batches(batch_parameters=3 * random_adapter().num_parameters)
-    first = next(batches)
-    assert len(first) == 3 and len(registry) == 3
-    bank = first[0].bank
-    assert bank.capacity == 10
-    assert [len(batch) for batch in batches] == [3, 3, 1]
-    assert len(registry) == 10 and bank.capacity == 10
+    assert served(m) == ["empty", "good", "wrong-size"] and resident(m) == []
+    assert m.registry.bank_bytes == 0
+    make_resident(m, "good")
+    assert resident(m) == ["good"]
+    with pytest.raises(AdapterError, match="hidden_size is 8"):
+        fetch(m, "wrong-size")
+    with pytest.raises(AdapterError, match="no adapter_model.safetensors"):
+        fetch(m, "empty")
+    assert sorted(m.failed) == ["empty", "wrong-size"] and resident(m) == ["good"]
 
 
 def test_load_path_checks_the_allowed_roots(roots):
@@ -105,7 +115,7 @@ def test_load_path_checks_the_allowed_roots(roots):
         m.load_path("gone", str(library / "gone"), replace=False)
     with pytest.raises(AdapterExists):
         m.load_path("lib", str(library / "lib"), replace=False)
-    assert [e.name for e in m.registry.entries()] == ["lib"]
+    assert resident(m) == served(m) == ["lib"]
 
 
 def test_upload_validates_before_writing(roots):
@@ -134,23 +144,27 @@ def test_restart_remembers_links_and_unloads(roots):
     m.unload("purged", purge=True)
     assert (store / "dropped").exists() and not (store / "purged").exists()
     again = manager(store, library)
-    assert [e.name for e in again.registry.entries()] == ["linked", "up"]
+    assert served(again) == ["linked", "up"]
 
 
 def test_watching_the_store(roots):
     store, library, _ = roots
     m = manager(store, library)
     write_adapter(random_adapter(seed=1), library / "src")
-    # A folder still being copied: the config is there, the weights not yet.
+    # A folder still being copied: the config is there, the weights not yet. It is served
+    # once its files are whole: its first read before then fails, the next one after them.
     (store / "new").mkdir()
     shutil.copy(library / "src" / CONFIG_FILE, store / "new")
     look(m)
-    assert "new" not in m.registry
+    with pytest.raises(AdapterError, match="no adapter_model.safetensors"):
+        make_resident(m, "new")
     shutil.copy(library / "src" / WEIGHTS_FILE, store / "new")
     look(m)
+    make_resident(m, "new")
     first = m.registry.get("new")
     # Replaced by hand: the new folder moved into place (files rewritten in place are not
-    # followed: that would take a stat per adapter at every look).
+    # followed: that would take a stat per adapter at every look). The resident copy is
+    # replaced at once.
     write_adapter(random_adapter(seed=2), library / "next")
     (store / "new").rename(store / ".old")
     (library / "next").rename(store / "new")
@@ -158,7 +172,7 @@ def test_watching_the_store(roots):
     assert m.registry.get("new").version > first.version
     shutil.rmtree(store / "new")
     look(m)
-    assert "new" not in m.registry
+    assert "new" not in m.registry and "new" not in m.catalog
 
 
 def test_an_unloaded_store_folder_is_not_reloaded_by_the_watcher(roots):
@@ -167,7 +181,7 @@ def test_an_unloaded_store_folder_is_not_reloaded_by_the_watcher(roots):
     upload(m, "a", *files(random_adapter()))
     m.unload("a", purge=False)
     look(m)
-    assert "a" not in m.registry
+    assert "a" not in m.registry and "a" not in m.catalog
 
 
 def test_a_new_folder_under_an_unloaded_name_is_served(roots):
@@ -179,24 +193,26 @@ def test_a_new_folder_under_an_unloaded_name_is_served(roots):
     look(m)
     write_adapter(random_adapter(seed=2), store / "a")
     look(m)
-    assert "a" in m.registry
+    assert "a" in m.catalog
 
 
-def test_hostile_store_folders_are_skipped_listed_and_reserve_nothing(roots):
+def test_hostile_store_folders_fail_at_their_first_read_listed_and_reserve_nothing(roots):
     store, library, _ = roots
     write_adapter(random_adapter(seed=1), store / "good")
     hostile_folders(store, store / "good")
     cases = HOSTILE
     m = manager(store, library)
-    assert [e.name for e in m.registry.entries()] == ["good"]
-    assert sorted(m.failed) == sorted(cases)
+    make_resident(m, "good")
     for name, reason in cases.items():
+        with pytest.raises(AdapterError, match=reason):
+            make_resident(m, name)
         assert reason in m.failed[name], m.failed[name]
+    assert resident(m) == ["good"] and sorted(m.failed) == sorted(cases)
     # Only the good adapter's shape got a bank, of one slot.
     assert m.registry.bank_bytes == m.registry.get("good").bank.bytes_per_slot
 
 
-def test_the_watcher_skips_hostile_folders_and_keeps_going(roots):
+def test_the_watcher_follows_hostile_folders_and_keeps_going(roots):
     store, library, _ = roots
     m = manager(store, library)
     write_adapter(random_adapter(seed=1), library / "template")
@@ -204,13 +220,17 @@ def test_the_watcher_skips_hostile_folders_and_keeps_going(roots):
     cases = HOSTILE
     write_adapter(random_adapter(seed=2), store / "new")
     look(m)
-    assert [e.name for e in m.registry.entries()] == ["new"] and sorted(m.failed) == sorted(cases)
+    for name in ["new", *cases]:
+        with contextlib.suppress(AdapterError):
+            make_resident(m, name)
+    assert resident(m) == ["new"] and sorted(m.failed) == sorted(cases)
     # Fixed in place, a folder loads and leaves the failed list; removed, it leaves it too.
     shutil.rmtree(store / "huge-rank")
     write_adapter(random_adapter(seed=3), store / "huge-rank")
     shutil.rmtree(store / "deep-json")
     look(m)
-    assert [e.name for e in m.registry.entries()] == ["huge-rank", "new"]
+    make_resident(m, "huge-rank")
+    assert resident(m) == ["huge-rank", "new"]
     assert sorted(m.failed) == ["not-a-config", "null-shape"]
 
 
@@ -234,23 +254,24 @@ def test_servers_over_one_store_follow_each_others_unloads_loads_and_links(roots
     write_adapter(random_adapter(seed=2), library / "lib")
     first, second = manager(store, library), manager(store, library)
 
-    def served(m):
+    def looked(m):
         look(m)
-        return [e.name for e in m.registry.entries()]
+        return served(m)
 
-    assert served(first) == served(second) == ["s"]
+    assert looked(first) == looked(second) == ["s"]
     first.unload("s", purge=False)  # the folder stays; the manifest says unloaded
-    assert served(second) == []
+    assert looked(second) == []
     first.load_path("s", str(store / "s"), replace=False)
-    assert served(second) == ["s"]
+    assert looked(second) == ["s"]
     first.load_path("lib", str(library / "lib"), replace=False)
-    assert served(second) == ["lib", "s"]
+    assert looked(second) == ["lib", "s"]
+    make_resident(second, "lib")
     assert second.registry.get("lib").source == library / "lib"
     first.unload("lib", purge=False)
-    assert served(second) == ["s"]
+    assert looked(second) == ["s"] and "lib" not in second.registry
     # Each server's own changes leave it nothing to redo: no new version on its next look.
     version = first.registry.get("s").version
-    assert served(first) == ["s"] and first.registry.get("s").version == version
+    assert looked(first) == ["s"] and first.registry.get("s").version == version
 
 
 def test_manifest_changes_from_two_servers_are_never_lost(roots):
@@ -274,6 +295,7 @@ def test_servers_over_one_store_agree_on_versions_and_never_go_back(roots):
 
     def versions(m):
         look(m)
+        make_resident(m, *served(m))
         return {e.name: e.version for e in m.registry.entries()}
 
     assert versions(first) == versions(second) == {"found": 1}
@@ -290,8 +312,8 @@ def test_servers_over_one_store_agree_on_versions_and_never_go_back(roots):
     (library / "lib.new").rename(library / "lib")
     first.load_path("lib", str(library / "lib"), replace=True)
     assert versions(second)["lib"] == versions(first)["lib"] == 5
-    served = second.registry.get("lib").adapter.experts_a
-    assert served.equal(random_adapter(seed=5).experts_a)
+    replaced = second.registry.get("lib").adapter.experts_a
+    assert replaced.equal(random_adapter(seed=5).experts_a)
     # An older version reaching a server late changes nothing.
     entry = second.registry.get("up")
     assert second._add("up", random_adapter(seed=2), 2, store / "up") is entry
@@ -307,6 +329,7 @@ def test_a_look_at_the_store_costs_its_changes_not_its_adapters(roots, monkeypat
     for i in range(50):
         upload(first, f"a{i}", *files(random_adapter(seed=i)))
     second = manager(store, library)
+    make_resident(second, *served(second))
     stamped, listed = [], []
     original_stamp, original_scandir = manager_module.folder_stamp, store_module.os.scandir
     monkeypatch.setattr(manager_module, "folder_stamp",

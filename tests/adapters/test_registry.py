@@ -128,13 +128,3 @@ def test_a_new_shape_starts_with_one_slot_and_its_bank_goes_with_its_last_adapte
     # The shape comes back small, in a new bank.
     again = reg.add("c", random_adapter(seed=3, rank=5), version=1)
     assert again.bank is not first.bank and again.bank.capacity == 1
-
-
-def test_banks_reserved_for_adapters_that_never_came_are_dropped():
-    dropped = []
-    reg = registry(on_bank_dropped=dropped.append)
-    reg.reserve([random_adapter(rank=7).config] * 100)
-    kept = reg.add("kept", random_adapter(seed=1), version=1)
-    reg.drop_empty_banks()
-    assert [shape.rank for shape in dropped] == [7]
-    assert reg.bank_bytes == kept.bank.capacity * kept.bank.bytes_per_slot  # the one bank left

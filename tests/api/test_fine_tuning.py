@@ -11,6 +11,7 @@ import os
 import signal
 import time
 
+import httpx
 import openai
 import pytest
 
@@ -95,11 +96,11 @@ def metrics(client, job_id: str) -> list[dict]:
             if e.type == "metrics"]
 
 
-def wait_for_model(client, model: str, seconds: float = 30) -> None:
-    deadline = time.monotonic() + seconds
-    while model not in [m.id for m in client.models.list()]:
-        assert time.monotonic() < deadline, f"{model} not served after {seconds} s"
-        time.sleep(0.5)
+def assert_in_store(client, model: str) -> None:
+    """The server serves `model` (resident or not: GET /v1/adapters/{name}), at once."""
+    response = httpx.get(f"{client.base_url}adapters/{model}",
+                         headers={"authorization": f"Bearer {client.api_key}"})
+    assert response.status_code == 200 and response.json()["name"] == model, response.text
 
 
 def test_a_job_survives_a_crashed_server_and_its_model_answers_far_better(deployment):
@@ -133,7 +134,7 @@ def test_a_job_survives_a_crashed_server_and_its_model_answers_far_better(deploy
     final = events[-2].data if events[-2].type == "metrics" else None
     assert final is not None and final["step"] == 50 and "valid_exact_match" in final
 
-    wait_for_model(client, done.fine_tuned_model)
+    assert_in_store(client, done.fine_tuned_model)
 
     def exact_matches(model: str) -> float:
         right = 0.0
@@ -173,13 +174,14 @@ def test_a_second_job_queues_and_each_epochs_checkpoint_serves(client):
         (8, done.fine_tuned_model), (4, f"{done.fine_tuned_model}-ckpt-step-4")]
     assert done.id in [j.id for j in client.fine_tuning.jobs.list()]
 
-    # Served at once, the epoch's checkpoint too: in /v1/models, and answering.
+    # Served at once, the epoch's checkpoint too: answering, then in /v1/models (resident).
     for model in (done.fine_tuned_model, checkpoints[1].fine_tuned_model_checkpoint):
-        wait_for_model(client, model)
+        assert_in_store(client, model)
         answer = client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": "Card for person 3:"}],
             max_tokens=8, temperature=0)
         assert answer.choices[0].message.content
+        assert model in [m.id for m in client.models.list()]
     assert client.fine_tuning.jobs.retrieve(second.id).status == "cancelled"
 
 

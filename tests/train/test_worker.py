@@ -50,8 +50,7 @@ def test_a_job_is_validated_queued_trained_and_served_from_the_store(store, work
                     hyperparameters={"n_epochs": 2, "batch_size": 4})
     second = new_job(store, jsonl(EXAMPLES))
     follower = AdapterManager(AdapterRegistry(576, 2048, torch.device("cpu")), AdapterStore(store))
-    for _ in follower.start_in_batches():
-        pass
+    follower.start()
     assert worker.run_once()
     # The oldest ran; the other waits its turn, validated.
     done, waiting = jobs.get(first["id"]), jobs.get(second["id"])
@@ -75,7 +74,7 @@ def test_a_job_is_validated_queued_trained_and_served_from_the_store(store, work
         (2, f"{name}-ckpt-step-2"), (4, name)]
     assert checkpoints[1]["metrics"] == steps[-1]
     follower.sync_store()
-    assert name in follower.registry and f"{name}-ckpt-step-2" in follower.registry
+    assert name in follower.catalog and f"{name}-ckpt-step-2" in follower.catalog
     assert not torch.equal(read_adapter(store / f"{name}-ckpt-step-2").experts_a,
                            adapter.experts_a)
 
