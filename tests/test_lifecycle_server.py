@@ -124,7 +124,10 @@ def test_keys(server, lab):
                                                                   "prompt": "x"})
     assert refused.status_code == 401
     assert refused.json()["error"]["code"] == "invalid_api_key"
-    # Adapter folders are shown to whoever may manage adapters, not to every caller.
+    # Adapter folders are shown to whoever may manage adapters, not to every caller (on
+    # the cards of resident adapters: its first request makes "stable" one).
+    assert client(server, USER).post("/v1/completions", json={
+        "model": "stable", "prompt": "x", "max_tokens": 1}).status_code == 200
     for key, shows_path in [(USER, False), (ADMIN, True)]:
         cards = {m["id"]: m for m in client(server, key).get("/v1/models").json()["data"]}
         assert cards["stable"]["root"] == (str(lab["store"] / "stable") if shows_path
