@@ -12,7 +12,7 @@ from _pytest.nodeid import NodeId
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from bench.server_process import launch_server, wait_until_healthy
+from bench.server_process import RunningServer, launch_server, wait_until_healthy
 from helpers import reap_stopped, stop_later
 from ptmoe_serve.base_model import default_cache_dir, ensure_default_model
 
@@ -47,6 +47,18 @@ def pytest_configure(config):
     torch.set_num_threads(1)
     if os.environ["PYTEST_XDIST_WORKER"] != "gw0" and (os.cpu_count() or 1) > 1:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", str((os.cpu_count() or 1) - 1))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test on a server of its module shows the end of that server's log: what the
+    server did is most of what there is to know, and CI keeps no files."""
+    report = yield
+    if report.failed and call.when == "call":
+        for value in getattr(item, "funcargs", {}).values():
+            if isinstance(value, RunningServer):
+                report.sections.append((f"server log ({value.log})", value.log_tail(40)))
+    return report
 
 
 def pytest_sessionfinish(session):

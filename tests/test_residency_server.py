@@ -57,7 +57,7 @@ def server(store, model_dir):
 
 
 def complete(server, model: str, max_tokens: int = MAX_TOKENS, prompt=PROMPT) -> httpx.Response:
-    return httpx.post(f"{server.url}/v1/completions", timeout=300, json={
+    return httpx.post(f"{server.url}/v1/completions", timeout=120, json={
         "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
         "return_token_ids": True})
 

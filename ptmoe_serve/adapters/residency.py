@@ -28,6 +28,14 @@ from ptmoe_serve.adapters.registry import AdapterEntry, AdapterRegistry
 MAX_WAITING = 1024
 
 
+@dataclass(eq=False)
+class _Load:
+    """A load in progress, and how many requests wait for it."""
+
+    task: asyncio.Future | None = None
+    waiters: int = 0
+
+
 class ResidentSetFull(Exception):
     """Every slot is held by running requests, for longer than a cold request may wait."""
 
@@ -69,7 +77,7 @@ class ResidentSet:
         self.on_resident = on_resident
         self._observer = observer
         self.pinned: set[str] = set()
-        self._loading: dict[str, asyncio.Future] = {}
+        self._loading: dict[str, _Load] = {}
         # Decoded copies: of each resident adapter, and of evicted ones (the host tier).
         self._copies: dict[str, Fetched] = {}
         self._host: OrderedDict[str, Fetched] = OrderedDict()
@@ -85,34 +93,51 @@ class ResidentSet:
         """`name`'s entry, held until `release`: at once if resident, else once loaded (one
         load however many ask). Raises the load's error: AdapterNotFound, AdapterError (a
         folder that fails its checks), ResidentSetFull."""
-        while True:
-            entry = self.registry.find(name)
-            if entry is not None:
-                self.registry.acquire(entry)
-                return entry
-            loading = self._loading.get(name)
-            if loading is None:
-                loading = self._loading[name] = asyncio.ensure_future(self._load(name))
-                loading.add_done_callback(lambda _: self._loading.pop(name, None))
-            # The load is every waiter's: one cancelled waiter does not cancel it. Once it
-            # is done the entry is looked up again (it may even have been evicted since).
-            await asyncio.shield(loading)
+        entry = self.registry.find(name)
+        if entry is not None:
+            self.registry.acquire(entry)
+            return entry
+        load = self._loading.get(name)
+        if load is None:
+            load = self._loading[name] = _Load()
+            load.task = asyncio.ensure_future(self._load(name, load))
+        load.waiters += 1
+        # The load is every waiter's: one cancelled waiter does not cancel it.
+        try:
+            return await asyncio.shield(load.task)
+        except asyncio.CancelledError:
+            if load.task.done() and not load.task.cancelled() and load.task.exception() is None:
+                self.release(load.task.result())  # it was held for this waiter
+            else:
+                load.waiters -= 1
+            raise
 
     def release(self, entry: AdapterEntry) -> None:
         self.registry.release(entry)
         if entry.pending == 0:
             self._released.set()
 
-    async def _load(self, name: str) -> None:
-        started = time.perf_counter()
-        fetched = self._host.get(name)
-        source = "host" if fetched is not None else "disk"
-        if fetched is None:
-            fetched = await self._fetch(name)
-        await self._room_for_one()
-        if self.registry.find(name) is None:  # a management call may have placed it
-            self.place(name, fetched)
-        self._observer.loaded(source, time.perf_counter() - started)
+    async def _load(self, name: str, load: _Load) -> AdapterEntry:
+        """Make `name` resident; its entry, held once for each request waiting for it. The
+        holds are taken as it is placed, before any other load can run: another load's
+        eviction could otherwise take it back before its waiters see it, again and again."""
+        try:
+            started = time.perf_counter()
+            fetched = self._host.get(name)
+            source = "host" if fetched is not None else "disk"
+            if fetched is None:
+                fetched = await self._fetch(name)
+            await self._room_for_one()
+            entry = self.registry.find(name)  # a management call may have placed it meanwhile
+            if entry is None:
+                entry = self.place(name, fetched)
+            for _ in range(load.waiters):
+                self.registry.acquire(entry)
+            self._observer.loaded(source, time.perf_counter() - started)
+            return entry
+        finally:
+            # Done as the load ends: a request arriving later finds the entry, or loads anew.
+            del self._loading[name]
 
     async def _room_for_one(self) -> None:
         """Evict until there is room for one more, waiting (bounded) while every slot is held."""

@@ -145,3 +145,46 @@ def test_a_name_the_store_does_not_serve_is_not_found(tmp_path):
     with pytest.raises(AdapterNotFound):
         asyncio.run(m.resident.acquire("nope"))
     assert loads == [] and len(m.registry) == 0
+
+
+
+def test_a_loaded_adapter_is_held_for_its_requests_before_another_load_can_evict_it(tmp_path):
+    """Two cold requests, one slot, both adapters in the host tier (loads that take no time):
+    the first load's adapter is held for its request as it is placed, so the second load waits
+    for that request instead of evicting the adapter before the request sees it (and that one
+    then evicting the other's, and so on)."""
+    m, loads, _ = manager(tmp_path, capacity=1, host_capacity=4, wait=5)
+
+    async def run():
+        r = m.resident
+        for name in ("a0", "a1", "a2"):  # a0 and a1 go to the host tier
+            r.release(await r.acquire(name))
+        loads.clear()
+        first = asyncio.ensure_future(r.acquire("a0"))
+        second = asyncio.ensure_future(r.acquire("a1"))
+        entry = await first
+        assert entry.name == "a0" and entry.pending == 1 and not second.done()
+        r.release(entry)
+        other = await second
+        assert other.name == "a1" and other.pending == 1 and resident(m) == {"a1"}
+        r.release(other)
+
+    asyncio.run(run())
+    assert loads == ["host", "host"]
+
+
+def test_a_request_that_leaves_while_its_adapter_loads_holds_nothing(tmp_path):
+    m, loads, _ = manager(tmp_path, capacity=2)
+
+    async def run():
+        r = m.resident
+        staying = asyncio.ensure_future(r.acquire("a0"))
+        leaving = asyncio.ensure_future(r.acquire("a0"))
+        await asyncio.sleep(0)
+        leaving.cancel()
+        entry = await staying
+        assert entry.pending == 1 and leaving.cancelled()
+        r.release(entry)
+
+    asyncio.run(run())
+    assert loads == ["disk"]
