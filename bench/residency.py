@@ -42,9 +42,7 @@ from bench.workload import CORPUS, WorkloadSpec, make_workload
 from ptmoe_serve.base_model import DEFAULT_MODEL_NAME, default_cache_dir, ensure_default_model
 
 PROMPT = "Tell me a short story about a robot who learns to paint."
-# Cold-start measurement: adapters read one at a time, with a cap small enough that most of
-# them are evicted again, and a host tier that keeps every one of them.
-COLD_CAP = 16
+# Cold-start measurement: adapters read one at a time (the traffic never asked them).
 COLD_ADAPTERS = 64
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -115,16 +113,19 @@ def summary_ms(values: list[float]) -> dict:
             "mean": statistics.fmean(ms), "n": len(ms)}
 
 
-async def cold_starts(url: str, names: list[str]) -> dict:
-    """One at a time: each adapter's first request and the same again; then the adapters
-    evicted since (all but the last COLD_CAP), each brought back from the host tier."""
+async def cold_starts(url: str, names: list[str], others: list[str]) -> dict:
+    """One at a time: each adapter's first request and the same again; then, once `others`
+    (as many as the cap, one request each) have evicted them all, each brought back from the
+    host tier."""
     disk, warm, host = [], [], []
     async with httpx.AsyncClient(base_url=url, timeout=300) as client:
         await first_token_seconds(client, names[-1])  # the server's first request, aside
         for name in names[:-1]:
             disk.append(await first_token_seconds(client, name))
             warm.append(await first_token_seconds(client, name))
-        for name in names[:-1 - COLD_CAP]:
+        for name in others:
+            await first_token_seconds(client, name)
+        for name in names[:-1]:
             host.append(await first_token_seconds(client, name))
     return {"disk": summary_ms(disk), "warm": summary_ms(warm), "host": summary_ms(host),
             "disk_minus_warm_p50_ms": summary_ms(disk)["p50"] - summary_ms(warm)["p50"],
@@ -140,12 +141,19 @@ def pin_all(url: str, admin_key: str, names: list[str]) -> None:
             client.delete(f"/v1/adapters/{name}/pin").raise_for_status()
 
 
-def traffic_rounds(systems: dict[str, tuple[str, list[str]]], requests, spec: WorkloadSpec,
-                   rounds: int, measure_residency: bool) -> dict[str, list[dict]]:
-    """Each system the same requests, `rounds` times, in an order that rotates each round."""
+def round_workloads(spec: WorkloadSpec, config: SystemConfig, rounds: int) -> list[list]:
+    """A Zipf stream cut into rounds: each round's requests drawn afresh (its own seed), so a
+    capped server keeps loading and evicting from round to round."""
+    ids = corpus(config)
+    return [make_workload(replace(spec, seed=spec.seed + i), ids) for i in range(rounds)]
+
+
+def traffic_rounds(systems: dict[str, tuple[str, list[str]]], workloads: list[list],
+                   spec: WorkloadSpec, measure_residency: bool) -> dict[str, list[dict]]:
+    """Each round's requests to every system, in an order that rotates each round."""
     results: dict[str, list[dict]] = {name: [] for name in systems}
     order = list(systems)
-    for index in range(rounds):
+    for index, requests in enumerate(workloads):
         for name in order[index % len(order):] + order[:index % len(order)]:
             url, names = systems[name]
             before = residency_counts(url) if measure_residency else {}
@@ -174,7 +182,8 @@ def fractions_part(config: SystemConfig, args, admin_key: str, key_file: Path) -
     spec = WorkloadSpec(args.adapters, args.requests, popularity="zipf", zipf_exponent=1.0,
                         concurrency=args.concurrency, output_tokens=args.output_tokens,
                         prompt_tokens=args.prompt_tokens)
-    requests = make_workload(spec, corpus(config))
+    workloads = round_workloads(spec, config, args.rounds)
+    asked = sorted({names[r.adapter_index] for requests in workloads for r in requests})
     caps = {f"{fraction:g}": max(1, round(fraction * args.adapters)) for fraction in
             args.fractions}
     with ExitStack() as stack:
@@ -182,15 +191,14 @@ def fractions_part(config: SystemConfig, args, admin_key: str, key_file: Path) -
                     config, folders[0].parent, cap, cap, config.work_dir / f"cap-{cap}.log",
                     key_file)) for label, cap in caps.items()}
         for label, cap in caps.items():
-            if cap >= args.adapters:
-                pin_all(urls[label], admin_key, sorted({names[r.adapter_index]
-                                                        for r in requests}))
+            if cap >= args.adapters:  # the server holding the whole store: all resident
+                pin_all(urls[label], admin_key, asked)
         results = traffic_rounds({label: (url, names) for label, url in urls.items()},
-                                 requests, spec, args.rounds, measure_residency=True)
+                                 workloads, spec, measure_residency=True)
     full = medians(results)
     top = f"{max(args.fractions):g}"
     return {"adapters": args.adapters, "caps": caps, "workload": spec.__dict__,
-            "distinct_adapters_asked": len({r.adapter_index for r in requests}),
+            "distinct_adapters_asked": len(asked),
             "rounds": results, "median_output_tokens_per_second": full,
             "ratio_to_all_resident": {label: full[label] / full[top] for label in full}}
 
@@ -205,10 +213,12 @@ def peers_part(config: SystemConfig, args, key_file: Path) -> dict:
     spec = WorkloadSpec(count, args.requests, popularity="zipf", zipf_exponent=1.0,
                         concurrency=args.concurrency, output_tokens=args.output_tokens,
                         prompt_tokens=args.prompt_tokens, seed=1)
-    requests = make_workload(spec, corpus(config))
+    workloads = round_workloads(spec, config, args.rounds)
     # The cold measurement's adapters: ones the traffic never asked for.
-    asked = {r.adapter_index for r in requests}
+    asked = {r.adapter_index for requests in workloads for r in requests}
     cold = [i for i in range(count) if i not in asked][-COLD_ADAPTERS:]
+    # Adapters that push the cold ones out of the banks (into the host tier) afterwards.
+    others = [i for i in range(count) if i not in cold][:cap]
     with ExitStack() as stack:
         ptmoe_url = stack.enter_context(ptmoe_server(
             config, folders[0].parent, cap, count, config.work_dir / "peer-ptmoe.log",
@@ -217,11 +227,12 @@ def peers_part(config: SystemConfig, args, key_file: Path) -> dict:
             lora_config, lora_folder, cap, count, config.work_dir / "peer-lora.log"))
         systems = {"ptmoe": (ptmoe_url, [f.name for f in folders]),
                    "vllm-lora": (lora_url, [f.name for f in loras])}
-        results = traffic_rounds(systems, requests, spec, args.rounds, measure_residency=False)
+        results = traffic_rounds(systems, workloads, spec, measure_residency=False)
         cold_results = {}
         for name, (url, names) in systems.items():
             before = residency_counts(url) if name == "ptmoe" else {}
-            cold_results[name] = asyncio.run(cold_starts(url, [names[i] for i in cold]))
+            cold_results[name] = asyncio.run(cold_starts(url, [names[i] for i in cold],
+                                                         [names[i] for i in others]))
             if name == "ptmoe":
                 after = residency_counts(url)
                 cold_results[name]["residency"] = {k: after[k] - before[k] for k in after}
@@ -234,6 +245,33 @@ def peers_part(config: SystemConfig, args, key_file: Path) -> dict:
             "rounds": results, "median_output_tokens_per_second": throughput,
             "ptmoe_over_lora": throughput["ptmoe"] / throughput["vllm-lora"],
             "cold_start": cold_results}
+
+
+def plot_fractions(part: dict, out: Path) -> None:
+    """Throughput (median of rounds, and each round) against the resident fraction."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = sorted(part["rounds"], key=float)
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    xs = [100 * float(label) for label in labels]
+    ax.plot(xs, [part["median_output_tokens_per_second"][label] for label in labels], "o-",
+            label="median of rounds")
+    for label, x in zip(labels, xs):
+        ax.scatter([x] * len(part["rounds"][label]),
+                   [r["output_tokens_per_second"] for r in part["rounds"][label]],
+                   color="grey", s=12, zorder=3)
+    ax.set_xscale("log")
+    ax.set_xticks(xs, [f"{x:g}%" for x in xs])
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel(f"resident fraction of {part['adapters']:,} adapters (--max-resident-adapters)")
+    ax.set_ylabel("output tokens/s")
+    ax.set_title("Zipf (s=1) traffic, cold adapters loaded on first use", fontsize=10)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
 
 
 def corpus(config: SystemConfig) -> list[int]:
@@ -253,7 +291,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--output-tokens", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--parts", nargs="+", choices=["fractions", "peers"],
                         default=["fractions", "peers"])
@@ -277,6 +315,8 @@ def main() -> None:
             report["peers"] = peers_part(config, args, key_file)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    if "fractions" in report:
+        plot_fractions(report["fractions"], args.out.with_suffix(".png"))
     print(json.dumps({k: v for k, v in report.items()}, indent=2, default=str)[:4000])
 
 

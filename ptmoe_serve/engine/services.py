@@ -157,7 +157,7 @@ async def start_services(settings: ServerSettings, llm: AsyncLLM,
     if settings.fine_tune_worker:
         services.fine_tune_worker = start_fine_tune_worker(settings)
     logger.info("serving %s with %d adapters in the store, %d resident of at most %d "
-                "(routing %s), ready in %.1f s", settings.engine.served_model_name,
+                "(routing %s), ready in %.2f s", settings.engine.served_model_name,
                 len(manager.catalog), len(registry), capacity,
                 "in the engine" if in_engine else "through prompt embeddings",
                 time.time() - started)
