@@ -358,12 +358,15 @@ def test_a_full_queue_is_503_with_retry_after(api_route_server):
         def long_stream():
             with client.stream("POST", url, json={
                     "model": "dense", "prompt": [PROMPT] * API_ROUTE_QUEUE_LIMIT,
-                    "max_tokens": max_tokens, "ignore_eos": True, "stream": True}) as response:
-                tokens = 0
+                    "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
+                    "stream_options": {"include_usage": True}}) as response:
+                # A slow reader gets several tokens in one chunk: count them by the usage.
+                tokens = None
                 for line in response.iter_lines():
                     if line.startswith("data: {"):
-                        tokens += 1
                         running.set()
+                        usage = json.loads(line[len("data: "):]).get("usage")
+                        tokens = usage["completion_tokens"] if usage else tokens
                 return response.status_code, tokens
 
         first = pool.submit(long_stream)
