@@ -31,6 +31,7 @@ from ptmoe_serve.adapters.catalog import AdapterCatalog
 from ptmoe_serve.adapters.registry import AdapterEntry, AdapterRegistry
 from ptmoe_serve.config import ROUTE_TOKENS
 from ptmoe_serve.engine.limits import RequestLimits
+from ptmoe_serve.engine.lora_stats import AdapterRequestNames
 from ptmoe_serve.metrics import Metrics
 from ptmoe_serve.routing.route import Route, RoutedRequest
 
@@ -95,6 +96,8 @@ class AdapterEngineClient:
         self._routes_prompt_logprobs = routes_prompt_logprobs
         self._max_model_len = llm.model_config.max_model_len
         self._vocab_size = llm.model_config.get_vocab_size()
+        # Which adapter each engine request runs with, for vLLM's per-LoRA request counts.
+        self.request_names = AdapterRequestNames()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._llm, name)
@@ -205,6 +208,7 @@ class AdapterEngineClient:
             entry = self._current(entry.name, None)
             request = RoutedRequest(entry, request.token_ids, request.route_tokens)
         self._registry.acquire(entry)
+        self.request_names.add(request_id, entry.name)
         try:
             engine_prompt = await self._route.engine_prompt(request)
             for field in ("prompt", "cache_salt"):
@@ -215,6 +219,7 @@ class AdapterEngineClient:
                                                    **kwargs):
                 yield _without_soft_prompt(output, request.token_ids, soft)
         finally:
+            self.request_names.discard(request_id)
             self._registry.release(entry)
 
     async def _observed(self, label: str, entry: AdapterEntry | None, params: SamplingParams,

@@ -27,6 +27,7 @@ from ptmoe_serve.config import ServerSettings
 from ptmoe_serve.engine.client import AdapterEngineClient
 from ptmoe_serve.engine.engine import Engine
 from ptmoe_serve.engine.limits import RequestLimits
+from ptmoe_serve.engine.lora_stats import track_adapter_requests
 from ptmoe_serve.engine.route import EngineRoute
 from ptmoe_serve.metrics import Metrics
 from ptmoe_serve.routing.batcher import SoftPromptBatcher
@@ -150,6 +151,7 @@ async def start_services(settings: ServerSettings, llm: AsyncLLM,
     client = AdapterEngineClient(llm, registry, manager.catalog, route, metrics,
                                  settings.engine.served_model_name,
                                  routes_prompt_logprobs=in_engine, limits=request_limits)
+    track_adapter_requests(llm, client.request_names, capacity, metrics_registry)
     if settings.watch_interval > 0:
         tasks.append(asyncio.create_task(manager.watch(settings.watch_interval)))
     services = Services(settings, engine, registry, manager, route, client, metrics,
