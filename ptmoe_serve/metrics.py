@@ -10,8 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
-from ptmoe_serve.adapters.residency import LoadObserver
+from ptmoe_serve.adapters.residency import LoadObserver, ResidentSet
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 ROUTING_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1)
@@ -81,6 +83,9 @@ class Metrics:
             "ptmoe_server", "The base model and where the routing step runs (engine or api).",
             registry=r)
 
+    def watch_residency(self, resident: ResidentSet, registry: CollectorRegistry) -> None:
+        registry.register(_ResidencyCollector(resident))
+
     def forget(self, adapter: str) -> None:
         """Remove an unloaded adapter's series (a replace keeps them: the name lives on)."""
         for metric in (self.prompt_tokens, self.generation_tokens, self.e2e_latency,
@@ -99,6 +104,32 @@ class Metrics:
     def observe_routing_step(self, batch_size: int, seconds: float) -> None:
         self.routing_step.observe(seconds)
         self.routing_batch_size.observe(batch_size)
+
+
+class _ResidencyCollector(Collector):
+    """`ptmoe_adapter_loaded`: one series per adapter in the banks (level "gpu": the tier an
+    engine step reads, whatever the device) or decoded in the host tier (level "cpu"), 1 while
+    it is there, gone when it leaves; shaped like the `vllm:lora_adapter_loaded` proposed to
+    vLLM (labels adapter_name, level, pinned), for routers that place requests by residency.
+    Bounded by --max-resident-adapters plus --max-cpu-adapters."""
+
+    def __init__(self, resident: ResidentSet) -> None:
+        self.resident = resident
+
+    def collect(self):
+        family = GaugeMetricFamily(
+            "ptmoe_adapter_loaded", "Adapters resident in the banks (level gpu) or kept "
+            "decoded in host memory (level cpu).", labels=["adapter_name", "level", "pinned"])
+        pinned = self.resident.pinned
+        for entry in self.resident.registry.entries():
+            family.add_metric([entry.name, "gpu", _bool(entry.name in pinned)], 1)
+        for name in self.resident.host_names():
+            family.add_metric([name, "cpu", "false"], 1)
+        yield family
+
+
+def _bool(value: bool) -> str:
+    return "true" if value else "false"
 
 
 def _remove(metric, *labels: str) -> None:

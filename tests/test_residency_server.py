@@ -192,3 +192,29 @@ def test_the_pinned_adapter_never_left(server):
     assert pinned["requests_served"] == 0
     assert complete(server, "pinned").status_code == 200
     assert adapter(server, "pinned")["loaded_at"] == pinned["loaded_at"]
+
+
+def test_the_residency_gauge_names_each_resident_and_host_adapter(server):
+    """`ptmoe_adapter_loaded`, for routers that place by residency: a series per adapter in
+    the banks (level gpu) and per adapter decoded in the host tier (level cpu), the same set
+    the management API lists; `max_lora` of vLLM's LoRA gauge is the resident cap."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for name in ADAPTERS[:6]:  # the last four asked stay in the banks; the others, on the host
+        assert complete(server, name, max_tokens=1).status_code == 200
+    families = {f.name: f for f in text_string_to_metric_families(
+        httpx.get(f"{server.url}/metrics").text)}
+    series = {(s.labels["adapter_name"], s.labels["level"], s.labels["pinned"]): s.value
+              for s in families["ptmoe_adapter_loaded"].samples}
+    assert set(series.values()) == {1.0}
+    in_banks = {name for name, level, _ in series if level == "gpu"}
+    on_host = {name for name, level, _ in series if level == "cpu"}
+    listed = httpx.get(f"{server.url}/v1/adapters", headers={"authorization": f"Bearer {ADMIN}"},
+                       params={"limit": 1000}).json()["data"]
+    assert in_banks == {a["name"] for a in listed if a["resident"]}
+    assert in_banks == {"pinned", *ADAPTERS[3:6]}
+    assert ("pinned", "gpu", "true") in series and ("r05", "gpu", "false") in series
+    assert {"r00", "r01", "r02"} <= on_host and not on_host & in_banks
+    assert len(on_host) <= CAPACITY  # --max-cpu-adapters defaults to the resident cap
+    lora_info = families["vllm:lora_requests_info"].samples
+    assert {s.labels["max_lora"] for s in lora_info} == {str(CAPACITY)}

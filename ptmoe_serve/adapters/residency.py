@@ -211,6 +211,9 @@ class ResidentSet:
     def host_count(self) -> int:
         return len(self._host)
 
+    def host_names(self) -> list[str]:
+        return list(self._host)
+
     # -- pins ------------------------------------------------------------------------------
 
     async def pin(self, name: str) -> AdapterEntry:

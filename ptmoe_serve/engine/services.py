@@ -128,6 +128,7 @@ async def start_services(settings: ServerSettings, llm: AsyncLLM,
     manager = AdapterManager(registry, AdapterStore(settings.adapters_dir),
                              list(settings.allowed_adapter_roots), limits,
                              on_unload=metrics.forget, observer=metrics.residency_observer())
+    metrics.watch_residency(manager.resident, metrics_registry)
     tasks = []
     route: Route
     if in_engine:
