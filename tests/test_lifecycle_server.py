@@ -249,6 +249,116 @@ def corrupt_uploads(lab) -> list[tuple[str, dict, int, str]]:
     ]
 
 
+@pytest.fixture(scope="module")
+def peft_checkpoints(lab, model_dir):
+    """A PEFT prompt-tuning checkpoint and a PEFT LoRA adapter, saved by `peft`, in the
+    allowed library."""
+    from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from bench.adapters import write_lora_adapters
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tuned = get_peft_model(base, PromptTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=6, prompt_tuning_init=PromptTuningInit.TEXT,
+        prompt_tuning_init_text="Answer like a pirate", tokenizer_name_or_path=str(model_dir)))
+    tuned.save_pretrained(lab["library"] / "peft-prompt")
+    lora = write_lora_adapters(lab["library"] / "peft-lora", model_dir, 1, 4, ["q_proj"])[0]
+    return {"prompt_tuning": lab["library"] / "peft-prompt", "lora": lora}
+
+
+def vllm_lora_call(server, path: str, body: dict, key=ADMIN) -> httpx.Response:
+    """vLLM's runtime LoRA endpoints, called as AIBrix's ModelAdapter controller calls them:
+    a JSON body, and the key from the ModelAdapter's `api-key` as a bearer token."""
+    return client(server, key).post(path, json=body)
+
+
+def test_vllms_lora_endpoints_load_and_unload_as_aibrix_calls_them(server, lab):
+    body = {"lora_name": "aibrix-a", "lora_path": str(lab["library"] / "v2")}
+    loaded = vllm_lora_call(server, "/v1/load_lora_adapter", body)
+    assert (loaded.status_code, loaded.text) == (
+        200, "Success: LoRA adapter 'aibrix-a' added successfully.")
+    models = {m["id"]: m for m in client(server).get("/v1/models").json()["data"]}
+    assert models["aibrix-a"]["adapter"]["pinned"] is True
+    answer = greedy(server, "aibrix-a")
+    # Another replica over the same store, or the controller again: made resident, pinned.
+    again = vllm_lora_call(server, "/v1/load_lora_adapter", body)
+    assert again.status_code == 200, again.text
+    # Another adapter under the name: vLLM's 400, unless in place.
+    other = {**body, "lora_path": str(lab["library"] / "v3")}
+    taken = vllm_lora_call(server, "/v1/load_lora_adapter", other)
+    assert taken.status_code == 400
+    assert taken.json()["error"] == {
+        "message": "The lora adapter 'aibrix-a' has already been loaded. If you want to load "
+                   "the adapter in place, set 'load_inplace' to True.",
+        "type": "InvalidUserInput", "param": None, "code": 400}
+    assert greedy(server, "aibrix-a") == answer
+    in_place = vllm_lora_call(server, "/v1/load_lora_adapter", {**other, "load_inplace": True})
+    assert in_place.status_code == 200, in_place.text
+    assert greedy(server, "aibrix-a") != answer
+
+    unloaded = vllm_lora_call(server, "/v1/unload_lora_adapter", {"lora_name": "aibrix-a"})
+    assert (unloaded.status_code, unloaded.text) == (
+        200, "Success: LoRA adapter 'aibrix-a' removed successfully.")
+    gone = client(server).post("/v1/completions", json={"model": "aibrix-a", "prompt": PROMPT,
+                                                         "max_tokens": 2})
+    assert gone.status_code == 404
+    assert "aibrix-a" not in names(server)
+    missing = vllm_lora_call(server, "/v1/unload_lora_adapter", {"lora_name": "aibrix-a"})
+    assert missing.status_code == 404
+    assert missing.json()["error"] == {
+        "message": "The lora adapter 'aibrix-a' cannot be found.", "type": "NotFoundError",
+        "param": None, "code": 404}
+
+
+def test_a_peft_prompt_tuning_checkpoint_loads_through_vllms_endpoint(server, peft_checkpoints):
+    body = {"lora_name": "aibrix-peft", "lora_path": str(peft_checkpoints["prompt_tuning"])}
+    for _ in range(2):  # the second finds it stored with the same content
+        loaded = vllm_lora_call(server, "/v1/load_lora_adapter", body)
+        assert loaded.status_code == 200, loaded.text
+    assert greedy(server, "aibrix-peft")
+    assert vllm_lora_call(server, "/v1/unload_lora_adapter",
+                          {"lora_name": "aibrix-peft"}).status_code == 200
+
+
+def test_vllms_lora_endpoints_refuse_bad_calls_and_change_nothing(server, lab,
+                                                                  peft_checkpoints):
+    before = greedy(server, "stable")
+    listed = names(server)
+    good = str(lab["library"] / "v1")
+    load, unload = "/v1/load_lora_adapter", "/v1/unload_lora_adapter"
+    cases = [
+        (load, {"lora_name": "x", "lora_path": good}, USER, 401, "admin key"),
+        (load, {"lora_name": "x", "lora_path": good}, None, 401, "API key"),
+        (unload, {"lora_name": "stable"}, USER, 401, "admin key"),
+        (load, {"lora_name": "x", "lora_path": str(peft_checkpoints["lora"])}, ADMIN, 400,
+         "holds a PEFT LORA adapter; this server serves PT-MoE adapters and PEFT prompt "
+         "tuning"),
+        (load, {"lora_name": "x", "lora_path": str(lab["outside"] / "evil")}, ADMIN, 403,
+         "outside the allowed roots"),
+        (load, {"lora_name": "x", "lora_path": str(lab["library"] / "missing")}, ADMIN, 404,
+         "No adapter found"),
+        (load, {"lora_name": "x", "lora_path": "org/adapter"}, ADMIN, 400, "must be absolute"),
+        (load, {"lora_name": "", "lora_path": good}, ADMIN, 400, "Both 'lora_name' and"),
+        (load, {"lora_name": BASE, "lora_path": good}, ADMIN, 400, "conflicts with a served"),
+        (load, {"lora_name": "a/b", "lora_path": good}, ADMIN, 400, "invalid adapter name"),
+        (load, {"lora_name": "x", "lora_path": str(lab["store"] / "huge-rank")}, ADMIN, 400,
+         "cannot be loaded"),
+        (load, {"lora_name": "x"}, ADMIN, 400, "lora_path"),
+        (unload, {"lora_name": ""}, ADMIN, 400, "'lora_name' needs to be provided"),
+        (unload, {"lora_name": "never-loaded"}, ADMIN, 404, "cannot be found"),
+    ]
+    for path, body, key, status, words in cases:
+        response = vllm_lora_call(server, path, body, key)
+        assert response.status_code == status, (body, response.text)
+        assert words in response.json()["error"]["message"], response.text
+    oversized = client(server, ADMIN).post(load, content=b'{"lora_name": "' + b"x" * 100_000
+                                           + b'"}', headers={"content-type": "application/json"})
+    assert oversized.status_code == 413
+    assert names(server) == listed
+    assert greedy(server, "stable") == before
+
+
 def test_bad_uploads_are_refused_and_change_nothing(server, lab):
     before = greedy(server, "stable")
     listed = names(server)

@@ -44,6 +44,10 @@ class PathNotAllowed(AdapterError):
     """A folder outside every allowed root (after following symlinks)."""
 
 
+class FolderNotFound(AdapterError):
+    """An adapter folder, inside the allowed roots, that does not exist."""
+
+
 @dataclass(frozen=True)
 class ResidencyLimits:
     """How many adapters the banks hold, how many more stay decoded on the host, and how long
@@ -138,7 +142,7 @@ class AdapterManager:
 
     def load_path(self, name: str, path: str, replace: bool) -> AdapterEntry:
         self.registry.check_name(name)
-        folder = self._allowed_folder(path)
+        folder = self.allowed_folder(path)
         if not replace and name in self.catalog:
             raise AdapterExists(f"adapter {name!r} is already loaded; pass replace to swap it")
         stamp = folder_stamp(folder)
@@ -200,7 +204,7 @@ class AdapterManager:
                     1000 * (time.perf_counter() - started))
         return entry
 
-    def _allowed_folder(self, path: str) -> Path:
+    def allowed_folder(self, path: str) -> Path:
         raw = Path(path).expanduser()
         if not raw.is_absolute():
             raise AdapterError(f"path {path!r} must be absolute")
@@ -212,7 +216,7 @@ class AdapterManager:
                 f"{path} is outside the allowed roots ({', '.join(map(str, self.allowed_roots))});"
                 " add one with --allow-adapter-path")
         if not folder.is_dir():
-            raise AdapterError(f"adapter folder {path} does not exist")
+            raise FolderNotFound(f"adapter folder {path} does not exist")
         return folder
 
     def _check_name_free_of_links(self, name: str) -> None:
@@ -264,7 +268,7 @@ class AdapterManager:
         linked = self.store.manifest.linked.get(name)
         if linked is not None:
             try:
-                return self._allowed_folder(linked)
+                return self.allowed_folder(linked)
             except AdapterError as e:
                 self._fail(name, Path(linked), None, e)
                 return None

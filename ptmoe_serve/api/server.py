@@ -1,7 +1,7 @@
 """The HTTP server: vLLM's own OpenAI application, built by vLLM's launcher functions over the
 adapter-aware engine client (engine/client.py), with the project's routes added: adapter
-management, adapter cards in /v1/models, a prompt's routing, and API keys on every route but
-the health and metrics probes.
+management (its own, and vLLM's runtime LoRA endpoints over it), adapter cards in /v1/models,
+a prompt's routing, and API keys on every route but the health and metrics probes.
 
 Every OpenAI and vLLM endpoint, field, error and metric is vLLM's; an adapter's name is one
 more model name to it."""
@@ -33,7 +33,7 @@ from vllm.v1.metrics.prometheus import get_prometheus_registry
 from ptmoe_serve.adapters.config import AdapterError
 from ptmoe_serve.adapters.registry import AdapterNotFound
 from ptmoe_serve.adapters.residency import ResidentSetFull
-from ptmoe_serve.api import files, fine_tuning, management
+from ptmoe_serve.api import files, fine_tuning, management, vllm_lora
 from ptmoe_serve.api.auth import AccessPolicy
 from ptmoe_serve.api.bodies import BodyLimit, read_body
 from ptmoe_serve.api.errors import RequestError, request_error_handler
@@ -113,6 +113,10 @@ def add_project_routes(app: FastAPI, services: Services) -> None:
     app.include_router(management.router)
     app.include_router(files.router)
     app.include_router(fine_tuning.router)
+    # vLLM's own (VLLM_ALLOW_RUNTIME_LORA_UPDATING) would hand the engine a LoRA: these first.
+    app.router.routes[:] = [route for route in app.router.routes if getattr(
+        route, "path", None) not in (vllm_lora.LOAD_PATH, vllm_lora.UNLOAD_PATH)]
+    app.include_router(vllm_lora.router)
     app.add_exception_handler(RequestError, request_error_handler)
     # Outermost: a request without a valid key is refused before its body is read; next, one
     # whose body is over its limit, before it is parsed. vLLM's app has built its middleware
@@ -277,6 +281,8 @@ class _BodyLimitMiddleware:
     def _limit(self, scope) -> BodyLimit | None:
         if scope["path"].startswith(management.router.prefix):
             return None if scope["method"] == "PUT" else MANAGEMENT_BODY_LIMIT
+        if scope["path"] in (vllm_lora.LOAD_PATH, vllm_lora.UNLOAD_PATH):
+            return MANAGEMENT_BODY_LIMIT
         if scope["path"] == files.router.prefix and scope["method"] == "POST":
             return None  # an upload: bounded by its handler (--max-upload-mb)
         return self.limit
@@ -311,7 +317,8 @@ class _ResidencyMiddleware:
     Retry-After, all before any stream starts. Requests for resident adapters only take a hold.
     The project's own management, files and fine-tuning routes pass by."""
 
-    PASSING = (management.router.prefix, files.router.prefix, fine_tuning.router.prefix)
+    PASSING = (management.router.prefix, files.router.prefix, fine_tuning.router.prefix,
+               vllm_lora.LOAD_PATH, vllm_lora.UNLOAD_PATH)
 
     def __init__(self, app, services: Services):
         self.app = app
