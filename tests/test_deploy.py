@@ -1,15 +1,28 @@
 """The deployment files: the Kubernetes manifests validate against Kubernetes' own schemas
-(offline), and the compose file runs two replicas over one store behind nginx."""
+(offline), the fleet tools' resources against those projects' own CRD schemas and plugin
+types (vendored in deploy/crds/), and the compose file runs two replicas over one store
+behind nginx."""
 
 import re
 from pathlib import Path
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
-MANIFESTS = list(yaml.safe_load_all((DEPLOY / "kubernetes" / "ptmoe-serve.yaml").read_text()))
+
+
+def manifests(name: str) -> list[dict]:
+    return [r for r in yaml.safe_load_all((DEPLOY / "kubernetes" / name).read_text()) if r]
+
+
+MANIFESTS = manifests("ptmoe-serve.yaml")
+GATEWAY = {r["kind"]: r for r in manifests("inference-gateway.yaml")}
+ADAPTER = manifests("aibrix-model-adapter.yaml")[0]
+# The fleet tools' kinds, each checked against its project's own schema below.
+CUSTOM_KINDS = {"InferencePool", "HTTPRoute", "ModelAdapter"}
 
 
 @pytest.mark.parametrize("resource", MANIFESTS, ids=lambda r: r["kind"])
@@ -47,3 +60,104 @@ def test_compose_runs_two_replicas_over_one_folder_behind_nginx():
     upstream = re.findall(r"server\s+([\w-]+):8000;", (DEPLOY / "nginx.conf").read_text())
     assert sorted(upstream) == sorted(replicas)
     assert set(services["nginx"]["depends_on"]) == set(replicas)
+
+
+# -- the fleet tools: Gateway API Inference Extension with llm-d's endpoint picker, AIBrix ----
+
+def crd_schema(file: str, version: str) -> dict:
+    crd = yaml.safe_load((DEPLOY / "crds" / file).read_text())
+    served = next(v for v in crd["spec"]["versions"] if v["name"] == version)
+    return served["schema"]["openAPIV3Schema"]
+
+
+def undeclared(value, schema: dict, path: str = "") -> list[str]:
+    """Fields the schema does not declare (what `kubectl apply --validate=strict` refuses,
+    and what the API server would drop without a word)."""
+    if isinstance(value, dict) and "properties" in schema:
+        found = []
+        for key, item in value.items():
+            if key in schema["properties"]:
+                found += undeclared(item, schema["properties"][key], f"{path}.{key}")
+            elif "additionalProperties" not in schema:
+                found.append(f"{path}.{key}")
+        return found
+    if isinstance(value, list) and "items" in schema:
+        return [p for i, item in enumerate(value) for p in undeclared(item, schema["items"],
+                                                                      f"{path}[{i}]")]
+    return []
+
+
+def check_against_crd(resource: dict, file: str) -> None:
+    group, version = resource["apiVersion"].split("/")
+    schema = crd_schema(file, version)
+    jsonschema.validate(resource, schema)
+    assert undeclared(resource, schema) == []
+
+
+@pytest.mark.parametrize("resource", [r for r in GATEWAY.values()
+                                      if r["kind"] not in CUSTOM_KINDS], ids=lambda r: r["kind"])
+def test_the_endpoint_pickers_resources_validate_against_kubernetes_schemas(resource):
+    kubernetes_validate.validate(resource, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_the_inference_pool_validates_against_its_crd_and_selects_the_replicas():
+    pool = GATEWAY["InferencePool"]
+    check_against_crd(pool, "inference.networking.k8s.io_inferencepools.yaml")
+    replicas = next(r for r in MANIFESTS if r["kind"] == "Deployment")["spec"]["template"]
+    labels = replicas["metadata"]["labels"]
+    assert pool["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    ports = [p["containerPort"] for p in replicas["spec"]["containers"][0]["ports"]]
+    assert [p["number"] for p in pool["spec"]["targetPorts"]] == ports
+    # The picker reads the replicas' metrics as vLLM's.
+    assert labels["llm-d.ai/engine-type"] == "vllm"
+    picker = pool["spec"]["endpointPickerRef"]
+    service = GATEWAY["Service"]
+    assert picker["name"] == service["metadata"]["name"]
+    assert picker["port"]["number"] in [p["port"] for p in service["spec"]["ports"]]
+    route = GATEWAY["HTTPRoute"]["spec"]["rules"][0]["backendRefs"][0]
+    assert (route["group"], route["kind"], route["name"]) == (
+        "inference.networking.k8s.io", "InferencePool", pool["metadata"]["name"])
+
+
+def test_a_bad_inference_pool_is_refused_by_the_schema():
+    """The check above can fail: a pool without target ports, a misspelt field."""
+    pool = GATEWAY["InferencePool"]
+    without_ports = {**pool, "spec": {k: v for k, v in pool["spec"].items() if k != "targetPorts"}}
+    with pytest.raises(jsonschema.ValidationError):
+        check_against_crd(without_ports, "inference.networking.k8s.io_inferencepools.yaml")
+    misspelt = {**pool, "spec": {**pool["spec"], "endpointPickerRefs": {}}}
+    with pytest.raises(AssertionError):
+        check_against_crd(misspelt, "inference.networking.k8s.io_inferencepools.yaml")
+
+
+def test_the_endpoint_picker_scores_lora_affinity_with_plugins_llm_d_defines():
+    deployment = GATEWAY["Deployment"]["spec"]["template"]["spec"]
+    args = deployment["containers"][0]["args"]
+    config_file = Path(args[args.index("--config-file") + 1])
+    mount = deployment["containers"][0]["volumeMounts"][0]
+    assert config_file.parent == Path(mount["mountPath"])
+    config_map = next(v["configMap"]["name"] for v in deployment["volumes"]
+                      if v["name"] == mount["name"])
+    assert config_map == GATEWAY["ConfigMap"]["metadata"]["name"]
+    assert args[args.index("--pool-name") + 1] == GATEWAY["InferencePool"]["metadata"]["name"]
+    config = yaml.safe_load(GATEWAY["ConfigMap"]["data"][config_file.name])
+    assert (config["apiVersion"], config["kind"]) == ("llm-d.ai/v1alpha1", "EndpointPickerConfig")
+    known = {line for line in (DEPLOY / "crds" / "llm-d-router-plugin-types.txt").read_text()
+             .splitlines() if line and not line.startswith("#")}
+    types = [p["type"] for p in config["plugins"]]
+    assert set(types) <= known, set(types) - known
+    assert {"metrics-data-source", "core-metrics-extractor", "lora-affinity-scorer"} <= set(types)
+    refs = [p["pluginRef"] for profile in config["schedulingProfiles"] for p in profile["plugins"]]
+    assert set(refs) <= {p.get("name", p["type"]) for p in config["plugins"]}
+    assert "lora-affinity-scorer" in refs
+
+
+def test_the_aibrix_model_adapter_validates_against_its_crd_and_selects_the_replicas():
+    check_against_crd(ADAPTER, "model.aibrix.ai_modeladapters.yaml")
+    labels = next(r for r in MANIFESTS if r["kind"] == "Deployment")["spec"]["template"][
+        "metadata"]["labels"]
+    assert ADAPTER["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    assert labels["model.aibrix.ai/port"] == "8000"
+    # The controller sends lora_path as given: a folder the replicas can read.
+    assert ADAPTER["spec"]["artifactURL"].startswith("/adapters/")
+    assert "api-key" in ADAPTER["spec"]["additionalConfig"]
