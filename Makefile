@@ -53,6 +53,7 @@ bench-full: model
 	$(PY) -m bench.residency --adapters 10000 --requests 2048 --work build/bench
 	$(PY) -m bench.residency --adapters 100000 --fractions 0.01 --parts fractions --work build/bench --out bench/results/residency_100000.json
 	$(PY) -m bench.reconcile --adapters 10000 100000
+	$(PY) -m bench.fleet --work build/bench
 	$(PY) -m bench.fine_tune
 
 # Train the shipped task adapters and their baselines (PT, LoRA) and score them all through

@@ -165,3 +165,33 @@ def test_vllms_benchmark_client_drives_an_adapter(server, model_dir):
     result = vllm_bench.main(args)
     assert result["completed"] == 6 and result["failed"] == 0
     assert result["total_output_tokens"] == 6 * 4
+
+
+def test_fleet_simulation_places_by_policy():
+    """One replica: every policy sees the same stream and the same hits. Eight: placing by
+    residency finds adapters resident more often than round robin, and each request is
+    counted once."""
+    from bench.fleet import POLICIES, FleetSpec, simulate
+
+    one = FleetSpec(replicas=1, cap=20, adapters=500, duration=60, warmup=20)
+    results = [simulate(one, policy, cold_load_ms=5.0) for policy in POLICIES]
+    assert len({(r["hit_rate"], r["requests"]) for r in results}) == 1
+    assert 0 < results[0]["hit_rate"] < 1
+    eight = FleetSpec(replicas=8, cap=20, adapters=500, duration=60, warmup=20)
+    by_policy = {p: simulate(eight, p, cold_load_ms=5.0) for p in POLICIES}
+    assert by_policy["resident-affinity"]["hit_rate"] > by_policy["round-robin"]["hit_rate"] + 0.1
+    assert by_policy["round-robin"]["busiest_over_mean"] < 1.01
+    for row in by_policy.values():
+        assert abs(row["requests"] - 8 * 8.0 * 40) < 0.1 * 8 * 8.0 * 40
+        assert row["added_ms_per_request"] == pytest.approx((1 - row["hit_rate"]) * 5.0)
+
+
+def test_the_lora_affinity_score_is_llm_ds():
+    """llm-d's lora-affinity-scorer on vLLM 0.32's gauge (an adapter in flight is in both
+    lists): 1.0 where it runs, 0.8 where there is room, 0 where the replica is full."""
+    from bench.fleet import Seen, lora_affinity
+
+    seen = Seen(in_flight=3, running=frozenset({1, 2}), resident=frozenset(), max_lora=5)
+    assert lora_affinity(1, seen) == 1.0
+    assert lora_affinity(3, seen) == 0.8  # 2 running + 2 waiting < 5
+    assert lora_affinity(3, Seen(3, frozenset({1, 2, 4}), frozenset(), 5)) == 0.0
