@@ -65,22 +65,23 @@ def track_adapter_requests(llm: AsyncLLM, names: AdapterRequestNames, max_lora: 
     prometheus.labelname_waiting_lora_adapters = WAITING
     prometheus.labelname_running_lora_adapters = RUNNING
     prometheus.max_lora = max_lora
-    prometheus.gauge_lora_info = _LatestSeries(Gauge(
-        GAUGE, "Running stats on lora requests.", [MAX_LORA, WAITING, RUNNING],
-        registry=registry))
+    prometheus.gauge_lora_info = _LatestSeries(GAUGE, "Running stats on lora requests.",
+                                               [MAX_LORA, WAITING, RUNNING], registry)
     return True
 
 
 class _LatestSeries:
     """A labelled gauge that keeps only the series last asked for."""
 
-    def __init__(self, gauge: Gauge) -> None:
-        self._gauge = gauge
-        self._current: dict[str, str] | None = None
+    def __init__(self, name: str, documentation: str, label_names: list[str],
+                 registry: CollectorRegistry) -> None:
+        self._gauge = Gauge(name, documentation, label_names, registry=registry)
+        self._label_names = label_names
+        self._current: list[str] | None = None
 
     def labels(self, **labels):
-        labels = {key: str(value) for key, value in labels.items()}
-        if self._current is not None and labels != self._current:
-            self._gauge.remove(*(self._current[name] for name in self._gauge._labelnames))
-        self._current = labels
-        return self._gauge.labels(**labels)
+        values = [str(labels[name]) for name in self._label_names]
+        if self._current is not None and values != self._current:
+            self._gauge.remove(*self._current)
+        self._current = values
+        return self._gauge.labels(*values)
