@@ -264,7 +264,11 @@ def peft_checkpoints(lab, model_dir):
         prompt_tuning_init_text="Answer like a pirate", tokenizer_name_or_path=str(model_dir)))
     tuned.save_pretrained(lab["library"] / "peft-prompt")
     lora = write_lora_adapters(lab["library"] / "peft-lora", model_dir, 1, 4, ["q_proj"])[0]
-    return {"prompt_tuning": lab["library"] / "peft-prompt", "lora": lora}
+    # A checkpoint whose weights never arrived.
+    (lab["library"] / "peft-no-weights").mkdir()
+    shutil.copy(lab["library"] / "peft-prompt" / CONFIG_FILE, lab["library"] / "peft-no-weights")
+    return {"prompt_tuning": lab["library"] / "peft-prompt", "lora": lora,
+            "no_weights": lab["library"] / "peft-no-weights"}
 
 
 def vllm_lora_call(server, path: str, body: dict, key=ADMIN) -> httpx.Response:
@@ -334,6 +338,8 @@ def test_vllms_lora_endpoints_refuse_bad_calls_and_change_nothing(server, lab,
         (load, {"lora_name": "x", "lora_path": str(peft_checkpoints["lora"])}, ADMIN, 400,
          "holds a PEFT LORA adapter; this server serves PT-MoE adapters and PEFT prompt "
          "tuning"),
+        (load, {"lora_name": "x", "lora_path": str(peft_checkpoints["no_weights"])}, ADMIN,
+         400, "has no adapter_model.safetensors"),
         (load, {"lora_name": "x", "lora_path": str(lab["outside"] / "evil")}, ADMIN, 403,
          "outside the allowed roots"),
         (load, {"lora_name": "x", "lora_path": str(lab["library"] / "missing")}, ADMIN, 404,

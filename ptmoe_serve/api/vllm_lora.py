@@ -106,7 +106,8 @@ async def _serve(manager: AdapterManager, name: str, path: str, replace: bool) -
         raise _Refused(f"{path} holds a PEFT {kind} adapter; this server serves PT-MoE "
                        "adapters and PEFT prompt tuning (PROMPT_TUNING), whose soft prompts it "
                        "puts before the input: it runs no LoRA weights")
-    if (folder / WEIGHTS_FILE).stat().st_size > MAX_WEIGHTS_BYTES:
+    weights_file = folder / WEIGHTS_FILE
+    if weights_file.is_file() and weights_file.stat().st_size > MAX_WEIGHTS_BYTES:
         raise AdapterError(f"{WEIGHTS_FILE} is over {MAX_WEIGHTS_BYTES} bytes")
     config, weights = adapter_files(await asyncio.to_thread(convert_prompt_tuning, folder))
     if replace or not _stored_as(manager, name, config, weights):
