@@ -55,7 +55,8 @@ class PtMoeAdapter:
                        shared_b=self.shared_b.to("meta"))
 
 
-def parse_config(raw: bytes) -> AdapterConfig:
+def config_object(raw: bytes) -> dict:
+    """An adapter config file's JSON object, whatever its `peft_type`, read under its bound."""
     if len(raw) > MAX_CONFIG_BYTES:
         raise AdapterError(f"{CONFIG_FILE} is {len(raw)} bytes; the limit is {MAX_CONFIG_BYTES}")
     try:
@@ -64,6 +65,19 @@ def parse_config(raw: bytes) -> AdapterConfig:
         raise AdapterError(f"{CONFIG_FILE} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise AdapterError(f"{CONFIG_FILE} must hold a JSON object")
+    return data
+
+
+def read_config_object(folder: Path) -> dict:
+    """`config_object` of a folder's config file (a PEFT checkpoint's too)."""
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise AdapterError(f"{folder.name} has no {CONFIG_FILE}")
+    return config_object(_read_limited(path, MAX_CONFIG_BYTES))
+
+
+def parse_config(raw: bytes) -> AdapterConfig:
+    data = config_object(raw)
     try:
         return AdapterConfig.model_validate(data)
     except ValidationError as e:

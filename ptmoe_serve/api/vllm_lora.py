@@ -21,7 +21,6 @@ the admin key, and the management API's bounds apply (allowed roots, body size, 
 from __future__ import annotations
 
 import asyncio
-import json
 from http import HTTPStatus
 from pathlib import Path
 
@@ -33,8 +32,8 @@ from vllm.entrypoints.serve.utils.api_utils import validate_json_request
 
 from ptmoe_serve.adapters.config import AdapterError
 from ptmoe_serve.adapters.create import convert_prompt_tuning
-from ptmoe_serve.adapters.format import (CONFIG_FILE, MAX_CONFIG_BYTES, MAX_WEIGHTS_BYTES,
-                                         WEIGHTS_FILE, adapter_files)
+from ptmoe_serve.adapters.format import (CONFIG_FILE, MAX_WEIGHTS_BYTES, WEIGHTS_FILE,
+                                         adapter_files, read_config_object)
 from ptmoe_serve.adapters.manager import AdapterManager, FolderNotFound, PathNotAllowed
 from ptmoe_serve.adapters.registry import AdapterNotFound
 from ptmoe_serve.adapters.residency import ResidentSetFull
@@ -116,16 +115,7 @@ async def _serve(manager: AdapterManager, name: str, path: str, replace: bool) -
 
 
 def _peft_type(folder: Path) -> str:
-    config = folder / CONFIG_FILE
-    if not config.is_file():
-        raise AdapterError(f"{folder} has no {CONFIG_FILE}")
-    if config.stat().st_size > MAX_CONFIG_BYTES:
-        raise AdapterError(f"{CONFIG_FILE} is over {MAX_CONFIG_BYTES} bytes")
-    try:
-        data = json.loads(config.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise AdapterError(f"{CONFIG_FILE} is not valid JSON: {e}") from None
-    kind = data.get("peft_type") if isinstance(data, dict) else None
+    kind = read_config_object(folder).get("peft_type")
     if not isinstance(kind, str):
         raise AdapterError(f"{CONFIG_FILE} names no peft_type")
     return kind
