@@ -52,7 +52,7 @@ bench-full: model
 	$(PY) -m bench.startup --adapters 100000 --work build/bench
 	$(PY) -m bench.residency --adapters 10000 --work build/bench
 	$(PY) -m bench.residency --adapters 10000 --fractions 0.1 1.0 --requests 4096 --rounds 2 --output-tokens 16 --parts fractions --work build/bench --out bench/results/residency_cap1000.json
-	$(PY) -m bench.residency --adapters 100000 --fractions 0.01 --requests 1024 --rounds 1 --output-tokens 16 --parts fractions --work build/bench --out bench/results/residency_100000.json
+	$(PY) -m bench.residency --adapters 100000 --fractions 0.01 1.0 --requests 1024 --rounds 2 --output-tokens 16 --parts fractions --work build/bench --out bench/results/residency_100000.json
 	$(PY) -m bench.reconcile --adapters 10000 100000
 	$(PY) -m bench.fleet --work build/bench
 	$(PY) -m bench.fine_tune
