@@ -68,7 +68,7 @@ class AdapterManager:
         # Told of each name no longer resident (its metric series go).
         self.on_unload = on_unload
         self.allowed_roots = [store.root, *(Path(r).resolve() for r in extra_roots)]
-        self.catalog = AdapterCatalog()
+        self.catalog = AdapterCatalog(store.root)
         self.resident = ResidentSet(
             registry, self.fetch, limits.capacity, limits.host_capacity, limits.wait_seconds,
             observer=LoadObserver(observer.loaded, self._evicted(observer.evicted)))
@@ -88,9 +88,11 @@ class AdapterManager:
         """Undo whatever a crash left half done, then read the store's index into the
         catalog: its folders and the adapters linked from other roots, not their weights."""
         self.store.recover()
-        names = self.store.changes() | self.store.manifest.linked.keys()
-        folders = {name: self._served_folder(name) for name in names}
-        self.catalog.reset({name: folder for name, folder in folders.items() if folder})
+        listed = self.store.changes()
+        linked = {name: self._served_folder(name) for name in self.store.manifest.linked}
+        self.catalog.reset(
+            in_store=(name for name in listed if name not in linked and self._in_store(name)),
+            linked={name: folder for name, folder in linked.items() if folder})
 
     # -- reading an adapter ---------------------------------------------------------------
 
@@ -272,9 +274,11 @@ class AdapterManager:
             except AdapterError as e:
                 self._fail(name, Path(linked), None, e)
                 return None
-        if name in self.store.manifest.unloaded or not self.store.lists(name):
-            return None
-        return self.store.root / name
+        return self.store.root / name if self._in_store(name) else None
+
+    def _in_store(self, name: str) -> bool:
+        """Whether `name`, not linked from elsewhere, is served from its store folder."""
+        return name not in self.store.manifest.unloaded and self.store.lists(name)
 
     async def watch(self, interval: float) -> None:
         """Follow the store until cancelled; no error ends it."""
