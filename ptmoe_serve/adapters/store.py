@@ -90,7 +90,7 @@ class AdapterStore:
             self._recover()
 
     def _recover(self) -> None:
-        # Names, not paths: a store of a million folders is a second of listing, not ten.
+        # Names, not paths: a path object for each of a million folders takes seconds.
         entries = os.listdir(self.root)
         for entry in entries:
             if entry.startswith((MANIFEST + ".", JOURNAL + ".")):
