@@ -55,7 +55,7 @@ def new_server(store: Path) -> AdapterManager:
 
 def timed_look(manager: AdapterManager) -> float:
     started = time.perf_counter()
-    manager.sync_store()
+    asyncio.run(manager.sync_store())
     return 1000 * (time.perf_counter() - started)
 
 
@@ -82,22 +82,22 @@ def measure(count: int, work: Path) -> dict:
         return timed_look(follower)
 
     time.sleep(SETTLE_SECONDS)
-    follower.sync_store()
+    asyncio.run(follower.sync_store())
     idle = [timed_look(follower) for _ in range(IDLE_LOOKS)]
     changes = {
         "upload_new_name": after(lambda: asyncio.run(other.upload("fresh", config, weights))),
         "replace": after(lambda: asyncio.run(other.upload("a1", config, weights))),
-        "unload": after(lambda: (other.load_path("a2", str(store / "a2"), replace=True),
-                                 other.unload("a2", purge=False))),
-        "purge": after(lambda: (other.load_path("a3", str(store / "a3"), replace=True),
-                                other.unload("a3", purge=True))),
+        "unload": after(lambda: (asyncio.run(other.load_path("a2", str(store / "a2"), replace=True)),
+                                 asyncio.run(other.unload("a2", purge=False)))),
+        "purge": after(lambda: (asyncio.run(other.load_path("a3", str(store / "a3"), replace=True)),
+                                asyncio.run(other.unload("a3", purge=True)))),
         "copied_in_by_hand": after(lambda: shutil.copytree(library / "copied", store / "hand")),
     }
     assert "fresh" in follower.catalog and "hand" in follower.catalog
     assert "a2" not in follower.catalog and "a3" not in follower.catalog
     assert follower.registry.get("a1").version > 1
     time.sleep(SETTLE_SECONDS)
-    follower.sync_store()
+    asyncio.run(follower.sync_store())
     settled = [timed_look(follower) for _ in range(IDLE_LOOKS)]
     started = time.perf_counter()
     scan = [folder_stamp(folder) for folder in follower.store.folders().values()]

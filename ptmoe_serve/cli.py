@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ptmoe_serve.base_model import (DEFAULT_MODEL_NAME, default_cache_dir,
                                     ensure_default_model)
+from ptmoe_serve.disk import DEFAULT_LOCK_TIMEOUT, write_atomically
 
 CPU_KV_CACHE_GIB = 2.0
 
@@ -70,6 +71,16 @@ def _serve_parser(sub) -> None:
     lifecycle.add_argument("--watch-interval", type=float, default=2.0,
                            help="seconds between looks at --adapters for folders copied in or "
                                 "removed; 0 turns it off (default: %(default)s)")
+    lifecycle.add_argument("--store-lock-timeout", type=float, default=DEFAULT_LOCK_TIMEOUT,
+                           metavar="SECONDS",
+                           help="how long a change waits for the store's lock held by another "
+                                "server or process before it answers 503 store_busy, naming the "
+                                "holder; requests never wait for it (default: %(default)s)")
+    lifecycle.add_argument("--max-listed-adapters", type=int, default=10_000, metavar="N",
+                           help="/v1/models lists every adapter in the store while it holds at "
+                                "most N; beyond, the resident, pinned and newest adapters and "
+                                "the count (GET /v1/adapters pages through all) "
+                                "(default: %(default)s)")
     lifecycle.add_argument("--max-upload-mb", type=float, default=64.0,
                            help="largest upload accepted: an adapter, or a fine-tuning file "
                                 "(default: %(default)s)")
@@ -170,18 +181,13 @@ def _generated_admin_key(path: Path) -> str:
     as notebook servers keep their tokens: management needs a key even where none is given."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        staged = path.with_name(f".{path.name}.{os.getpid()}")
-        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as file:
-            file.write(secrets.token_urlsafe(32) + "\n")
-            file.flush()
-            os.fsync(file.fileno())
-        try:
-            os.link(staged, path)  # atomic: two servers starting at once agree on one key
+        old_mask = os.umask(0o077)
+        try:  # exclusive: two servers starting at once agree on one key
+            write_atomically(path, (secrets.token_urlsafe(32) + "\n").encode(), exclusive=True)
         except FileExistsError:
             pass
         finally:
-            staged.unlink()
+            os.umask(old_mask)
     if path.stat().st_mode & 0o077:
         raise SystemExit(f"ptmoe-serve serve: {path} (the generated admin key) can be read by "
                          f"other users; chmod 600 it, or remove it to generate a new key")
@@ -428,6 +434,8 @@ def serve(args: argparse.Namespace, rest: list[str]) -> None:
         max_sequences=args.max_sequences_per_request,
         max_logprobs=args.max_logprobs_per_request,
         watch_interval=args.watch_interval,
+        store_lock_timeout=args.store_lock_timeout,
+        max_listed_adapters=args.max_listed_adapters,
         max_resident_adapters=args.max_resident_adapters,
         max_cpu_adapters=args.max_cpu_adapters,
         pinned=tuple(args.pin),

@@ -50,6 +50,10 @@ class ServerSettings:
     max_logprobs: int = 1_000_000
     # Seconds between looks at the adapters folder; 0 turns the watching off.
     watch_interval: float = 2.0
+    # Seconds a change waits for the store's lock held elsewhere, before a 503 (disk.py).
+    store_lock_timeout: float = 5.0
+    # /v1/models lists every adapter of a store holding at most this many.
+    max_listed_adapters: int = 10_000
     # Adapters resident in the banks at most (None: as many as the banks' memory budget
     # holds, engine/services.py), decoded on the host besides (None: as many), pinned
     # (loaded at start-up, never evicted), and how long a request for a cold adapter waits

@@ -83,6 +83,12 @@ class Metrics:
             "ptmoe_server", "The base model and where the routing step runs (engine or api).",
             registry=r)
 
+    def watch_store(self, store_writable: Callable[[], bool], registry: CollectorRegistry
+                    ) -> None:
+        Gauge("ptmoe_store_writable", "1 while the adapter store takes changes; 0 when it is "
+              "read-only or the last change found it full or read-only (what to watch for).",
+              registry=registry).set_function(lambda: float(store_writable()))
+
     def watch_residency(self, resident: ResidentSet, registry: CollectorRegistry) -> None:
         registry.register(_ResidencyCollector(resident))
 

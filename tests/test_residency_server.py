@@ -73,9 +73,17 @@ def adapter(server, name: str) -> dict:
                      headers={"authorization": f"Bearer {ADMIN}"}).json()
 
 
-def test_start_up_reads_the_index_and_lists_the_resident_adapters(server):
+def test_start_up_reads_the_index_and_lists_every_adapter_before_any_is_asked(server):
+    """The `openai` client lists what a user can call: every adapter in the store, the
+    resident (pinned) one first with its card, the others by name, none read yet."""
+    import openai
+
+    listed = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none").models.list().data
+    assert [m.id for m in listed[1:]] == ["pinned", *sorted([*ADAPTERS, "broken"])]
+    assert listed[1].model_dump()["adapter"]["resident"] is True
+    assert listed[1].model_dump()["adapter"]["num_experts"] == 2
+    assert {m.model_dump()["adapter"]["resident"] for m in listed[2:]} == {False}
     models = httpx.get(f"{server.url}/v1/models").json()
-    assert [m["id"] for m in models["data"]][1:] == ["pinned"]
     assert models["adapters_in_store"] == len(ADAPTERS) + 2  # the broken folder too
     assert metric(server.url, "ptmoe_adapters_resident") == 1
     assert adapter(server, "r00") == {"object": "adapter", "name": "r00", "resident": False,

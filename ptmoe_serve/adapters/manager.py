@@ -19,11 +19,19 @@ version older than the one it serves.
 
 A store folder that cannot be loaded, whatever is wrong with it, is listed in `failed` with the
 reason (GET /v1/adapters) when a request or a pin first reads it, and read again once its files
-change; it never stops the server or the watcher."""
+change; it never stops the server or the watcher. A store that cannot take a write (full,
+read-only, locked by a peer: a StoreError) is not the adapter's fault, and is not remembered.
+
+Every store call runs on the store's own threads (store.py `call`), and this server's state
+changes only once the store's has: an unload the store refused leaves the adapter served. A
+change wins over a load that raced it: each name's change counter is bumped by every unload,
+replace and reconcile, and a load that finds it moved reads the adapter again (or, unloaded,
+gives up) instead of placing what it fetched."""
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import time
 from collections.abc import Callable
@@ -36,6 +44,7 @@ from ptmoe_serve.adapters.format import PtMoeAdapter, parse_config, parse_weight
 from ptmoe_serve.adapters.registry import AdapterEntry, AdapterExists, AdapterNotFound, AdapterRegistry
 from ptmoe_serve.adapters.residency import Fetched, LoadObserver, ResidentSet
 from ptmoe_serve.adapters.store import AdapterStore, folder_stamp
+from ptmoe_serve.disk import StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -69,20 +78,30 @@ class AdapterManager:
         self.on_unload = on_unload
         self.allowed_roots = [store.root, *(Path(r).resolve() for r in extra_roots)]
         self.catalog = AdapterCatalog(store.root)
+        # Changes made to each name since start (unload, replace, reconcile).
+        self._changes: dict[str, int] = {}
         self.resident = ResidentSet(
             registry, self.fetch, limits.capacity, limits.host_capacity, limits.wait_seconds,
-            observer=LoadObserver(observer.loaded, self._evicted(observer.evicted)))
+            observer=LoadObserver(observer.loaded, self._evicted(observer.evicted)),
+            change_count=self.change_count)
         # Adapters (by name) whose folder could not be loaded, and why.
         self.failed: dict[str, str] = {}
         # Their folders and stamps when they failed: read again once the stamp changes.
         self._failed_at: dict[str, tuple[Path, list[int] | None]] = {}
         self._upload_lock = asyncio.Lock()
+        self._newest_cache: tuple[tuple | None, list[str]] = (None, [])
 
     def _evicted(self, observe: Callable[[str], None]) -> Callable[[str], None]:
         def evicted(name: str) -> None:
             self.on_unload(name)
             observe(name)
         return evicted
+
+    def change_count(self, name: str) -> int:
+        return self._changes.get(name, 0)
+
+    def _changed(self, name: str) -> None:
+        self._changes[name] = self._changes.get(name, 0) + 1
 
     def start(self) -> None:
         """Undo whatever a crash left half done, then read the store's index into the
@@ -103,23 +122,26 @@ class AdapterManager:
         folder = self.catalog.folder(name)
         if folder is None:
             raise AdapterNotFound(name)
-        stamp = folder_stamp(folder)
+        stamp = await self.store.call(folder_stamp, folder)
         if self._failed_at.get(name) == (folder, stamp):
             raise AdapterError(self.failed[name])
         try:
-            adapter = await asyncio.to_thread(self._read, folder)
-            version = self._version(name, folder, stamp)
+            adapter, version = await self.store.call(self._read_versioned, name, folder, stamp)
+        except StoreError:
+            raise  # the store's fault, not the adapter's: served once the store takes writes
         except Exception as e:  # whatever a hostile or half-copied folder raises
             raise self._fail(name, folder, stamp, e) from None
         self._clear_failure(name)
         return Fetched(adapter, version, folder)
 
+    def _read_versioned(self, name: str, folder: Path, stamp: list[int] | None
+                        ) -> tuple[PtMoeAdapter, int]:
+        return self._read(folder), self._version(name, folder, stamp)
+
     def _version(self, name: str, folder: Path, stamp: list[int] | None) -> int:
         """The store's version of `name` served from `folder`, recording one if no change
         recorded it (a folder copied in by hand), if its files still bear `stamp`."""
-        version = self.store.version_of(name, folder, stamp)
-        if version is None:
-            version = self.store.record_found([(name, folder, stamp)]).get(name)
+        version = self.store.found_version(name, folder, stamp)
         if version is None or folder_stamp(folder) != stamp:
             raise AdapterError(f"{folder} changed while it was read; trying again when it "
                                "settles")
@@ -140,16 +162,52 @@ class AdapterManager:
     def _read(self, folder: Path) -> PtMoeAdapter:
         return read_adapter(folder, self.registry.check_compatible)
 
+    # -- what /v1/models lists ----------------------------------------------------------------
+
+    def listed(self, bound: int) -> list[str]:
+        """The adapters a model list names: every one the store serves while it holds at most
+        `bound`; beyond, the resident and pinned ones, then the newest (by the journal's
+        versions) up to `bound`. Resident first, each part in name order."""
+        resident = sorted(e.name for e in self.registry.entries())
+        if len(self.catalog) <= bound:
+            others = self.catalog.page(None, len(self.catalog))
+        else:
+            others = sorted(self.resident.pinned) + self._newest(bound)
+        shown, names = set(resident), list(resident)
+        for name in others:
+            if len(names) >= max(bound, len(resident)):
+                break
+            if name not in shown and name in self.catalog:
+                shown.add(name)
+                names.append(name)
+        return names
+
+    def _newest(self, count: int) -> list[str]:
+        """The `count` names with the newest journal lines, computed again only when the
+        journal moved (a pass over its names, once per change)."""
+        key = (self.store.journal.last_version, count)
+        if self._newest_cache[0] != key:
+            latest = self.store.journal.latest
+            newest = heapq.nlargest(count, (name for name, line in latest.items()
+                                            if not line.get("unloaded")),
+                                    key=lambda name: latest[name]["version"])
+            self._newest_cache = (key, sorted(newest))
+        return self._newest_cache[1]
+
     # -- operations behind the management API ---------------------------------------------
 
-    def load_path(self, name: str, path: str, replace: bool) -> AdapterEntry:
+    async def load_path(self, name: str, path: str, replace: bool) -> AdapterEntry:
         self.registry.check_name(name)
-        folder = self.allowed_folder(path)
+        folder = await self.store.call(self.allowed_folder, path)
         if not replace and name in self.catalog:
             raise AdapterExists(f"adapter {name!r} is already loaded; pass replace to swap it")
+        adapter, version = await self.store.call(self._read_recorded, name, folder)
+        return self._add(name, adapter, version, folder)
+
+    def _read_recorded(self, name: str, folder: Path) -> tuple[PtMoeAdapter, int]:
         stamp = folder_stamp(folder)
         adapter = self._read(folder)
-        return self._add(name, adapter, self.store.record_loaded(name, folder, stamp), folder)
+        return adapter, self.store.record_loaded(name, folder, stamp)
 
     async def upload(self, name: str, config: bytes, weights: bytes) -> AdapterEntry:
         """Create or replace `name` in the store from the two files' bytes: parsed, checked
@@ -158,8 +216,8 @@ class AdapterManager:
         self.registry.check_name(name)
         self._check_name_free_of_links(name)
         async with self._upload_lock:
-            adapter, folder, version = await asyncio.to_thread(self._store_upload, name, config,
-                                                               weights)
+            adapter, folder, version = await self.store.call(self._store_upload, name, config,
+                                                             weights)
         return self._add(name, adapter, version, folder)
 
     def _store_upload(self, name: str, config: bytes, weights: bytes
@@ -169,19 +227,21 @@ class AdapterManager:
         adapter = parse_weights(weights, parsed)
         return adapter, *self.store.write(name, config, weights)
 
-    def unload(self, name: str, purge: bool) -> Path:
+    async def unload(self, name: str, purge: bool) -> Path:
         """Stop serving `name` (and remove its store folder with `purge`); the folder it was
-        served from."""
+        served from. The store first: if it refuses, `name` is still served."""
         source = self.catalog.folder(name)
         if source is None:
             raise AdapterNotFound(name)
-        self._drop(name)
         from_store = self.store.contains(source) and source.name == name
-        self.store.record_unloaded(name, name if purge and from_store else None)
+        await self.store.call(self.store.record_unloaded, name,
+                              name if purge and from_store else None)
+        self._drop(name)
         return source
 
     def _drop(self, name: str) -> None:
         """`name` is not served any more: out of the catalog and the banks."""
+        self._changed(name)
         self.catalog.set(name, None)
         self.resident.forget(name)
         self.resident.unpin(name)
@@ -190,14 +250,16 @@ class AdapterManager:
             self.registry.remove(name)
             self.on_unload(name)
 
-    def _add(self, name: str, adapter: PtMoeAdapter, version: int, source: Path) -> AdapterEntry:
+    def _add(self, name: str, adapter: PtMoeAdapter, version: int, source: Path,
+             force: bool = False) -> AdapterEntry:
         """Serve `adapter` as `name` at the store's `version`, resident at once, unless this
         server already serves that version or a newer one (another server's change, followed
-        meanwhile)."""
+        meanwhile; `force`: a read-only store's content versions, which have no order)."""
         current = self.registry.find(name)
-        if current is not None and current.version >= version:
+        if current is not None and current.version >= version and not force:
             return current
         started = time.perf_counter()
+        self._changed(name)
         self.catalog.set(name, source)
         self.resident.forget(name)
         entry = self.resident.place(name, Fetched(adapter, version, source))
@@ -228,40 +290,48 @@ class AdapterManager:
 
     # -- following the store --------------------------------------------------------------
 
-    def sync_store(self) -> None:
-        """One look at the store: each name it says changed (through any server, or by hand)
-        reconciled to what the store holds. A failed folder whose files changed is read again
-        at its next request."""
-        for name, (folder, stamp) in list(self._failed_at.items()):
-            if folder_stamp(folder) != stamp:
+    async def sync_store(self) -> None:
+        """One look at the store, on the store's threads: each name it says changed (through
+        any server, or by hand) reconciled to what the store holds. A failed folder whose files
+        changed is read again at its next request."""
+        stamps = await self.store.call(lambda: {
+            name: folder_stamp(folder) for name, (folder, _) in list(self._failed_at.items())})
+        for name, stamp in stamps.items():
+            if name in self._failed_at and self._failed_at[name][1] != stamp:
                 self._clear_failure(name)
-        for name in sorted(self.store.changes()):
-            self._reconcile(name)
+        for name in sorted(await self.store.call(self.store.changes)):
+            await self._reconcile(name)
 
-    def _reconcile(self, name: str) -> None:
+    async def _reconcile(self, name: str) -> None:
         folder = self._served_folder(name)
         if folder is None:
             if name in self.registry:
                 logger.info("adapter %s unloaded: the store no longer serves it", name)
             self._drop(name)
             return
+        self._changed(name)
         self.catalog.set(name, folder)
         self.resident.forget(name)
         current = self.registry.find(name)
         if current is None:
             return  # read at its next request
-        stamp = folder_stamp(folder)
+        stamp = await self.store.call(folder_stamp, folder)
         version = self.store.version_of(name, folder, stamp)
         if version is not None and current.version >= version:
             return
         # Resident here: the store's new version replaces it at once, on every server.
         try:
-            adapter = self._read(folder)
-            version = self._version(name, folder, stamp)
+            adapter, version = await self.store.call(self._read_versioned, name, folder, stamp)
+        except StoreError as e:
+            logger.warning("adapter %s changed in the store but cannot be read again yet: %s",
+                           name, e)
+            return
         except Exception as e:
             self._fail(name, folder, stamp, e)
             return
-        self._add(name, adapter, version, folder)
+        if self.store.read_only and version != current.version:
+            current = None  # versions from content: different bytes, a new version
+        self._add(name, adapter, version, folder, force=current is None)
 
     def _served_folder(self, name: str) -> Path | None:
         """The folder the store says `name` is served from, or None if it is not served (or
@@ -285,7 +355,7 @@ class AdapterManager:
         while True:
             await asyncio.sleep(interval)
             try:
-                self.sync_store()
+                await self.sync_store()
             except Exception:
                 logger.exception("cannot follow the adapter store; trying again in %.1f s",
                                  interval)

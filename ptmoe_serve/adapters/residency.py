@@ -26,6 +26,8 @@ from ptmoe_serve.adapters.registry import AdapterEntry, AdapterRegistry
 
 # Requests for cold adapters waiting for a slot at once, at most (each holds its request).
 MAX_WAITING = 1024
+# Reads of one load that a change to its name may make stale before it gives up.
+LOAD_TRIES = 3
 
 
 @dataclass(eq=False)
@@ -62,9 +64,12 @@ class ResidentSet:
                  capacity: int, host_capacity: int = 0, wait_seconds: float = 10.0,
                  max_waiting: int | None = None,
                  on_resident: Callable[[AdapterEntry], None] = lambda entry: None,
-                 observer: LoadObserver = LoadObserver()):
+                 observer: LoadObserver = LoadObserver(),
+                 change_count: Callable[[str], int] = lambda name: 0):
         """`fetch(name)` reads a store adapter; `on_resident(entry)` is told of each adapter
-        placed in the banks (the engine route writes it into its workers)."""
+        placed in the banks (the engine route writes it into its workers); `change_count(name)`
+        moves whenever the name is unloaded, replaced or reconciled, so that a load never
+        places what such a change made stale."""
         if capacity < 1:
             raise ValueError("the resident set holds at least one adapter")
         self.registry = registry
@@ -76,6 +81,7 @@ class ResidentSet:
         self.max_waiting = MAX_WAITING if max_waiting is None else max_waiting
         self.on_resident = on_resident
         self._observer = observer
+        self._change_count = change_count
         self.pinned: set[str] = set()
         self._loading: dict[str, _Load] = {}
         # Decoded copies: of each resident adapter, and of evicted ones (the host tier).
@@ -123,11 +129,20 @@ class ResidentSet:
         eviction could otherwise take it back before its waiters see it, again and again."""
         try:
             started = time.perf_counter()
-            fetched = self._host.get(name)
-            source = "host" if fetched is not None else "disk"
-            if fetched is None:
-                fetched = await self._fetch(name)
-            await self._room_for_one()
+            for _ in range(LOAD_TRIES):
+                seen = self._change_count(name)
+                fetched = self._host.get(name)
+                source = "host" if fetched is not None else "disk"
+                if fetched is None:
+                    fetched = await self._fetch(name)
+                await self._room_for_one()
+                # Unloaded or replaced while it was read or waited for a slot: what it fetched
+                # is stale. Read again (an unloaded name's fetch raises AdapterNotFound).
+                if self._change_count(name) == seen:
+                    break
+            else:
+                raise ResidentSetFull(f"adapter {name!r} changed {LOAD_TRIES} times while it "
+                                      "was being loaded; try again shortly")
             entry = self.registry.find(name)  # a management call may have placed it meanwhile
             if entry is None:
                 entry = self.place(name, fetched)

@@ -12,18 +12,29 @@ folder, the manifest and the journal together: two uploads of one name end with 
 folder and one version, a server starting never clears another's upload in progress as
 interrupted, and no server's manifest change is lost. Each follows the others through
 `changes`: the journal's new lines, and the store folder's own listing when it changed (for
-folders copied in or removed by hand)."""
+folders copied in or removed by hand).
+
+Faults are answers, not crashes (disk.py): the lock is tried for a bounded time, every change
+that meets a full disk or a read-only volume is refused whole with a StoreError saying so, and
+nothing in this process changes until the store has. A store on a read-only volume is served
+as it is: nothing is created in it, and an adapter that no journal line names gets a version
+from its files' bytes, the same on every replica. The server calls all of this through
+`call`, on threads of the store's own, so a stuck lock or a slow volume never holds up a
+request."""
 
 from __future__ import annotations
 
-import fcntl
+import asyncio
+import hashlib
 import json
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,13 +43,23 @@ from stat import S_ISDIR
 from ptmoe_serve.adapters.config import AdapterError
 from ptmoe_serve.adapters.format import CONFIG_FILE, WEIGHTS_FILE
 from ptmoe_serve.adapters.journal import JOURNAL, Journal
+from ptmoe_serve.disk import (DEFAULT_LOCK_TIMEOUT, StoreBusy, StoreError, StoreFull,
+                              StoreReadOnly, classify, failpoint, file_lock, fsync_dir,
+                              read_only, store_errors, write_atomically)
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = ".ptmoe-manifest.json"
 STORE_LOCK = ".ptmoe-store.lock"
 STAGING_PREFIX = ".staging-"
+# A folder replaced: restored by recovery if its replacement never arrived...
 RETIRED_PREFIX = ".retired-"
+# ... and one purged: removed by recovery, never restored half deleted.
+PURGING_PREFIX = ".purging-"
+# Threads doing the store's work for the server: lock waits are bounded, so a few suffice.
+STORE_THREADS = 4
+# Versions made from an adapter's bytes on a read-only store sit above every journal version.
+CONTENT_VERSION_BASE = 1 << 48
 # A folder's modification time ticks coarsely (milliseconds; on a network file system, the
 # server's clock): a change made in the same tick as a listing leaves the time as it was. So a
 # listing after a change is confirmed by one more this long after, when that tick has passed...
@@ -65,14 +86,26 @@ def folder_stamp(folder: Path) -> list[int] | None:
 
 
 class AdapterStore:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, lock_timeout: float = DEFAULT_LOCK_TIMEOUT):
         self.root = root.resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.lock_timeout = lock_timeout
+        with store_errors(self.root):
+            if not self.root.is_dir():
+                self.root.mkdir(parents=True)
+        self.read_only = read_only(self.root)
+        # What the last change found: False after a full disk or a read-only volume refused it.
+        self.writable = not self.read_only
         self.journal = Journal(self.root / JOURNAL)
-        self.journal.path.touch()  # created once: appends never change the store folder
+        if not self.read_only:
+            with store_errors(self.root):
+                self.journal.path.touch()  # created once: appends never change the store folder
         self.journal.read_new()
         self.journal.take_lines()
+        self._manifest_seen: tuple | None = None
         self.manifest = self._read_manifest()
+        # One change at a time in this process (each thread also takes the file lock).
+        self._state = threading.RLock()
+        self._executor: ThreadPoolExecutor | None = None
         # The store folder's listing as last looked at: each adapter folder's inode (a folder
         # moved into place under a taken name is new), the folder's modification time it
         # reflects, and when (monotonic) to list it again to confirm it.
@@ -83,9 +116,20 @@ class AdapterStore:
         # progress (under the lock), recorded in its journal line.
         self._root_before: int | None = None
 
+    async def call(self, work: Callable, *args):
+        """`work(*args)` on one of the store's threads (not the default executor, which stuck
+        lock waits would exhaust): the event loop never waits on the disk or a peer's lock."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="ptmoe-store")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, work, *args)
+
     def recover(self) -> None:
-        """Finish or undo what a crash interrupted: staged uploads never became adapters, and
-        a retired folder whose replacement never arrived comes back."""
+        """Finish or undo what a crash interrupted: staged uploads never became adapters,
+        purges are finished, and a retired folder whose replacement never arrived comes back.
+        A read-only store is served as it is."""
+        if self.read_only:
+            logger.info("the adapter store %s is read-only: serving what it holds", self.root)
+            return
         with self._locked():
             self._recover()
 
@@ -93,10 +137,13 @@ class AdapterStore:
         # Names, not paths: a path object for each of a million folders takes seconds.
         entries = os.listdir(self.root)
         for entry in entries:
-            if entry.startswith((MANIFEST + ".", JOURNAL + ".")):
+            if entry.startswith((MANIFEST + ".", JOURNAL + ".", "." + MANIFEST + ".")):
                 (self.root / entry).unlink()
             elif entry.startswith(STAGING_PREFIX):
                 logger.warning("removing an interrupted upload: %s", entry)
+                shutil.rmtree(self.root / entry, ignore_errors=True)
+            elif entry.startswith(PURGING_PREFIX):
+                logger.warning("finishing an interrupted purge: %s", entry)
                 shutil.rmtree(self.root / entry, ignore_errors=True)
         for entry in entries:
             if entry.startswith(RETIRED_PREFIX):
@@ -126,11 +173,18 @@ class AdapterStore:
         lines (the manifest read again after them), and, when the store folder's listing
         changed, the folders that appeared, went or were moved into place. A look at an
         unchanged store is an open, a stat and a read of nothing."""
-        changed = self.journal.read_new()
-        if changed:
-            self.manifest = self._read_manifest()
-        self._follow_journaled_changes()
-        return changed | self._listing_changes()
+        with self._state:
+            changed = self.journal.read_new()
+            # The manifest read again when it changed (a stat): an unload that died between its
+            # manifest and its journal line reaches every server all the same.
+            before = self.manifest
+            if changed or self._manifest_changed():
+                self.manifest = self._read_manifest()
+                changed |= before.unloaded ^ self.manifest.unloaded
+                changed |= {name for name in before.linked.keys() | self.manifest.linked.keys()
+                            if before.linked.get(name) != self.manifest.linked.get(name)}
+            self._follow_journaled_changes()
+            return changed | self._listing_changes()
 
     def _follow_journaled_changes(self) -> None:
         """A change made through the API records the store folder's modification time before
@@ -163,14 +217,29 @@ class AdapterStore:
         self._listing = listing
         # Unloaded folders removed since: a folder of that name copied in later is new.
         gone = self.manifest.unloaded - listing.keys()
-        if gone:
-            self.forget_unloaded(gone)
+        if gone and not self.read_only:
+            try:
+                self.forget_unloaded(gone)
+            except StoreError as e:  # the next look tries again
+                logger.warning("cannot update the store's manifest: %s", e)
         return changed | gone
 
     def version_of(self, name: str, folder: Path, stamp: list[int] | None) -> int | None:
         """The version the journal gives `name` served from `folder` with files bearing
         `stamp`, if it records one."""
         return self.journal.version_of(name, self._where(name, folder), stamp)
+
+    def found_version(self, name: str, folder: Path, stamp: list[int] | None) -> int | None:
+        """The version of a folder being read for serving: the journal's (no lock taken);
+        else, on a writable store, a new line for it (a folder copied in by hand); on a
+        read-only one, a number made from its files' bytes, so that every replica gives it
+        the same. None if the folder changed since `stamp`."""
+        version = self.version_of(name, folder, stamp)
+        if version is not None:
+            return version
+        if self.read_only:
+            return content_version(folder)
+        return self.record_found([(name, folder, stamp)]).get(name)
 
     def _where(self, name: str, folder: Path) -> str | None:
         """How the journal names a folder: None for the store's own folder of that name (so
@@ -212,7 +281,8 @@ class AdapterStore:
             return versions
 
     def record_unloaded(self, name: str, purge: str | None = None) -> None:
-        """Record `name` as unloaded, removing its store folder `purge` first if given."""
+        """Record `name` as unloaded, removing its store folder `purge` first if given. On a
+        full disk too: an unload writes a few bytes, and a purge frees a folder."""
         with self._locked():
             if purge is not None:
                 self._purge(purge)
@@ -223,6 +293,7 @@ class AdapterStore:
                     manifest.unloaded.add(name)
 
             self._change_manifest(change)
+            failpoint("unload-manifest-written")
             self._append([{"name": name, "unloaded": True}])
 
     def forget_unloaded(self, names: set[str]) -> None:
@@ -256,27 +327,35 @@ class AdapterStore:
                     f.write(data)
                     f.flush()
                     os.fsync(f.fileno())
-            _fsync_dir(staging)  # its entries too, before the rename makes it the adapter
+            fsync_dir(staging)  # its entries too, before the rename makes it the adapter
+            failpoint("upload-staged")
             target = self.root / name
             if target.exists():
                 retired = self.root / f"{RETIRED_PREFIX}{name}-{token}"
                 target.rename(retired)
+                failpoint("replace-retired")
                 staging.rename(target)
                 shutil.rmtree(retired, ignore_errors=True)
             else:
                 staging.rename(target)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
+            failpoint("upload-renamed")
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return target
 
     def _purge(self, name: str) -> None:
+        """Gone at the rename (recovery finishes the delete); the rest frees the space."""
         folder = self.root / name
         if folder.is_dir():
-            retired = self.root / f"{RETIRED_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
-            folder.rename(retired)
-            shutil.rmtree(retired, ignore_errors=True)
+            purging = self.root / f"{PURGING_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
+            folder.rename(purging)
+            fsync_dir(self.root)
+            failpoint("purge-renamed")
+            (purging / CONFIG_FILE).unlink(missing_ok=True)
+            failpoint("purge-deleting")
+            shutil.rmtree(purging, ignore_errors=True)
 
     def _change_manifest(self, change: Callable[[Manifest], None]) -> None:
         """Read, change and write the manifest (if the change changed it); the caller holds the
@@ -289,15 +368,29 @@ class AdapterStore:
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        """The store's exclusive lock, held across servers (and threads) sharing it."""
-        with open(self.root / STORE_LOCK, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
+        """The store's exclusive lock, held across servers (and threads) sharing it, tried for
+        --store-lock-timeout; every I/O error inside is a StoreError naming the store, and
+        `writable` says whether the volume took the change."""
+        if self.read_only:
+            raise classify(OSError(30, os.strerror(30)), self.root)  # EROFS
+        if not self._state.acquire(timeout=self.lock_timeout):
+            raise StoreBusy(f"the adapter store {self.root} is busy with another change of "
+                            f"this server for longer than {self.lock_timeout:g} s "
+                            "(--store-lock-timeout); try again shortly")
+        try:
+            with store_errors(self.root), file_lock(self.root / STORE_LOCK, self.lock_timeout,
+                                                    f"the adapter store {self.root}"):
                 self._root_before = self.root.stat().st_mtime_ns
-                yield
-            finally:
-                self._root_before = None
-                fcntl.flock(lock, fcntl.LOCK_UN)
+                try:
+                    yield
+                finally:
+                    self._root_before = None
+            self.writable = True
+        except (StoreFull, StoreReadOnly):
+            self.writable = False
+            raise
+        finally:
+            self._state.release()
 
     def _append(self, changes: list[dict]) -> list[int]:
         """Journal this change (under the lock), with the store folder's modification time
@@ -308,9 +401,20 @@ class AdapterStore:
                                      "inode": _folder_inode(self.root / change["name"])}
                                     for change in changes])
 
+    def _manifest_changed(self) -> bool:
+        return self._manifest_stat() != self._manifest_seen
+
+    def _manifest_stat(self) -> tuple | None:
+        try:
+            stat = (self.root / MANIFEST).stat()
+        except FileNotFoundError:
+            return None
+        return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
     def _read_manifest(self) -> Manifest:
         path = self.root / MANIFEST
-        if not path.exists():
+        self._manifest_seen = self._manifest_stat()
+        if self._manifest_seen is None:
             return Manifest()
         try:
             data = json.loads(path.read_text())
@@ -320,13 +424,19 @@ class AdapterStore:
 
     def _write_manifest(self) -> None:
         data = {"linked": self.manifest.linked, "unloaded": sorted(self.manifest.unloaded)}
-        staging = self.root / f"{MANIFEST}.{uuid.uuid4().hex[:8]}"
-        with open(staging, "w") as f:
-            json.dump(data, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(staging, self.root / MANIFEST)
-        _fsync_dir(self.root)
+        write_atomically(self.root / MANIFEST, json.dumps(data, indent=2).encode())
+        self._manifest_seen = self._manifest_stat()
+
+
+def content_version(folder: Path) -> int:
+    """A version from an adapter's two files' bytes: the same for the same content on every
+    replica of a read-only store, above every version a journal gives."""
+    digest = hashlib.blake2b(digest_size=6)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        with open(folder / name, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return CONTENT_VERSION_BASE + int.from_bytes(digest.digest())
 
 
 def _folder_inode(path: Path) -> int | None:
@@ -335,11 +445,3 @@ def _folder_inode(path: Path) -> int | None:
     except FileNotFoundError:
         return None
     return stat.st_ino if S_ISDIR(stat.st_mode) else None
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -6,9 +6,12 @@ from __future__ import annotations
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from ptmoe_serve.disk import StoreError
+
 ERROR_TYPES = {401: "AuthenticationError", 403: "PermissionDeniedError", 404: "NotFoundError",
                409: "ConflictError", 413: "RequestTooLargeError",
-               503: "ServiceUnavailableError"}
+               503: "ServiceUnavailableError", 507: "InsufficientStorageError"}
+RETRY_AFTER_SECONDS = "1"
 
 
 class RequestError(Exception):
@@ -31,3 +34,15 @@ class RequestError(Exception):
 
 async def request_error_handler(request: Request, error: RequestError) -> JSONResponse:
     return error.response()
+
+
+def store_error_response(error: StoreError) -> JSONResponse:
+    """A change the store could not make: 507 when it is full, 503 (try again) otherwise."""
+    response = RequestError(error.status, str(error), code=error.code).response()
+    if error.status == 503:
+        response.headers["retry-after"] = RETRY_AFTER_SECONDS
+    return response
+
+
+async def store_error_handler(request: Request, error: StoreError) -> JSONResponse:
+    return store_error_response(error)

@@ -86,10 +86,10 @@ def _get(jobs: FineTuningJobs, job_id: str) -> dict:
                            code="job_not_found", param="fine_tuning_job_id") from None
 
 
-def _served(request: Request, shown):
+async def _served(request: Request, shown):
     """`shown`, read from the store, once this server serves every model it may name."""
     try:
-        request.app.state.services.manager.sync_store()
+        await request.app.state.services.manager.sync_store()
     except Exception:  # the watcher tries again; what was read still stands
         logger.exception("cannot follow the adapter store")
     return shown
@@ -147,35 +147,35 @@ async def create_job(body: CreateJob, request: Request) -> dict:
 async def list_jobs(request: Request, after: str | None = None,
                     limit: int = Query(20, ge=1, le=MAX_LIST_LIMIT)) -> dict:
     jobs = [_shown(job) for job in reversed(_jobs(request).list())]
-    return _served(request, cursor_page(jobs, after, limit))
+    return await _served(request, cursor_page(jobs, after, limit))
 
 
 @router.get("/{job_id}")
 async def retrieve_job(job_id: str, request: Request) -> dict:
-    return _served(request, _shown(_get(_jobs(request), job_id)))
+    return await _served(request, _shown(_get(_jobs(request), job_id)))
 
 
 @router.post("/{job_id}/cancel")
 async def cancel_job(job_id: str, request: Request) -> dict:
     jobs = _jobs(request)
     _get(jobs, job_id)
-    return _served(request, _shown(jobs.cancel(job_id)))
+    return await _served(request, _shown(jobs.cancel(job_id)))
 
 
 @router.get("/{job_id}/events")
 async def list_events(job_id: str, request: Request, after: str | None = None,
                       limit: int = Query(20, ge=1, le=MAX_LIST_LIMIT)) -> dict:
-    return _job_page(request, job_id, FineTuningJobs.events, after, limit)
+    return await _job_page(request, job_id, FineTuningJobs.events, after, limit)
 
 
 @router.get("/{job_id}/checkpoints")
 async def list_checkpoints(job_id: str, request: Request, after: str | None = None,
                            limit: int = Query(10, ge=1, le=MAX_LIST_LIMIT)) -> dict:
-    return _job_page(request, job_id, FineTuningJobs.checkpoints, after, limit)
+    return await _job_page(request, job_id, FineTuningJobs.checkpoints, after, limit)
 
 
-def _job_page(request: Request, job_id: str, read, after: str | None, limit: int) -> dict:
+async def _job_page(request: Request, job_id: str, read, after: str | None, limit: int) -> dict:
     """A page of a job's events or checkpoints, newest first."""
     jobs = _jobs(request)
     _get(jobs, job_id)
-    return _served(request, cursor_page(list(reversed(read(jobs, job_id))), after, limit))
+    return await _served(request, cursor_page(list(reversed(read(jobs, job_id))), after, limit))

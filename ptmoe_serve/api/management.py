@@ -4,7 +4,8 @@ and page through every adapter the store serves.
 Every route needs the admin key (see auth.py). Adapter errors map to 4xx: 400 for an adapter
 that fails validation, 403 for a path outside the allowed roots, 404 for an unknown adapter,
 409 for a name taken without `replace`, 413 for an upload over the limit; a pin that finds
-every slot held is a 503."""
+every slot held is a 503. A store that cannot take the change answers for itself (disk.py):
+507 `store_full`, 503 `store_read_only`, `store_busy` or `store_io_error`, and nothing changes."""
 
 from __future__ import annotations
 
@@ -92,7 +93,7 @@ async def load_adapter(body: protocol.LoadAdapterRequest, request: Request) -> p
     started = time.perf_counter()
     manager = request.app.state.services.manager
     with _adapter_errors(body.name):
-        entry = manager.load_path(body.name, body.path, body.replace)
+        entry = await manager.load_path(body.name, body.path, body.replace)
     return _info(entry, manager.resident.pinned, started)
 
 
@@ -113,7 +114,7 @@ async def unload_adapter(name: str, request: Request, purge: bool = False) -> pr
     manager = request.app.state.services.manager
     with _adapter_errors(name):
         info = _described(request, name)
-        manager.unload(name, purge)
+        await manager.unload(name, purge)
     return info.model_copy(update={"resident": False, "pinned": False})
 
 

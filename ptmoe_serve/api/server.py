@@ -31,14 +31,17 @@ from vllm.exceptions import VLLMValidationError
 from vllm.v1.metrics.prometheus import get_prometheus_registry
 
 from ptmoe_serve.adapters.config import AdapterError
+from ptmoe_serve.adapters.format import CONFIG_FILE
 from ptmoe_serve.adapters.registry import AdapterNotFound
 from ptmoe_serve.adapters.residency import ResidentSetFull
 from ptmoe_serve.api import files, fine_tuning, management, vllm_lora
 from ptmoe_serve.api.auth import AccessPolicy
 from ptmoe_serve.api.bodies import BodyLimit, read_body
-from ptmoe_serve.api.errors import RequestError, request_error_handler
+from ptmoe_serve.api.errors import (RETRY_AFTER_SECONDS, RequestError, request_error_handler,
+                                    store_error_handler, store_error_response)
 from ptmoe_serve.api.protocol import PromptRouting, RoutingRequest, RoutingResponse
 from ptmoe_serve.config import ServerSettings
+from ptmoe_serve.disk import StoreError
 from ptmoe_serve.engine.client import COLD_START, SERVED_VERSIONS
 from ptmoe_serve.engine.engine import engine_args
 from ptmoe_serve.engine.limits import RequestLimits, prompt_count
@@ -52,7 +55,6 @@ OWNER = "ptmoe_serve"
 OPEN_PATHS = frozenset({"/health", "/ping"})
 # A management call's JSON (load, replace) is a name and a path.
 MANAGEMENT_BODY_LIMIT = BodyLimit(64 * 1024, "management calls")
-RETRY_AFTER_SECONDS = b"1"
 # Names the store's version of the adapter a response was generated with.
 ADAPTER_VERSION_HEADER = b"ptmoe-adapter-version"
 
@@ -118,6 +120,7 @@ def add_project_routes(app: FastAPI, services: Services) -> None:
         route, "path", None) not in (vllm_lora.LOAD_PATH, vllm_lora.UNLOAD_PATH)]
     app.include_router(vllm_lora.router)
     app.add_exception_handler(RequestError, request_error_handler)
+    app.add_exception_handler(StoreError, store_error_handler)
     # Outermost: a request without a valid key is refused before its body is read; next, one
     # whose body is over its limit, before it is parsed. vLLM's app has built its middleware
     # stack already: built again, as vLLM's launcher does.
@@ -171,26 +174,52 @@ def _replace_route(app: FastAPI, path: str, method: str, endpoint) -> None:
 
 
 async def _models(request: Request) -> ModelList:
-    """vLLM's model list, with each resident adapter's card (its shape and state under
-    `adapter`), and how many adapters the store serves in all (`adapters_in_store`; every one
-    of them is a valid `model`, and GET /v1/adapters pages through them). An adapter's `root`
-    is the folder it was loaded from only for callers who may manage adapters; for the others,
-    its name: the server's file layout is not theirs to see."""
+    """vLLM's model list and every adapter a request may name, as vLLM lists every adapter it
+    knows: while the store holds at most --max-listed-adapters, all of them; beyond, the
+    resident, pinned and newest (GET /v1/adapters pages through the rest). Resident adapters
+    come first, with their shape and state under `adapter`; the others say `resident: false`.
+    `adapters_in_store` counts them all. An adapter's `root` is its folder only for callers
+    who may manage adapters; for the others, its name: the server's file layout is not theirs
+    to see."""
     services: Services = request.app.state.services
+    manager = services.manager
     base = await request.app.state.openai_serving_models.registry.show_available_models()
     for card in base.data:
         card.owned_by, card.adapter = OWNER, None
-    max_model_len = services.engine.max_model_len
     show_paths = request.app.state.access.allows_admin(request)
-    pinned = services.manager.resident.pinned
-    base.data += [
-        ModelCard(id=entry.name, created=int(entry.loaded_at), owned_by=OWNER,
-                  root=str(entry.source) if show_paths and entry.source else entry.name,
-                  parent=base.data[0].id, max_model_len=max_model_len,
-                  adapter={**entry.describe(), "pinned": entry.name in pinned})
-        for entry in services.registry.entries()]
-    base.adapters_in_store = len(services.manager.catalog)
+    names = manager.listed(services.settings.max_listed_adapters)
+    folders = {name: manager.catalog.folder(name) for name in names
+               if manager.registry.find(name) is None}
+    created = await manager.store.call(_modified, folders)
+
+    def card(name: str) -> ModelCard:
+        entry = manager.registry.find(name)
+        source = entry.source if entry is not None else folders.get(name)
+        if entry is not None:
+            described = {**entry.describe(), "resident": True,
+                         "pinned": name in manager.resident.pinned}
+        else:
+            described = {"name": name, "resident": False, "pinned": False}
+        return ModelCard(id=name, owned_by=OWNER,
+                         created=int(entry.loaded_at) if entry else created.get(name, 0),
+                         root=str(source) if show_paths and source else name,
+                         parent=base.data[0].id, max_model_len=services.engine.max_model_len,
+                         adapter=described)
+
+    base.data += [card(name) for name in names]
+    base.adapters_in_store = len(manager.catalog)
     return base
+
+
+def _modified(folders: dict) -> dict[str, int]:
+    """When each folder's adapter was written (a stat each, on the store's threads)."""
+    times = {}
+    for name, folder in folders.items():
+        try:
+            times[name] = int((folder / CONFIG_FILE).stat().st_mtime)
+        except (OSError, TypeError):
+            continue
+    return times
 
 
 async def _routing(body: RoutingRequest, request: Request) -> RoutingResponse:
@@ -341,6 +370,8 @@ class _ResidencyMiddleware:
             return await _unavailable(str(e))(scope, receive, send)
         except AdapterNotFound:  # went from the store meanwhile: vLLM's 404
             return await self.app(scope, receive, send)
+        except StoreError as e:  # its first version could not be recorded: try again later
+            return await store_error_response(e)(scope, receive, send)
         except AdapterError as e:
             return await RequestError(400, f"adapter '{name}' cannot be loaded: {e}",
                                       code="invalid_adapter", param="model"
@@ -387,7 +418,7 @@ def _model_of(body: bytes) -> str | None:
 
 def _unavailable(message: str):
     response = RequestError(503, message, code="adapters_busy").response()
-    response.headers["retry-after"] = RETRY_AFTER_SECONDS.decode()
+    response.headers["retry-after"] = RETRY_AFTER_SECONDS
     return response
 
 
@@ -403,9 +434,11 @@ class _RetryAfterMiddleware:
             return await self.app(scope, receive, send)
 
         async def send_with_retry_after(message):
-            if message["type"] == "http.response.start" and message["status"] == 503:
-                message = {**message, "headers": [*message.get("headers", []),
-                                                  (b"retry-after", RETRY_AFTER_SECONDS)]}
+            headers = message.get("headers", [])
+            if (message["type"] == "http.response.start" and message["status"] == 503
+                    and not any(name.lower() == b"retry-after" for name, _ in headers)):
+                message = {**message, "headers": [*headers,
+                                                  (b"retry-after", RETRY_AFTER_SECONDS.encode())]}
             await send(message)
 
         return await self.app(scope, receive, send_with_retry_after)

@@ -38,6 +38,7 @@ from ptmoe_serve.adapters.manager import AdapterManager, FolderNotFound, PathNot
 from ptmoe_serve.adapters.registry import AdapterNotFound
 from ptmoe_serve.adapters.residency import ResidentSetFull
 from ptmoe_serve.api.auth import require_admin
+from ptmoe_serve.disk import StoreError
 
 LOAD_PATH, UNLOAD_PATH = "/v1/load_lora_adapter", "/v1/unload_lora_adapter"
 router = APIRouter(dependencies=[Depends(require_admin), Depends(validate_json_request)])
@@ -72,6 +73,8 @@ async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request) -> R
     except ResidentSetFull as e:
         return _Refused(str(e), "ServiceUnavailableError",
                         HTTPStatus.SERVICE_UNAVAILABLE).response
+    except StoreError as e:
+        return _store_refused(e).response
     except AdapterError as e:  # a reserved name (AdapterExists) too
         return _Refused(f"adapter '{name}' cannot be loaded from {body.lora_path}: {e}").response
     return Response(status_code=200, content=f"Success: LoRA adapter '{name}' added successfully.")
@@ -84,22 +87,34 @@ async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request) 
         return _Refused("'lora_name' needs to be provided to unload a LoRA adapter.").response
     manager: AdapterManager = request.app.state.services.manager
     try:
-        manager.unload(name, purge=False)
+        await manager.unload(name, purge=False)
     except AdapterNotFound:
         return _Refused(f"The lora adapter '{name}' cannot be found.", "NotFoundError",
                         HTTPStatus.NOT_FOUND).response
+    except StoreError as e:
+        return _store_refused(e).response
     return Response(status_code=200,
                     content=f"Success: LoRA adapter '{name}' removed successfully.")
 
 
+def _store_refused(error: StoreError) -> _Refused:
+    """vLLM's error shape, with the store's status (507 full, 503 read-only or busy)."""
+    refused = _Refused(str(error), "ServiceUnavailableError"
+                       if error.status == 503 else "InsufficientStorageError",
+                       HTTPStatus(error.status))
+    if error.status == 503:
+        refused.response.headers["retry-after"] = "1"
+    return refused
+
+
 async def _serve(manager: AdapterManager, name: str, path: str, replace: bool) -> None:
     """Have the store serve `path`'s adapter as `name`, unless it does already."""
-    folder = manager.allowed_folder(path)
-    kind = _peft_type(folder)
+    folder = await manager.store.call(manager.allowed_folder, path)
+    kind = await manager.store.call(_peft_type, folder)
     if kind == "PT_MOE":
         if replace or manager.catalog.folder(name) != folder:
             _check_free(manager, name, replace)
-            manager.load_path(name, str(folder), replace)
+            await manager.load_path(name, str(folder), replace)
         return
     if kind != "PROMPT_TUNING":
         raise _Refused(f"{path} holds a PEFT {kind} adapter; this server serves PT-MoE "
@@ -109,7 +124,7 @@ async def _serve(manager: AdapterManager, name: str, path: str, replace: bool) -
     if weights_file.is_file() and weights_file.stat().st_size > MAX_WEIGHTS_BYTES:
         raise AdapterError(f"{WEIGHTS_FILE} is over {MAX_WEIGHTS_BYTES} bytes")
     config, weights = adapter_files(await asyncio.to_thread(convert_prompt_tuning, folder))
-    if replace or not _stored_as(manager, name, config, weights):
+    if replace or not await manager.store.call(_stored_as, manager, name, config, weights):
         _check_free(manager, name, replace)
         await manager.upload(name, config, weights)
 

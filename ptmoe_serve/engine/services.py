@@ -125,10 +125,11 @@ async def start_services(settings: ServerSettings, llm: AsyncLLM,
     metrics.server.info({"model": settings.engine.served_model_name,
                          "routing": "engine" if in_engine else "api",
                          "max_resident_adapters": str(capacity)})
-    manager = AdapterManager(registry, AdapterStore(settings.adapters_dir),
-                             list(settings.allowed_adapter_roots), limits,
+    store = AdapterStore(settings.adapters_dir, settings.store_lock_timeout)
+    manager = AdapterManager(registry, store, list(settings.allowed_adapter_roots), limits,
                              on_unload=metrics.forget, observer=metrics.residency_observer())
     metrics.watch_residency(manager.resident, metrics_registry)
+    metrics.watch_store(lambda: store.writable, metrics_registry)
     tasks = []
     route: Route
     if in_engine:
@@ -157,7 +158,9 @@ async def start_services(settings: ServerSettings, llm: AsyncLLM,
         tasks.append(asyncio.create_task(manager.watch(settings.watch_interval)))
     services = Services(settings, engine, registry, manager, route, client, metrics,
                         request_limits, int(started), tasks)
-    if settings.fine_tune_worker:
+    if settings.fine_tune_worker and store.read_only:
+        logger.info("no fine-tuning worker: the adapter store is read-only")
+    elif settings.fine_tune_worker:
         services.fine_tune_worker = start_fine_tune_worker(settings)
     logger.info("serving %s with %d adapters in the store, %d resident of at most %d "
                 "(routing %s), ready in %.2f s", settings.engine.served_model_name,

@@ -9,13 +9,13 @@ that uses it."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from ptmoe_serve.disk import store_writes, write_atomically
 
 FILES_FOLDER = ".ptmoe-files"
 PURPOSE = "fine-tune"
@@ -78,8 +78,8 @@ def count_jsonl_lines(data: bytes) -> int:
 
 class TrainingFiles:
     def __init__(self, store_root: Path):
+        # Made by the first upload: a read-only store has none.
         self.folder = store_root / FILES_FOLDER
-        self.folder.mkdir(parents=True, exist_ok=True)
 
     def add(self, filename: str, purpose: str, data: bytes) -> TrainingFile:
         if purpose != PURPOSE:
@@ -91,8 +91,9 @@ class TrainingFiles:
                               created_at=now // 10**9, filename=_clean(filename),
                               purpose=purpose, lines=lines, created_ns=now)
         # The bytes first, the record last: a file is listed only once it is whole.
-        write_atomically(self.content_path(record.id), data)
-        write_atomically(self._record_path(record.id), json.dumps(asdict(record)).encode())
+        with store_writes(self.folder):
+            write_atomically(self.content_path(record.id), data)
+            write_atomically(self._record_path(record.id), json.dumps(asdict(record)).encode())
         return record
 
     def get(self, file_id: str) -> TrainingFile:
@@ -119,8 +120,9 @@ class TrainingFiles:
 
     def delete(self, file_id: str) -> TrainingFile:
         record = self.get(file_id)
-        self._record_path(file_id).unlink(missing_ok=True)  # unlisted first
-        self.content_path(file_id).unlink(missing_ok=True)
+        with store_writes(self.folder):
+            self._record_path(file_id).unlink(missing_ok=True)  # unlisted first
+            self.content_path(file_id).unlink(missing_ok=True)
         return record
 
     def _record_path(self, file_id: str) -> Path:
@@ -135,18 +137,3 @@ def _clean(filename: str) -> str:
 
 def _short(error: Exception) -> str:
     return str(error)[:200]
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Flushed beside its target and renamed into place: a reader sees the old file or the new
-    one, never half of one."""
-    staging = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    try:
-        with open(staging, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(staging, path)
-    except BaseException:
-        staging.unlink(missing_ok=True)
-        raise

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ptmoe_serve.train.files import write_atomically
+from ptmoe_serve.disk import store_writes, write_atomically
 
 JOBS_FOLDER = ".ptmoe-jobs"
 JOB_ID_PREFIX = "ftjob-"
@@ -33,8 +33,8 @@ class JobNotFound(KeyError):
 
 class FineTuningJobs:
     def __init__(self, store_root: Path):
+        # Made by the first job: a read-only store has none.
         self.folder = store_root / JOBS_FOLDER
-        self.folder.mkdir(parents=True, exist_ok=True)
 
     # -- records ------------------------------------------------------------------------------
 
@@ -48,9 +48,10 @@ class FineTuningJobs:
                   "finished_at": None, "result_files": [], "trained_tokens": None,
                   "estimated_finish": None, "integrations": None,
                   "organization_id": "ptmoe_serve", **record, "created_ns": now}
-        self.job_folder(job_id).mkdir()
-        write_atomically(self._record_path(job_id), json.dumps(record).encode())
-        self.add_event(job_id, f"Created fine-tuning job: {job_id}")
+        with store_writes(self.folder):
+            self.job_folder(job_id).mkdir()
+            write_atomically(self._record_path(job_id), json.dumps(record).encode())
+            self.add_event(job_id, f"Created fine-tuning job: {job_id}")
         return record
 
     def get(self, job_id: str) -> dict:
@@ -156,7 +157,8 @@ class FineTuningJobs:
         record = self.get(job_id)
         if record["status"] in FINAL:
             return record
-        (self.job_folder(job_id) / "cancel").touch()
+        with store_writes(self.folder):
+            (self.job_folder(job_id) / "cancel").touch()
         with self.claimed(job_id) as mine:
             if mine:
                 return self.finish(job_id, "cancelled")

@@ -27,7 +27,7 @@ def quick_settling(monkeypatch):
 def look(m: AdapterManager) -> None:
     """The watcher's next look, a tick of the store folder's clock after the last change."""
     time.sleep(2 * SETTLE_SECONDS)
-    m.sync_store()
+    asyncio.run(m.sync_store())
 
 
 @pytest.fixture
@@ -102,19 +102,19 @@ def test_load_path_checks_the_allowed_roots(roots):
     write_adapter(random_adapter(), library / "lib")
     write_adapter(random_adapter(), outside / "evil")
     (library / "link").symlink_to(outside / "evil")
-    assert m.load_path("lib", str(library / "lib"), replace=False).name == "lib"
+    assert asyncio.run(m.load_path("lib", str(library / "lib"), replace=False)).name == "lib"
     with pytest.raises(PathNotAllowed):
-        m.load_path("evil", str(outside / "evil"), replace=False)
+        asyncio.run(m.load_path("evil", str(outside / "evil"), replace=False))
     with pytest.raises(PathNotAllowed):
-        m.load_path("evil", str(library / "link"), replace=False)
+        asyncio.run(m.load_path("evil", str(library / "link"), replace=False))
     with pytest.raises(PathNotAllowed):
-        m.load_path("evil", str(library / ".." / "outside" / "evil"), replace=False)
+        asyncio.run(m.load_path("evil", str(library / ".." / "outside" / "evil"), replace=False))
     with pytest.raises(AdapterError, match="must be absolute"):
-        m.load_path("rel", "library/lib", replace=False)
+        asyncio.run(m.load_path("rel", "library/lib", replace=False))
     with pytest.raises(AdapterError, match="does not exist"):
-        m.load_path("gone", str(library / "gone"), replace=False)
+        asyncio.run(m.load_path("gone", str(library / "gone"), replace=False))
     with pytest.raises(AdapterExists):
-        m.load_path("lib", str(library / "lib"), replace=False)
+        asyncio.run(m.load_path("lib", str(library / "lib"), replace=False))
     assert resident(m) == served(m) == ["lib"]
 
 
@@ -136,12 +136,12 @@ def test_restart_remembers_links_and_unloads(roots):
     store, library, _ = roots
     m = manager(store, library)
     write_adapter(random_adapter(), library / "lib")
-    m.load_path("linked", str(library / "lib"), replace=False)
+    asyncio.run(m.load_path("linked", str(library / "lib"), replace=False))
     upload(m, "up", *files(random_adapter(seed=1)))
     upload(m, "dropped", *files(random_adapter(seed=2)))
-    m.unload("dropped", purge=False)
+    asyncio.run(m.unload("dropped", purge=False))
     upload(m, "purged", *files(random_adapter(seed=3)))
-    m.unload("purged", purge=True)
+    asyncio.run(m.unload("purged", purge=True))
     assert (store / "dropped").exists() and not (store / "purged").exists()
     again = manager(store, library)
     assert served(again) == ["linked", "up"]
@@ -179,7 +179,7 @@ def test_an_unloaded_store_folder_is_not_reloaded_by_the_watcher(roots):
     store, library, _ = roots
     m = manager(store, library)
     upload(m, "a", *files(random_adapter()))
-    m.unload("a", purge=False)
+    asyncio.run(m.unload("a", purge=False))
     look(m)
     assert "a" not in m.registry and "a" not in m.catalog
 
@@ -188,7 +188,7 @@ def test_a_new_folder_under_an_unloaded_name_is_served(roots):
     store, library, _ = roots
     m = manager(store, library)
     upload(m, "a", *files(random_adapter(seed=1)))
-    m.unload("a", purge=False)
+    asyncio.run(m.unload("a", purge=False))
     shutil.rmtree(store / "a")
     look(m)
     write_adapter(random_adapter(seed=2), store / "a")
@@ -241,7 +241,7 @@ def test_a_path_outside_the_roots_gets_the_same_refusal_whether_or_not_it_exists
     messages = []
     for path in (outside / "real", outside / "imagined", "/etc/ssh", "/no/such/place"):
         with pytest.raises(PathNotAllowed) as refused:
-            m.load_path("x", str(path), replace=False)
+            asyncio.run(m.load_path("x", str(path), replace=False))
         messages.append(str(refused.value).replace(str(path), "PATH"))
     assert len(set(messages)) == 1, messages
 
@@ -259,15 +259,15 @@ def test_servers_over_one_store_follow_each_others_unloads_loads_and_links(roots
         return served(m)
 
     assert looked(first) == looked(second) == ["s"]
-    first.unload("s", purge=False)  # the folder stays; the manifest says unloaded
+    asyncio.run(first.unload("s", purge=False))  # the folder stays; the manifest says unloaded
     assert looked(second) == []
-    first.load_path("s", str(store / "s"), replace=False)
+    asyncio.run(first.load_path("s", str(store / "s"), replace=False))
     assert looked(second) == ["s"]
-    first.load_path("lib", str(library / "lib"), replace=False)
+    asyncio.run(first.load_path("lib", str(library / "lib"), replace=False))
     assert looked(second) == ["lib", "s"]
     make_resident(second, "lib")
     assert second.registry.get("lib").source == library / "lib"
-    first.unload("lib", purge=False)
+    asyncio.run(first.unload("lib", purge=False))
     assert looked(second) == ["s"] and "lib" not in second.registry
     # Each server's own changes leave it nothing to redo: no new version on its next look.
     version = first.registry.get("s").version
@@ -305,12 +305,12 @@ def test_servers_over_one_store_agree_on_versions_and_never_go_back(roots):
     # A folder linked from another root, replaced at the same path: the new content reaches
     # the other server as a new version.
     write_adapter(random_adapter(seed=4), library / "lib")
-    first.load_path("lib", str(library / "lib"), replace=False)
+    asyncio.run(first.load_path("lib", str(library / "lib"), replace=False))
     assert versions(second)["lib"] == 4
     write_adapter(random_adapter(seed=5), library / "lib.new")
     shutil.rmtree(library / "lib")
     (library / "lib.new").rename(library / "lib")
-    first.load_path("lib", str(library / "lib"), replace=True)
+    asyncio.run(first.load_path("lib", str(library / "lib"), replace=True))
     assert versions(second)["lib"] == versions(first)["lib"] == 5
     replaced = second.registry.get("lib").adapter.experts_a
     assert replaced.equal(random_adapter(seed=5).experts_a)
@@ -341,7 +341,7 @@ def test_a_look_at_the_store_costs_its_changes_not_its_adapters(roots, monkeypat
     look(second)
     assert stamped == [] and listed == []
     # Changes through the other server: read from the journal, the store folder not listed.
-    first.unload("a7", purge=False)
+    asyncio.run(first.unload("a7", purge=False))
     upload(first, "a9", *files(random_adapter(seed=99)))
     look(second)
     assert sorted(set(stamped)) == ["a9"] and listed == [] and "a7" not in second.registry
@@ -349,3 +349,103 @@ def test_a_look_at_the_store_costs_its_changes_not_its_adapters(roots, monkeypat
     shutil.rmtree(store / "a3")
     look(second)
     assert "a3" not in second.registry and len(listed) == 1
+
+
+def capped(store_dir, library, capacity: int, lock_timeout: float = 5.0) -> AdapterManager:
+    from ptmoe_serve.adapters.manager import ResidencyLimits
+
+    registry = AdapterRegistry(16, 64, torch.device("cpu"))
+    result = AdapterManager(registry, AdapterStore(store_dir, lock_timeout), [library],
+                            ResidencyLimits(capacity, 0, wait_seconds=10))
+    result.start()
+    return result
+
+
+def test_an_unload_during_a_cold_loads_wait_wins(roots):
+    """The only slot is held; a cold request waits for it; the adapter is unloaded meanwhile:
+    when the slot frees, the waiting request is told it is gone, and nothing is placed."""
+    store, library, _ = roots
+    for seed, name in enumerate(("busy", "cold")):
+        write_adapter(random_adapter(seed=seed), store / name)
+    m = capped(store, library, 1)
+
+    async def run():
+        held = await m.resident.acquire("busy")
+        waiting = asyncio.ensure_future(m.resident.acquire("cold"))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()
+        await m.unload("cold", purge=False)
+        m.resident.release(held)
+        with pytest.raises(KeyError):
+            await waiting
+
+    asyncio.run(run())
+    assert "cold" not in resident(m) and "cold" not in m.catalog
+
+
+def test_a_replace_through_a_replica_during_a_cold_loads_wait_is_what_gets_placed(roots):
+    store, library, _ = roots
+    for seed, name in enumerate(("busy", "cold")):
+        write_adapter(random_adapter(seed=seed), store / name)
+    m = capped(store, library, 1)
+    replica = manager(store, library)
+
+    async def run():
+        held = await m.resident.acquire("busy")
+        waiting = asyncio.ensure_future(m.resident.acquire("cold"))
+        await asyncio.sleep(0.2)
+        await replica.upload("cold", *files(random_adapter(seed=7)))
+        await asyncio.sleep(2 * SETTLE_SECONDS)
+        await m.sync_store()  # the watcher's look sees the replica's change
+        m.resident.release(held)
+        entry = await waiting
+        m.resident.release(entry)
+        return entry
+
+    entry = asyncio.run(run())
+    assert entry.version == replica.registry.get("cold").version
+    assert entry.adapter.experts_a.equal(random_adapter(seed=7).experts_a)
+
+
+def test_an_unload_the_store_refuses_leaves_the_adapter_served(roots):
+    """A peer holds the store's lock: the unload answers StoreBusy after the timeout, and the
+    adapter is still listed and resident here."""
+    import subprocess
+    import sys
+
+    from ptmoe_serve.adapters.store import STORE_LOCK
+    from ptmoe_serve.disk import StoreBusy
+
+    store, library, _ = roots
+    write_adapter(random_adapter(), store / "kept")
+    m = capped(store, library, 4, lock_timeout=0.2)
+    make_resident(m, "kept")
+    hold = ("import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+            "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(30)")
+    peer = subprocess.Popen([sys.executable, "-c", hold, str(store / STORE_LOCK)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert peer.stdout.readline().strip() == "held"
+        with pytest.raises(StoreBusy, match="locked by another process"):
+            asyncio.run(m.unload("kept", purge=True))
+    finally:
+        peer.kill()
+        peer.wait()
+    assert "kept" in m.catalog and resident(m) == ["kept"] and (store / "kept").is_dir()
+    asyncio.run(m.unload("kept", purge=True))  # and once the peer lets go, it goes
+    assert "kept" not in m.catalog and not (store / "kept").exists()
+
+
+def test_a_unload_killed_between_manifest_and_journal_reaches_other_servers(roots):
+    """The manifest is read again when it changes, not only after a journal line: a server
+    that died between the two still has its unload followed without a restart."""
+    store, library, _ = roots
+    write_adapter(random_adapter(), store / "a")
+    other = manager(store, library)
+    look(other)
+    assert served(other) == ["a"]
+    writer = AdapterStore(store)
+    with writer._locked():
+        writer._change_manifest(lambda manifest: manifest.unloaded.add("a"))  # then it dies
+    look(other)
+    assert served(other) == []

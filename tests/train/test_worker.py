@@ -2,6 +2,7 @@
 the oldest job while the next queues, trains on the real model, and writes the adapter into the
 store, where a server following the store finds it; a cancelled job leaves nothing behind."""
 
+import asyncio
 import json
 
 import pytest
@@ -73,7 +74,7 @@ def test_a_job_is_validated_queued_trained_and_served_from_the_store(store, work
     assert [(c["step_number"], c["fine_tuned_model_checkpoint"]) for c in checkpoints] == [
         (2, f"{name}-ckpt-step-2"), (4, name)]
     assert checkpoints[1]["metrics"] == steps[-1]
-    follower.sync_store()
+    asyncio.run(follower.sync_store())
     assert name in follower.catalog and f"{name}-ckpt-step-2" in follower.catalog
     assert not torch.equal(read_adapter(store / f"{name}-ckpt-step-2").experts_a,
                            adapter.experts_a)
