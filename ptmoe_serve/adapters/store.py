@@ -58,6 +58,10 @@ RETIRED_PREFIX = ".retired-"
 PURGING_PREFIX = ".purging-"
 # Threads doing the store's work for the server: lock waits are bounded, so a few suffice.
 STORE_THREADS = 4
+# Space kept back for unloads: a full store frees it so that an unload can still be recorded
+# (as etcd keeps deletes working when its disk is full). Written again at the next start.
+RESERVE = ".ptmoe-reserve"
+RESERVE_BYTES = 256 * 1024
 # Versions made from an adapter's bytes on a read-only store sit above every journal version.
 CONTENT_VERSION_BASE = 1 << 48
 # A folder's modification time ticks coarsely (milliseconds; on a network file system, the
@@ -132,6 +136,11 @@ class AdapterStore:
             return
         with self._locked():
             self._recover()
+            try:
+                if not (self.root / RESERVE).exists():
+                    write_atomically(self.root / RESERVE, bytes(RESERVE_BYTES))
+            except OSError as e:
+                logger.warning("no space kept back for unloads in %s: %s", self.root, e)
 
     def _recover(self) -> None:
         # Names, not paths: a path object for each of a million folders takes seconds.
@@ -282,7 +291,18 @@ class AdapterStore:
 
     def record_unloaded(self, name: str, purge: str | None = None) -> None:
         """Record `name` as unloaded, removing its store folder `purge` first if given. On a
-        full disk too: an unload writes a few bytes, and a purge frees a folder."""
+        full disk too: the space kept back is freed for it (a purge frees a folder besides)."""
+        try:
+            self._record_unloaded(name, purge)
+        except StoreFull:
+            if not (self.root / RESERVE).exists():
+                raise
+            (self.root / RESERVE).unlink(missing_ok=True)
+            logger.warning("the adapter store %s is full: freed the space kept back to record "
+                           "the unload of %s", self.root, name)
+            self._record_unloaded(name, purge)  # each step is done or skipped again
+
+    def _record_unloaded(self, name: str, purge: str | None) -> None:
         with self._locked():
             if purge is not None:
                 self._purge(purge)

@@ -7,12 +7,13 @@ from helpers import adapter_bytes, random_adapter
 from ptmoe_serve.adapters import store as store_module
 from ptmoe_serve.adapters.format import CONFIG_FILE, WEIGHTS_FILE, read_adapter, write_adapter
 from ptmoe_serve.adapters.journal import JOURNAL
-from ptmoe_serve.adapters.store import MANIFEST, STORE_LOCK, AdapterStore, folder_stamp
+from ptmoe_serve.adapters.store import MANIFEST, RESERVE, STORE_LOCK, AdapterStore, folder_stamp
 
 
 def leftovers(store) -> list[str]:
-    """What the store folder holds besides its lock file and journal."""
-    return sorted(p.name for p in store.root.iterdir() if p.name not in (STORE_LOCK, JOURNAL))
+    """What the store folder holds besides its lock file, journal and space kept back."""
+    return sorted(p.name for p in store.root.iterdir()
+                  if p.name not in (STORE_LOCK, JOURNAL, RESERVE))
 
 
 def test_write_then_replace(tmp_path):
