@@ -1,0 +1,376 @@
+"""The store's faults, made for real against a real server: the store on a size-limited tmpfs
+(filled until writes fail with ENOSPC), remounted read-only, its lock held by another process,
+its journal damaged, and processes SIGKILLed at named points of an upload, a replace, a purge
+and an unload (failpoints, disk.py); and changes that race a cold load. Each checks the answer
+(status, code, message), that nothing acknowledged is lost, that other adapters answer as
+before, and that a stream running meanwhile does not pause more than a second beyond its worst
+gap measured just before the fault.
+
+Mounting needs root (as on the build machines); elsewhere the module is skipped, saying why."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from bench.server_process import start_server
+from conftest import TEXTS
+from helpers import random_adapter, stop_later, text_experts_adapter
+from ptmoe_serve.adapters.format import CONFIG_FILE, WEIGHTS_FILE, adapter_files, write_adapter
+from ptmoe_serve.adapters.journal import JOURNAL
+from ptmoe_serve.adapters.store import STORE_LOCK
+from ptmoe_serve.base_model import load_input_embeddings
+
+ADMIN = "faults-admin-key"
+PROMPT = "Once upon a time, there was a little"
+LOCK_TIMEOUT = 1.0
+# How long a stream runs before a fault, to measure its worst gap without one.
+BASELINE_SECONDS = 3
+# Named points of a change at which a process doing only the store's work is killed: the
+# change, and the adapter it changes.
+KILLS = {
+    "upload-staged": ("write", "new"),        # never became an adapter: not served
+    "replace-retired": ("write", "replaced"),  # the old folder comes back
+    "purge-deleting": ("purge", "purged"),     # gone at the rename: never restored half deleted
+    "unload-manifest-written": ("unload", "unloaded"),  # the manifest said it: not served
+}
+STORE_WORK = """
+import sys
+from pathlib import Path
+from ptmoe_serve.adapters.store import AdapterStore
+store, action, name = AdapterStore(Path(sys.argv[1])), sys.argv[2], sys.argv[3]
+if len(sys.argv) > 6:  # a replica ready before its change: told when to make it
+    print("ready", flush=True)
+    sys.stdin.readline()
+if action == "write":
+    store.write(name, Path(sys.argv[4]).read_bytes(), Path(sys.argv[5]).read_bytes())
+else:
+    store.record_unloaded(name, name if action == "purge" else None)
+"""
+HOLD_LOCK = """
+import fcntl, sys, time
+lock = open(sys.argv[1], "a+")
+fcntl.flock(lock, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def adapter_bytes(_root, seed: int) -> tuple[bytes, bytes]:
+    """An adapter of the base model's width (576), as its two files' bytes."""
+    return adapter_files(random_adapter(seed=seed, hidden_size=576, prompt_length=4, rank=4))
+
+
+def mount(*args: str) -> None:
+    subprocess.run(["mount", *args], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory, model_dir, tokenizer):
+    root = tmp_path_factory.mktemp("faults")
+    store = root / "store"
+    store.mkdir()
+    try:
+        mount("-t", "tmpfs", "-o", "size=24m", "tmpfs", str(store))
+    except (OSError, subprocess.CalledProcessError) as e:
+        pytest.skip(f"cannot mount a tmpfs for the store here (needs root): {e}")
+    table = load_input_embeddings(model_dir)
+    texts = [tokenizer.encode(t) for t in TEXTS]
+    for i, name in enumerate(["steady", "victim", "kept", "cold", "busy-a", "busy-b",
+                              "replaced", "purged", "unloaded"]):
+        write_adapter(text_experts_adapter(table, [texts[i % 3], texts[(i + 1) % 3]], seed=i,
+                                           prompt_length=4, rank=4), store / name)
+    (root / "admin.key").write_text(ADMIN)
+    replaced_before = (store / "replaced" / WEIGHTS_FILE).read_bytes()
+    for point, (action, name) in KILLS.items():
+        sources = []
+        if action == "write":
+            sources = [root / "new.json", root / "new.safetensors"]
+            for path, data in zip(sources, adapter_bytes(root, seed=40)):
+                path.write_bytes(data)
+        killed = subprocess.run([sys.executable, "-c", STORE_WORK, str(store), action, name,
+                                 *map(str, sources)], env={**os.environ, "PTMOE_FAILPOINT": point},
+                                capture_output=True)
+        assert killed.returncode == -9, (point, killed.stderr.decode()[-2000:])
+    yield {"root": root, "store": store, "replaced_before": replaced_before}
+    subprocess.run(["umount", "-l", str(store)], capture_output=True)
+
+
+def server_args(lab, model_dir) -> list[str]:
+    return ["--model", str(model_dir), "--dtype", "float32", "--max-model-len", "512",
+            "--adapters", str(lab["store"]), "--admin-api-key-file", str(lab["root"] / "admin.key"),
+            "--max-resident-adapters", "2", "--adapter-wait-seconds", "60",
+            "--store-lock-timeout", str(LOCK_TIMEOUT), "--watch-interval", "0.5",
+            "--enforce-eager", "--no-fine-tune-worker"]
+
+
+@pytest.fixture(scope="module")
+def server(lab, model_dir):
+    running = start_server(server_args(lab, model_dir), lab["root"] / "server.log")
+    yield running
+    stop_later(running)
+
+
+def admin(server) -> httpx.Client:
+    return httpx.Client(base_url=server.url, timeout=120,
+                        headers={"authorization": f"Bearer {ADMIN}"})
+
+
+def complete(server, model: str, max_tokens: int = 4) -> httpx.Response:
+    return httpx.post(f"{server.url}/v1/completions", timeout=120, json={
+        "model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0,
+        "return_token_ids": True})
+
+
+def upload(server, name: str, config: bytes, weights: bytes) -> httpx.Response:
+    return admin(server).put(f"/v1/adapters/{name}", files={
+        CONFIG_FILE: (CONFIG_FILE, config), WEIGHTS_FILE: (WEIGHTS_FILE, weights)})
+
+
+def error_of(response: httpx.Response) -> dict:
+    return response.json()["error"]
+
+
+def writable_gauge(server) -> float:
+    from bench.residency import metric
+    return metric(server.url, "ptmoe_store_writable")
+
+
+class Stream:
+    """A streaming request for `steady` over the whole test, timing the gaps between its
+    chunks: the worst before the fault is the baseline, the worst during it must stay within a
+    second of it."""
+
+    def __init__(self, server, tokens: int = 250):
+        self.server, self.tokens = server, tokens
+        self.arrivals: list[float] = []
+        self.started = threading.Event()
+        self.pool = ThreadPoolExecutor(1)
+        self.done = self.pool.submit(self._run)
+        assert self.started.wait(60)
+
+    def _run(self):
+        with httpx.stream("POST", f"{self.server.url}/v1/completions", timeout=300, json={
+                "model": "steady", "prompt": PROMPT, "max_tokens": self.tokens,
+                "ignore_eos": True, "stream": True}) as response:
+            assert response.status_code == 200
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    self.arrivals.append(time.monotonic())
+                    self.started.set()
+
+    def worst_gap(self, since: float, until: float) -> float:
+        times = [t for t in self.arrivals if since <= t <= until]
+        return max((b - a for a, b in zip(times, times[1:])), default=0.0)
+
+    def check(self, fault_began: float, fault_ended: float) -> None:
+        self.done.result()
+        baseline = self.worst_gap(self.arrivals[0], fault_began)
+        during = self.worst_gap(fault_began, fault_ended)
+        gaps = [(round(a - fault_began, 2), round(b - a, 2))
+                for a, b in zip(self.arrivals, self.arrivals[1:]) if b - a > baseline]
+        assert during <= baseline + 1.0, (during, baseline, gaps)
+
+
+def test_each_kill_at_a_named_point_is_recovered_at_start(server, lab):
+    store = lab["store"]
+    listed = admin(server).get("/v1/adapters", params={"limit": 100}).json()
+    names = {a["name"] for a in listed["data"]}
+    assert "new" not in names and "purged" not in names and "unloaded" not in names
+    assert "replaced" in names and complete(server, "replaced").status_code == 200
+    assert (store / "replaced" / WEIGHTS_FILE).read_bytes() == lab["replaced_before"]
+    assert complete(server, "purged").status_code == 404
+    assert complete(server, "unloaded").status_code == 404
+    leftovers = [p.name for p in store.iterdir() if p.name.startswith(
+        (".staging-", ".retired-", ".purging-"))]
+    assert leftovers == []
+
+
+def test_a_full_store_answers_507_keeps_serving_and_still_unloads(server, lab):
+    store = lab["store"]
+    before = complete(server, "kept").json()["choices"][0]["token_ids"]
+    stream = Stream(server)
+    time.sleep(BASELINE_SECONDS)
+    began = time.monotonic()
+    filler = store / ".filler"
+    with open(filler, "wb", buffering=0) as f:
+        for chunk in (1 << 20, 4096):  # to the last page
+            try:
+                while True:
+                    f.write(bytes(chunk))
+            except OSError:
+                pass
+    try:
+        refused = upload(server, "kept", *adapter_bytes(lab["root"], seed=50))
+        assert refused.status_code == 507, refused.text
+        error = error_of(refused)
+        assert error["code"] == "store_full" and str(store) in error["message"]
+        assert "free space" in error["message"] and error["type"] == "InsufficientStorageError"
+        assert writable_gauge(server) == 0
+        # Nothing lost: the old version answers as before, and nothing is left half written.
+        assert complete(server, "kept").json()["choices"][0]["token_ids"] == before
+        assert not [p for p in store.iterdir() if p.name.startswith(".staging-")]
+        # Unloads still work on a full disk: they free space, or use the space kept back.
+        assert admin(server).delete("/v1/adapters/victim").status_code == 200
+        assert complete(server, "victim").status_code == 404
+    finally:
+        filler.unlink()
+    ended = time.monotonic()
+    stream.check(began, ended)
+    accepted = upload(server, "kept", *adapter_bytes(lab["root"], seed=50))
+    assert accepted.status_code == 200, accepted.text
+    assert writable_gauge(server) == 1
+
+
+def test_a_read_only_store_refuses_changes_and_keeps_serving(server, lab):
+    store = lab["store"]
+    stream = Stream(server)
+    time.sleep(BASELINE_SECONDS)
+    began = time.monotonic()
+    mount("-o", "remount,ro", str(store))
+    try:
+        for response in (admin(server).delete("/v1/adapters/kept"),
+                         upload(server, "other", *adapter_bytes(lab["root"], seed=51)),
+                         httpx.post(f"{server.url}/v1/unload_lora_adapter", json={
+                             "lora_name": "kept"}, headers={"authorization": f"Bearer {ADMIN}"})):
+            assert response.status_code == 503, response.text
+            assert response.headers["retry-after"] == "1"
+            # vLLM's error shape writes paths as <path>; the project's own names the store.
+            assert "adapter store" in response.text and "is read-only" in response.text
+            assert str(store) in response.text or "<path>" in response.text
+        assert error_of(admin(server).delete("/v1/adapters/kept"))["code"] == "store_read_only"
+        # The unload the store refused changed nothing here.
+        assert complete(server, "kept").status_code == 200
+        assert admin(server).get("/v1/adapters/kept").status_code == 200
+        assert writable_gauge(server) == 0
+    finally:
+        mount("-o", "remount,rw", str(store))
+    stream.check(began, time.monotonic())
+    assert admin(server).delete("/v1/adapters/kept").status_code == 200
+    assert complete(server, "kept").status_code == 404
+
+
+def test_a_peer_holding_the_lock_costs_a_bounded_wait_and_no_request_pauses(server, lab):
+    assert complete(server, "steady").status_code == 200  # warm
+    stream = Stream(server)
+    time.sleep(BASELINE_SECONDS)
+    peer = subprocess.Popen([sys.executable, "-c", HOLD_LOCK,
+                             str(lab["store"] / STORE_LOCK), "6"], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert peer.stdout.readline().strip() == "held"
+        began = time.monotonic()
+        asked = time.monotonic()
+        busy = admin(server).delete("/v1/adapters/cold")
+        waited = time.monotonic() - asked
+        assert busy.status_code == 503 and error_of(busy)["code"] == "store_busy", busy.text
+        assert "locked by another process" in error_of(busy)["message"]
+        assert busy.headers["retry-after"] == "1"
+        assert LOCK_TIMEOUT <= waited < LOCK_TIMEOUT + 3
+        warm_began = time.monotonic()
+        assert complete(server, "steady", max_tokens=1).status_code == 200
+        assert time.monotonic() - warm_began < 1.0
+        ended = time.monotonic()
+    finally:
+        peer.kill()
+        peer.wait()
+    stream.check(began, ended)
+    assert complete(server, "cold").status_code == 200  # refused unload: still served
+
+
+def _hold_slots(server, names, stop: threading.Event, started):
+    def hold(i: int):
+        with httpx.stream("POST", f"{server.url}/v1/completions", timeout=300, json={
+                "model": names[i], "prompt": PROMPT, "max_tokens": 400, "ignore_eos": True,
+                "stream": True}) as response:
+            for _ in response.iter_lines():
+                started[i].set()
+                if stop.is_set():
+                    return
+    return [threading.Thread(target=hold, args=(i,)) for i in range(len(names))]
+
+
+@pytest.mark.parametrize("change", ["unload", "replace through a replica"])
+def test_a_change_during_a_cold_loads_wait_wins(server, lab, change):
+    """Both slots held by streams, a request for a cold adapter waits for one; the adapter is
+    unloaded, or replaced by another process over the store (a replica), meanwhile."""
+    name = f"race-{change.split()[0]}"
+    first = adapter_bytes(lab["root"], seed=60)
+    assert upload(server, name, *first).status_code == 200  # resident; the streams evict it
+    replica = None
+    if change != "unload":  # started (and its imports done) before the race
+        sources = [lab["root"] / "r.json", lab["root"] / "r.safetensors"]
+        for path, data in zip(sources, adapter_bytes(lab["root"], seed=61)):
+            path.write_bytes(data)
+        replica = subprocess.Popen([sys.executable, "-c", STORE_WORK, str(lab["store"]), "write",
+                                    name, *map(str, sources), "wait"], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, text=True)
+        assert replica.stdout.readline().strip() == "ready"
+    stop, started = threading.Event(), [threading.Event(), threading.Event()]
+    holders = _hold_slots(server, ["busy-a", "busy-b"], stop, started)
+    for thread in holders:
+        thread.start()
+    try:
+        assert all(event.wait(60) for event in started)
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(complete, server, name)
+            time.sleep(1.5)
+            assert not waiting.done()
+            if change == "unload":
+                assert admin(server).delete(f"/v1/adapters/{name}").status_code == 200
+            else:
+                replica.communicate("go\n", timeout=60)
+                assert replica.returncode == 0
+                time.sleep(2)  # the server's watcher sees it
+            stop.set()
+            answer = waiting.result()
+    finally:
+        stop.set()
+        for thread in holders:
+            thread.join()
+    if change == "unload":
+        assert answer.status_code == 404, answer.text
+        assert admin(server).get(f"/v1/adapters/{name}").status_code == 404
+        assert name not in [m["id"] for m in httpx.get(f"{server.url}/v1/models").json()["data"]]
+    else:
+        assert answer.status_code == 200, answer.text
+        version = json.loads(
+            (lab["store"] / JOURNAL).read_text().splitlines()[-1].rsplit(',"crc"', 1)[0] + "}"
+        )["version"]
+        assert answer.headers["ptmoe-adapter-version"] == str(version)
+
+
+def test_damaged_journal_lines_and_a_read_only_volume_at_start(server, lab, model_dir):
+    """The server stopped, its journal damaged, the volume remounted read-only (a
+    ReadOnlyMany volume): it starts, serves what the store holds, and refuses changes."""
+    expected = complete(server, "steady").json()["choices"][0]["token_ids"]
+    stop_later(server)
+    server.process.wait(timeout=120)
+    with open(lab["store"] / JOURNAL, "ab") as f:
+        f.write(b'{"version":Infinity,"name":"x"}\n{"version":1e400,"name":"y"}\n'
+                b'{"version":3,"name":["z"]}\n\xff\xfe\n')
+    mount("-o", "remount,ro", str(lab["store"]))
+    try:
+        again = start_server(server_args(lab, model_dir), lab["root"] / "server-ro.log")
+        try:
+            assert complete(again, "steady").json()["choices"][0]["token_ids"] == expected
+            assert complete(again, "busy-a").status_code == 200
+            refused = upload(again, "new-one", *adapter_bytes(lab["root"], seed=70))
+            assert refused.status_code == 503 and error_of(refused)["code"] == "store_read_only"
+            training_file = admin(again).post("/v1/files", data={"purpose": "fine-tune"}, files={
+                "file": ("a.jsonl", b'{"prompt": "a", "completion": "b"}\n')})
+            assert training_file.status_code == 503, training_file.text
+            assert error_of(training_file)["code"] == "store_read_only"
+            assert writable_gauge(again) == 0
+            assert "skipping a damaged line" in again.log.read_text()
+        finally:
+            stop_later(again)
+            again.process.wait(timeout=120)
+    finally:
+        mount("-o", "remount,rw", str(lab["store"]))
