@@ -19,13 +19,14 @@ def manifests(name: str) -> list[dict]:
 
 
 MANIFESTS = manifests("ptmoe-serve.yaml")
+READ_ONLY = manifests("ptmoe-serve-read-only.yaml")
 GATEWAY = {r["kind"]: r for r in manifests("inference-gateway.yaml")}
 ADAPTER = manifests("aibrix-model-adapter.yaml")[0]
 # The fleet tools' kinds, each checked against its project's own schema below.
 CUSTOM_KINDS = {"InferencePool", "HTTPRoute", "ModelAdapter"}
 
 
-@pytest.mark.parametrize("resource", MANIFESTS, ids=lambda r: r["kind"])
+@pytest.mark.parametrize("resource", MANIFESTS + READ_ONLY, ids=lambda r: r["kind"])
 def test_manifests_validate_against_kubernetes_schemas(resource):
     kubernetes_validate.validate(resource, kubernetes_validate.latest_version(), strict=True)
 
@@ -48,6 +49,22 @@ def test_the_deployment_runs_replicas_over_one_shared_store_with_keys_and_probes
               for v in pod["spec"]["volumes"]}
     assert mounts["adapters"] == "/adapters"
     assert claims["adapters"] == kinds["PersistentVolumeClaim"]["metadata"]["name"]
+
+
+def test_read_only_replicas_mount_one_read_only_volume_and_start_no_worker():
+    kinds = {r["kind"]: r for r in READ_ONLY}
+    claim = kinds["PersistentVolumeClaim"]
+    assert claim["spec"]["accessModes"] == ["ReadOnlyMany"]
+    pod = kinds["Deployment"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    adapters = next(v for v in pod["volumes"] if v["name"] == "adapters")
+    assert adapters["persistentVolumeClaim"] == {"claimName": claim["metadata"]["name"],
+                                                 "readOnly": True}
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "adapters")
+    assert mount == {"name": "adapters", "mountPath": "/adapters", "readOnly": True}
+    assert "--no-fine-tune-worker" in container["args"]
+    selector = kinds["Service"]["spec"]["selector"]
+    assert selector.items() <= kinds["Deployment"]["spec"]["template"]["metadata"]["labels"].items()
 
 
 def test_compose_runs_two_replicas_over_one_folder_behind_nginx():
