@@ -18,6 +18,8 @@ from ptmoe_serve.base_model import (DEFAULT_MODEL_NAME, default_cache_dir,
 from ptmoe_serve.disk import DEFAULT_LOCK_TIMEOUT, write_atomically
 
 CPU_KV_CACHE_GIB = 2.0
+# The fine-tuning worker's: the kernel's OOM killer takes it before the engine (at most 1000).
+OOM_SCORE_ADJ = 1000
 
 
 def _resolve_model(model: str, cache_dir: Path) -> tuple[Path, str]:
@@ -234,9 +236,10 @@ def _vllm_args(rest: list[str]) -> argparse.Namespace:
 
 
 def fine_tune_worker(args: argparse.Namespace) -> None:
-    """Training shares the machine with serving: at a lower priority, on half the cores. On
-    SIGTERM, or when the server that started it has gone, it stops after the step in progress;
-    its job resumes from its checkpoint when a worker runs again."""
+    """Training shares the machine with serving: at a lower priority, on half the cores, and
+    first in line for the kernel's OOM killer (its job resumes; a killed engine would stop
+    serving). On SIGTERM, or when the server that started it has gone, it stops after the step
+    in progress; its job resumes from its checkpoint when a worker runs again."""
     import signal
 
     import torch
@@ -245,6 +248,11 @@ def fine_tune_worker(args: argparse.Namespace) -> None:
 
     model_dir, name = _resolve_model(args.model, args.cache_dir)
     os.nice(args.niceness)
+    try:  # raising one's own score needs no privilege
+        Path("/proc/self/oom_score_adj").write_text(str(OOM_SCORE_ADJ))
+    except OSError as e:
+        logging.getLogger("ptmoe_serve").warning("fine-tuning worker: oom_score_adj not set: %s",
+                                                 e)
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) // 2))
     terminated = []
     signal.signal(signal.SIGTERM, lambda signum, frame: terminated.append(signum))

@@ -23,8 +23,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 # A named step at which this process kills itself (SIGKILL, as the OOM killer or a power cut
-# would), for the fault-injection tests: read once, at import.
-FAILPOINT = os.environ.get("PTMOE_FAILPOINT", "")
+# would), for the fault-injection tests: read once, at import. "NAME@FILE" kills only the first
+# process to reach NAME (the one that creates FILE), so that a restarted process goes on.
+FAILPOINT, _, FAILPOINT_ONCE = os.environ.get("PTMOE_FAILPOINT", "").partition("@")
 # How long a lock is tried before the caller is told the store is busy (--store-lock-timeout).
 DEFAULT_LOCK_TIMEOUT = 5.0
 
@@ -101,8 +102,18 @@ def read_only(folder: Path) -> bool:
 
 
 def failpoint(name: str) -> None:
-    if FAILPOINT == name:
+    if FAILPOINT == name and _first_to_fail():
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _first_to_fail() -> bool:
+    if not FAILPOINT_ONCE:
+        return True
+    try:
+        os.close(os.open(FAILPOINT_ONCE, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
 
 
 def fsync_dir(path: Path) -> None:
@@ -124,6 +135,7 @@ def write_atomically(path: Path, data: bytes, exclusive: bool = False) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        failpoint(f"staged:{path.name}")
         if exclusive:
             os.link(staging, path)  # fails if the target exists, as rename would not
             staging.unlink()

@@ -68,6 +68,9 @@ class Metrics:
         self.adapter_evictions = Counter(
             "ptmoe_adapter_evictions", "Adapters evicted from the banks to make room.",
             registry=r)
+        self.fine_tune_worker_restarts = Counter(
+            "ptmoe_fine_tune_worker_restarts", "Fine-tuning workers started again after the "
+            "one before died (killed, out of memory, crashed).", registry=r)
         for source in LOAD_SOURCES:
             self.adapter_loads.labels(source)
             self.adapter_load_seconds.labels(source)

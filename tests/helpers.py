@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
+
+import pytest
 
 import torch
 from safetensors.torch import load_file
@@ -138,3 +141,17 @@ def stop_later(server: RunningServer) -> None:
 def reap_stopped() -> None:
     while _STOPPING:
         reap_server(_STOPPING.pop())
+
+
+def mount_tmpfs(folder: Path, size: str) -> None:
+    """A size-limited tmpfs at `folder` (a store that fills up for real); the test is skipped,
+    saying why, where this machine cannot mount one (mounting needs root)."""
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                       check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        pytest.skip(f"cannot mount a tmpfs for the store here (needs root): {e}")
+
+
+def unmount(folder: Path) -> None:
+    subprocess.run(["umount", "-l", str(folder)], capture_output=True)

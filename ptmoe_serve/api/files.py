@@ -5,7 +5,6 @@ Every route needs the admin key; an upload is bounded like an adapter upload
 
 from __future__ import annotations
 
-import asyncio
 from typing import Literal
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -16,7 +15,7 @@ from ptmoe_serve.api.auth import require_admin
 from ptmoe_serve.api.errors import RequestError
 from ptmoe_serve.api.bodies import read_upload_form
 from ptmoe_serve.api.paging import cursor_page
-from ptmoe_serve.train.files import FileError, FileNotFound, TrainingFile, TrainingFiles
+from ptmoe_serve.train.files import FileError, FileNotFound, TrainingFiles
 
 router = APIRouter(prefix="/v1/files", dependencies=[Depends(require_admin)])
 MAX_LIST_LIMIT = 10_000
@@ -31,11 +30,12 @@ def _not_found(file_id: str) -> RequestError:
                         param="file_id")
 
 
-def _get(files: TrainingFiles, file_id: str) -> TrainingFile:
+async def _in_store(request: Request, work, *args):
+    """`work(*args)` on the store's threads (never the event loop), a missing file a 404."""
     try:
-        return files.get(file_id)
-    except FileNotFound:
-        raise _not_found(file_id) from None
+        return await request.app.state.services.manager.store.call(work, *args)
+    except FileNotFound as e:
+        raise _not_found(e.args[0]) from None
 
 
 @router.post("")
@@ -50,9 +50,9 @@ async def upload_file(request: Request) -> dict:
         raise RequestError(400, "the upload must say its purpose ('fine-tune') as the "
                                 "multipart field 'purpose'", param="purpose")
     data = await part.read()
-    try:  # a check of every line: off the event loop
-        record = await asyncio.to_thread(_files(request).add, part.filename or "", purpose,
-                                         data)
+    try:  # a check of every line, and the writes
+        record = await _in_store(request, _files(request).add, part.filename or "", purpose,
+                                 data)
     except FileError as e:
         raise RequestError(400, str(e), param="file") from None
     return record.describe()
@@ -65,7 +65,7 @@ async def list_files(request: Request, purpose: str | None = None,
                      order: Literal["asc", "desc"] = "desc") -> dict:
     """OpenAI's cursor pages: `limit` files after the file `after`, newest first unless
     `order` is asc."""
-    files = [f.describe() for f in _files(request).list(purpose)]
+    files = [f.describe() for f in await _in_store(request, _files(request).list, purpose)]
     if order == "desc":
         files.reverse()
     return cursor_page(files, after, limit)
@@ -73,22 +73,18 @@ async def list_files(request: Request, purpose: str | None = None,
 
 @router.get("/{file_id}")
 async def retrieve_file(file_id: str, request: Request) -> dict:
-    return _get(_files(request), file_id).describe()
+    return (await _in_store(request, _files(request).get, file_id)).describe()
 
 
 @router.get("/{file_id}/content")
 async def file_content(file_id: str, request: Request) -> FileResponse:
     files = _files(request)
-    record = _get(files, file_id)
+    record = await _in_store(request, files.get, file_id)
     return FileResponse(files.content_path(record.id), media_type="application/jsonl",
                         filename=record.filename)
 
 
 @router.delete("/{file_id}")
 async def delete_file(file_id: str, request: Request) -> dict:
-    files = _files(request)
-    try:
-        files.delete(file_id)
-    except FileNotFound:
-        raise _not_found(file_id) from None
+    await _in_store(request, _files(request).delete, file_id)
     return {"id": file_id, "object": "file", "deleted": True}

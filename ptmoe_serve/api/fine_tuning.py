@@ -1,5 +1,5 @@
 """OpenAI's fine-tuning jobs API (`client.fine_tuning.jobs.*` of the `openai` package works as it
-is): create, list, retrieve and cancel jobs, list their events and checkpoints. A job trains a
+is): create, list, retrieve, cancel, pause and resume jobs, list their events and checkpoints. A job trains a
 PT-MoE adapter of this server's base model on a file uploaded through /v1/files; the fine-tuning
 worker (train/worker.py, a process of its own) runs it and writes the adapter into the store,
 from which every server over the store serves it. Every route needs the admin key.
@@ -11,7 +11,11 @@ A job this server shows `succeeded`, and a checkpoint it lists, can be called at
 worker writes a model into the store before it records it, and each route here reads the jobs
 first and then brings this server up to date with the store (a look at the store's journal), so
 nothing it shows names a model it does not serve. Other servers over the store serve it within
-their --watch-interval."""
+their --watch-interval.
+
+Every route reads and writes the store on the store's own threads, with its lock waits bounded
+(--store-lock-timeout), never on the event loop. A creation that sends an `Idempotency-Key`
+gets the job that key made before, if any: a retried request makes one job."""
 
 from __future__ import annotations
 
@@ -19,20 +23,22 @@ import logging
 import secrets
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from ptmoe_serve.adapters.config import AdapterError, problems
+from ptmoe_serve.adapters.registry import AdapterNotFound
 from ptmoe_serve.api.auth import require_admin
 from ptmoe_serve.api.errors import RequestError
 from ptmoe_serve.api.paging import cursor_page
 from ptmoe_serve.train.files import FileNotFound
-from ptmoe_serve.train.jobs import FineTuningJobs, JobNotFound
+from ptmoe_serve.train.jobs import FineTuningJobs, JobNotFound, JobStateError, shown
 from ptmoe_serve.train.spec import Hyperparameters, JobAdapter
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/fine_tuning/jobs", dependencies=[Depends(require_admin)])
 MAX_LIST_LIMIT = 1000
+MAX_IDEMPOTENCY_KEY_CHARS = 255
 
 
 class Supervised(BaseModel):
@@ -78,25 +84,25 @@ def _jobs(request: Request) -> FineTuningJobs:
     return request.app.state.jobs
 
 
-def _get(jobs: FineTuningJobs, job_id: str) -> dict:
+async def _in_store(request: Request, work, *args):
+    """`work(*args)` on the store's threads, its refusals as the API's answers."""
     try:
-        return jobs.get(job_id)
-    except JobNotFound:
-        raise RequestError(404, f"No fine-tuning job found with id {job_id}",
+        return await request.app.state.services.manager.store.call(work, *args)
+    except JobNotFound as e:
+        raise RequestError(404, f"No fine-tuning job found with id {e.args[0]}",
                            code="job_not_found", param="fine_tuning_job_id") from None
+    except JobStateError as e:
+        raise RequestError(400, str(e), code="invalid_job_state",
+                           param="fine_tuning_job_id") from None
 
 
-async def _served(request: Request, shown):
-    """`shown`, read from the store, once this server serves every model it may name."""
+async def _served(request: Request, shown_now):
+    """`shown_now`, read from the store, once this server serves every model it may name."""
     try:
         await request.app.state.services.manager.sync_store()
     except Exception:  # the watcher tries again; what was read still stands
         logger.exception("cannot follow the adapter store")
-    return shown
-
-
-def _shown(record: dict) -> dict:
-    return {k: v for k, v in record.items() if k != "created_ns"}
+    return shown_now
 
 
 def _check_servable(request: Request, adapter: JobAdapter) -> None:
@@ -116,7 +122,9 @@ def _check_servable(request: Request, adapter: JobAdapter) -> None:
 
 
 @router.post("")
-async def create_job(body: CreateJob, request: Request) -> dict:
+async def create_job(body: CreateJob, request: Request,
+                     idempotency_key: Annotated[str | None, Header(
+                         max_length=MAX_IDEMPOTENCY_KEY_CHARS)] = None) -> dict:
     services = request.app.state.services
     base = services.settings.engine.served_model_name
     if body.model != base:
@@ -128,38 +136,57 @@ async def create_job(body: CreateJob, request: Request) -> dict:
         file_id = getattr(body, param)
         try:
             if file_id is not None:
-                request.app.state.files.get(file_id)
+                await _in_store(request, request.app.state.files.get, file_id)
         except FileNotFound:
             raise RequestError(400, f"invalid {param}: {file_id} does not exist",
                                code="invalid_file", param=param) from None
     hyperparameters = body.resolved_hyperparameters().model_dump()
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
-    record = _jobs(request).create({
+    record = await _in_store(request, _jobs(request).create, {
         "model": base, "training_file": body.training_file,
         "validation_file": body.validation_file, "hyperparameters": hyperparameters,
         "method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
         "seed": seed, "suffix": body.suffix, "metadata": body.metadata,
-        "adapter": adapter.model_dump()})
-    return _shown(record)
+        "adapter": adapter.model_dump()}, idempotency_key)
+    return shown(record)
 
 
 @router.get("")
 async def list_jobs(request: Request, after: str | None = None,
                     limit: int = Query(20, ge=1, le=MAX_LIST_LIMIT)) -> dict:
-    jobs = [_shown(job) for job in reversed(_jobs(request).list())]
+    jobs = [shown(job) for job in reversed(await _in_store(request, _jobs(request).list))]
     return await _served(request, cursor_page(jobs, after, limit))
 
 
 @router.get("/{job_id}")
 async def retrieve_job(job_id: str, request: Request) -> dict:
-    return await _served(request, _shown(_get(_jobs(request), job_id)))
+    return await _served(request, shown(await _in_store(request, _jobs(request).get, job_id)))
 
 
 @router.post("/{job_id}/cancel")
 async def cancel_job(job_id: str, request: Request) -> dict:
     jobs = _jobs(request)
-    _get(jobs, job_id)
-    return await _served(request, _shown(jobs.cancel(job_id)))
+    record = await _in_store(request, jobs.cancel, job_id)
+    if record["status"] == "cancelled":  # no worker ran it: nothing of it may stay
+        manager = request.app.state.services.manager
+        for model in await _in_store(request, jobs.forget_checkpoints, job_id):
+            try:
+                await manager.unload(model, purge=True)
+            except AdapterNotFound:  # in the store, not yet followed here
+                await manager.store.call(manager.store.record_unloaded, model, model)
+    return await _served(request, shown(record))
+
+
+@router.post("/{job_id}/pause")
+async def pause_job(job_id: str, request: Request) -> dict:
+    """A queued or running job stops after its step in progress and keeps its checkpoint."""
+    return shown(await _in_store(request, _jobs(request).pause, job_id))
+
+
+@router.post("/{job_id}/resume")
+async def resume_job(job_id: str, request: Request) -> dict:
+    """A paused job goes back to the queue and continues from its last checkpoint."""
+    return shown(await _in_store(request, _jobs(request).resume, job_id))
 
 
 @router.get("/{job_id}/events")
@@ -176,6 +203,5 @@ async def list_checkpoints(job_id: str, request: Request, after: str | None = No
 
 async def _job_page(request: Request, job_id: str, read, after: str | None, limit: int) -> dict:
     """A page of a job's events or checkpoints, newest first."""
-    jobs = _jobs(request)
-    _get(jobs, job_id)
-    return await _served(request, cursor_page(list(reversed(read(jobs, job_id))), after, limit))
+    items = await _in_store(request, read, _jobs(request), job_id)
+    return await _served(request, cursor_page(list(reversed(items)), after, limit))

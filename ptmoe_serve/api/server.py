@@ -94,7 +94,7 @@ def add_project_routes(app: FastAPI, services: Services) -> None:
                                 settings.metrics_need_key, settings.allowed_hosts)
     # Fine-tuning's files and jobs live in the store, for every server and worker over it.
     state.files = TrainingFiles(settings.adapters_dir)
-    state.jobs = FineTuningJobs(settings.adapters_dir)
+    state.jobs = FineTuningJobs(settings.adapters_dir, settings.store_lock_timeout)
     # vLLM's serving layer resolves model names through this table: adapters are in it.
     state.openai_serving_models.lora_requests = services.client.names
     for serving in state._state.values():

@@ -1,14 +1,13 @@
 """Builds the project's running parts around vLLM's engine, in order, and stops them: the
 adapter registry and store (loaded as they were left), the route and its routing step, the
 engine client that vLLM's serving layer calls, the metrics, the store's watcher and the
-fine-tuning worker's process."""
+fine-tuning worker's process (supervised: started again when it dies)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from ptmoe_serve.engine.route import EngineRoute
 from ptmoe_serve.metrics import Metrics
 from ptmoe_serve.routing.batcher import SoftPromptBatcher
 from ptmoe_serve.routing.route import Route
+from ptmoe_serve.train.supervisor import WorkerSupervisor
 
 logger = logging.getLogger(__name__)
 # Chat content-part types (their part before "_"), which vLLM matches against adapter names
@@ -39,8 +39,6 @@ logger = logging.getLogger(__name__)
 # base-model chats.
 CONTENT_PART_NAMES = frozenset({"text", "thinking", "input", "output", "image", "audio",
                                 "video", "prompt", "refusal", "tool", "file"})
-# How long the fine-tuning worker may take to finish its training step when the server stops.
-WORKER_STOP_SECONDS = 60
 # The adapter banks' memory where there is no GPU: about 10,800 adapters of the paper's shape at
 # H=576, 1,700 at H=4096.
 CPU_BANK_BUDGET = 1 << 30
@@ -59,33 +57,26 @@ class Services:
     started_at: int
     # What runs beside the requests: the store's watcher, the api route's routing steps.
     tasks: list[asyncio.Task]
-    fine_tune_worker: subprocess.Popen | None = None
+    fine_tune_worker: WorkerSupervisor | None = None
 
     async def stop(self) -> None:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         if self.fine_tune_worker is not None:
-            # It stops after its step; a job in progress resumes at the next start.
-            self.fine_tune_worker.terminate()
-            try:
-                await asyncio.to_thread(self.fine_tune_worker.wait, WORKER_STOP_SECONDS)
-            except subprocess.TimeoutExpired:
-                self.fine_tune_worker.kill()
-                await asyncio.to_thread(self.fine_tune_worker.wait)
+            await self.fine_tune_worker.stop()
 
 
-def start_fine_tune_worker(settings: ServerSettings) -> subprocess.Popen:
+def fine_tune_worker_command(settings: ServerSettings) -> list[str]:
     """The fine-tuning worker, a process of its own beside the server's (never in the API
     process or vLLM's engine), over the same store; it stops when the server does."""
     threads = [] if settings.fine_tune_threads is None else [
         "--threads", str(settings.fine_tune_threads)]
-    return subprocess.Popen([
-        sys.executable, "-m", "ptmoe_serve.cli", "fine-tune-worker",
-        "--adapters", str(settings.adapters_dir), "--model", settings.engine.model_dir,
-        "--served-model-name", settings.engine.served_model_name,
-        "--niceness", str(settings.fine_tune_niceness), "--parent-pid", str(os.getpid()),
-        *threads])
+    return [sys.executable, "-m", "ptmoe_serve.cli", "fine-tune-worker",
+            "--adapters", str(settings.adapters_dir), "--model", settings.engine.model_dir,
+            "--served-model-name", settings.engine.served_model_name,
+            "--niceness", str(settings.fine_tune_niceness), "--parent-pid", str(os.getpid()),
+            *threads]
 
 
 def default_capacity(hidden_size: int, budget_bytes: int) -> int:
@@ -161,7 +152,9 @@ async def start_services(settings: ServerSettings, llm: AsyncLLM,
     if settings.fine_tune_worker and store.read_only:
         logger.info("no fine-tuning worker: the adapter store is read-only")
     elif settings.fine_tune_worker:
-        services.fine_tune_worker = start_fine_tune_worker(settings)
+        services.fine_tune_worker = WorkerSupervisor(
+            fine_tune_worker_command(settings), on_restart=metrics.fine_tune_worker_restarts.inc)
+        services.fine_tune_worker.start()
     logger.info("serving %s with %d adapters in the store, %d resident of at most %d "
                 "(routing %s), ready in %.2f s", settings.engine.served_model_name,
                 len(manager.catalog), len(registry), capacity,

@@ -8,21 +8,24 @@ from its checkpoint follows the same trajectory as one that never stopped."""
 from __future__ import annotations
 
 import json
-import os
+import logging
 import random
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 from tqdm import tqdm
 
 from ptmoe_serve.adapters.format import PtMoeAdapter, write_adapter
 from ptmoe_serve.adapters.create import fit_to_length, init_from_text
+from ptmoe_serve.disk import write_atomically
 from ptmoe_serve.train.data import Example, load_examples
 from ptmoe_serve.train.module import PtMoePrompt
 from ptmoe_serve.train.spec import TrainSettings
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -223,24 +226,33 @@ def train_lora(settings: TrainSettings) -> dict:
 
 def _save_checkpoint(folder: Path, module: PtMoePrompt, optimizer, step: int) -> None:
     """Parameters and AdamW moments in safetensors, the step in its metadata: one file,
-    replaced atomically, so a process killed while saving leaves the previous checkpoint
-    whole. No pickle."""
+    written whole and flushed before it replaces the last (disk.py), so a process killed or a
+    disk filled while saving leaves the previous checkpoint whole and no partial file. No
+    pickle."""
     tensors = {f"param.{name}": p for name, p in module.named_parameters()}
     for i, p in enumerate(optimizer.param_groups[0]["params"]):
         for key, value in optimizer.state.get(p, {}).items():
             tensors[f"adam.{i}.{key}"] = value.reshape(-1) if key == "step" else value
     tensors = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
-    partial = folder / f".{CHECKPOINT}.partial"
-    save_file(tensors, partial, metadata={"step": str(step)})
-    os.replace(partial, folder / CHECKPOINT)
+    write_atomically(folder / CHECKPOINT, save(tensors, metadata={"step": str(step)}))
 
 
 def _load_checkpoint(folder: Path, module: PtMoePrompt, optimizer, schedule) -> int:
+    """The step the checkpoint in `folder` was saved at, its state loaded; 0 where there is
+    none, or none that reads whole (training then starts again, said in the log)."""
     if not (folder / CHECKPOINT).exists():
         return 0
-    with safe_open(folder / CHECKPOINT, "pt", device=str(module.experts_a.device)) as f:
-        step = int(f.metadata()["step"])
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    try:
+        with safe_open(folder / CHECKPOINT, "pt", device=str(module.experts_a.device)) as f:
+            step = int(f.metadata()["step"])
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        missing = {f"param.{name}" for name, _ in module.named_parameters()} - tensors.keys()
+        if missing:
+            raise ValueError(f"no {sorted(missing)[0]}")
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+        logger.warning("the checkpoint %s does not read whole (%s): training starts again",
+                       folder / CHECKPOINT, e)
+        return 0
     with torch.no_grad():
         for name, p in module.named_parameters():
             p.copy_(tensors[f"param.{name}"])

@@ -5,14 +5,19 @@ with an error that names the line and the problem), trains a PT-MoE adapter on t
 model (the trainer of `ptmoe-serve train`, resumable from its checkpoint), and writes the
 result into the store as an ordinary adapter folder, which every server over the store then
 serves like any other. It runs as a process of its own, never in the API process or vLLM's
-engine."""
+engine.
+
+A worker that dies (the kernel's OOM killer takes it first: it asks to be) is started again by
+its supervisor, and the job it ran resumes from its last checkpoint; a job whose worker died
+MAX_INTERRUPTED_RUNS times in a row fails, saying so. A full disk pauses the job, with an event
+naming the cause, until it is resumed."""
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import re
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,12 +29,13 @@ from pydantic import ValidationError
 from ptmoe_serve.adapters.config import MAX_NAME_LENGTH, problems
 from ptmoe_serve.adapters.format import PtMoeAdapter, adapter_files, read_adapter
 from ptmoe_serve.adapters.store import AdapterStore
+from ptmoe_serve.disk import StoreError, StoreFull, classify
 from ptmoe_serve.train.data import BadExample, Example, read_examples
 from ptmoe_serve.train.files import FileNotFound, TrainingFiles
-from ptmoe_serve.train.jobs import CHECKPOINTS, FineTuningJobs
+from ptmoe_serve.train.jobs import CHECKPOINTS, FINAL, FineTuningJobs
 from ptmoe_serve.train.spec import (BASE_LEARNING_RATE, DEFAULT_TASK_TEXT, Hyperparameters,
                                     JobAdapter, TrainSettings)
-from ptmoe_serve.train.trainer import Progress, TrainingStopped, train
+from ptmoe_serve.train.trainer import CHECKPOINT, Progress, TrainingStopped, train
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +44,8 @@ MAX_EXAMPLE_TOKENS = 4096
 VALIDATE_EVERY_SECONDS = 2.0
 MAX_VALIDATION_EXAMPLES = 256  # the validation metrics read the file's first ones
 KEPT_CHECKPOINTS = 3  # a job's last ones (OpenAI's rule): one per epoch, the model the last
+MAX_INTERRUPTED_RUNS = 3  # runs of a job in a row whose worker died: then the job fails
+CHECKPOINT_NAME = re.compile(r"-([0-9a-f]{12})-ckpt-step-\d+$")
 
 
 class InvalidJob(ValueError):
@@ -77,6 +85,10 @@ class FineTuningWorker:
                                       getattr(config, "max_position_embeddings", 1 << 30))
 
     def run_forever(self, poll_seconds: float = 2.0) -> None:
+        try:
+            self.remove_orphans()
+        except (OSError, StoreError):
+            logger.exception("fine-tuning worker: could not remove what crashed writers left")
         while not self.stop():
             try:
                 worked = self.run_once()
@@ -85,6 +97,28 @@ class FineTuningWorker:
                 worked = False
             if not worked:
                 time.sleep(poll_seconds)
+
+    def remove_orphans(self) -> None:
+        """What workers that died left: temporary files, jobs never made whole, and checkpoint
+        adapters of ended jobs that their records do not keep (a worker killed between writing
+        one and recording it, or a job cancelled while none ran)."""
+        self.jobs.remove_orphans()
+        jobs = {job["id"].removeprefix("ftjob-")[:12]: job for job in self.jobs.list()}
+        try:
+            names = [entry.name for entry in os.scandir(self.store_root)
+                     if "-ckpt-step-" in entry.name]
+        except FileNotFoundError:
+            return
+        for name in names:
+            match = CHECKPOINT_NAME.search(name)
+            job = jobs.get(match.group(1)) if match else None
+            if job is None or job["status"] not in FINAL:
+                continue
+            kept = {c["fine_tuned_model_checkpoint"] for c in self.jobs.checkpoints(job["id"])}
+            if name not in kept and name != job.get("fine_tuned_model"):
+                logger.warning("removing %s, a checkpoint adapter its job %s does not keep",
+                               name, job["id"])
+                self.store.record_unloaded(name, purge=name)
 
     def run_once(self) -> bool:
         """Validate every job waiting for it, then run the oldest job ready to run (or resume
@@ -163,11 +197,56 @@ class FineTuningWorker:
     # -- running -------------------------------------------------------------------------------
 
     def _run(self, job: dict) -> None:
+        """Run a job the worker has claimed, to its end, a pause or this worker's stop."""
+        job_id = job["id"]
+        if self.jobs.cancel_requested(job_id):
+            self._cancelled(job_id)
+            return
+        if self.jobs.pause_requested(job_id):
+            self.jobs.paused(job_id, "The job was paused")
+            return
+        died = self.jobs.begin_run(job_id)
+        if died >= MAX_INTERRUPTED_RUNS:
+            self.jobs.finish(job_id, "failed", error={
+                "code": "worker_died", "param": None,
+                "message": f"the fine-tuning worker died {died} times in a row while running "
+                           "this job (killed, or out of memory: see the server's log); a smaller "
+                           "batch_size or prompt_length needs less memory"})
+            return
+        try:
+            self._train(job)
+        except TrainingStopped:
+            if self.jobs.cancel_requested(job_id):
+                self._cancelled(job_id)
+            elif self.jobs.pause_requested(job_id):
+                self.jobs.paused(job_id, "The job was paused: it continues from its last "
+                                         "checkpoint when resumed")
+            else:  # this worker stops; the job resumes from its checkpoint at the next
+                self.jobs.add_event(job_id, "The fine-tuning worker stopped; the job resumes "
+                                            "from its last checkpoint when one runs again")
+                self.jobs.end_run(job_id)
+        except (OSError, StoreError) as e:
+            error = e if isinstance(e, StoreError) else classify(e, self.store_root)
+            if not isinstance(error, StoreFull):
+                self._failed(job_id, e)
+                return
+            logger.warning("fine-tuning job %s paused: %s", job_id, error)
+            self.jobs.paused(job_id, f"The job was paused: {error}. Once there is space, "
+                                     f"resume it (POST /v1/fine_tuning/jobs/{job_id}/resume); "
+                                     "it continues from its last checkpoint",
+                             level="error", requested=False)
+        except Exception as e:  # the job fails, the worker goes on
+            self._failed(job_id, e)
+
+    def _failed(self, job_id: str, error: Exception) -> None:
+        logger.error("fine-tuning job %s failed", job_id, exc_info=error)
+        self.jobs.finish(job_id, "failed", error={
+            "code": "training_failed", "message": f"{type(error).__name__}: {error}",
+            "param": None})
+
+    def _train(self, job: dict) -> None:
         job_id = job["id"]
         folder = self.jobs.job_folder(job_id) / CHECKPOINTS
-        if self.jobs.cancel_requested(job_id):
-            self._cancelled(job_id, folder)
-            return
         data = self.files.content_path(job["training_file"])
         examples = read_examples(data, self.tokenizer)
         validation = read_examples(self.files.content_path(job["validation_file"]),
@@ -186,7 +265,9 @@ class FineTuningWorker:
             warmup_steps=max(1, steps // 10), seed=job["seed"],
             checkpoint_every=max(1, min(epoch_steps, steps // 10)), resume=True,
             device=self.device)
-        resumed = job["status"] == "running"
+        for stale in folder.glob(".*.tmp"):  # a write a killed worker left: the claim is ours
+            stale.unlink(missing_ok=True)
+        resumed = (folder / CHECKPOINT).exists()
         self.jobs.update(job_id, lambda record: record.update(status="running"))
         self.jobs.add_event(job_id, "Fine-tuning job resumed from its last checkpoint"
                             if resumed else f"Fine-tuning job started: {steps} steps")
@@ -214,19 +295,8 @@ class FineTuningWorker:
             torch.cuda.reset_peak_memory_stats(self.device)
         try:
             train(settings, on_step=on_step,
-                  should_stop=lambda: self.jobs.cancel_requested(job_id) or self.stop())
-        except TrainingStopped:
-            if self.jobs.cancel_requested(job_id):
-                self._cancelled(job_id, folder)
-            else:  # this worker stops; the job resumes from its checkpoint at the next
-                self.jobs.add_event(job_id, "The fine-tuning worker stopped; the job resumes "
-                                            "from its last checkpoint when one runs again")
-            return
-        except Exception as e:  # the job fails, the worker goes on
-            logger.exception("fine-tuning job %s failed", job_id)
-            self.jobs.finish(job_id, "failed", error={
-                "code": "training_failed", "message": f"{type(e).__name__}: {e}", "param": None})
-            return
+                  should_stop=lambda: (self.jobs.cancel_requested(job_id)
+                                       or self.jobs.pause_requested(job_id) or self.stop()))
         finally:
             if on_gpu:  # what serving may have back between jobs
                 torch.cuda.empty_cache()
@@ -249,10 +319,7 @@ class FineTuningWorker:
                                             keep=KEPT_CHECKPOINTS):
             self.store.record_unloaded(old, purge=old)
 
-    def _cancelled(self, job_id: str, folder: Path) -> None:
-        """Nothing of a cancelled job stays: its training checkpoint, and any checkpoint
-        adapter it wrote into the store."""
-        shutil.rmtree(folder, ignore_errors=True)
-        for old in self.jobs.drop_checkpoints(job_id):
-            self.store.record_unloaded(old, purge=old)
+    def _cancelled(self, job_id: str) -> None:
+        for model in self.jobs.forget_checkpoints(job_id):
+            self.store.record_unloaded(model, purge=model)
         self.jobs.finish(job_id, "cancelled")

@@ -21,7 +21,8 @@ import pytest
 
 from bench.server_process import start_server
 from conftest import TEXTS
-from helpers import random_adapter, stop_later, text_experts_adapter
+from helpers import (mount_tmpfs, random_adapter, stop_later, text_experts_adapter,
+                     unmount)
 from ptmoe_serve.adapters.format import CONFIG_FILE, WEIGHTS_FILE, adapter_files, write_adapter
 from ptmoe_serve.adapters.journal import JOURNAL
 from ptmoe_serve.adapters.store import STORE_LOCK
@@ -76,10 +77,7 @@ def lab(tmp_path_factory, model_dir, tokenizer):
     root = tmp_path_factory.mktemp("faults")
     store = root / "store"
     store.mkdir()
-    try:
-        mount("-t", "tmpfs", "-o", "size=24m", "tmpfs", str(store))
-    except (OSError, subprocess.CalledProcessError) as e:
-        pytest.skip(f"cannot mount a tmpfs for the store here (needs root): {e}")
+    mount_tmpfs(store, "24m")
     table = load_input_embeddings(model_dir)
     texts = [tokenizer.encode(t) for t in TEXTS]
     for i, name in enumerate(["steady", "victim", "kept", "cold", "busy-a", "busy-b",
@@ -99,7 +97,7 @@ def lab(tmp_path_factory, model_dir, tokenizer):
                                 capture_output=True)
         assert killed.returncode == -9, (point, killed.stderr.decode()[-2000:])
     yield {"root": root, "store": store, "replaced_before": replaced_before}
-    subprocess.run(["umount", "-l", str(store)], capture_output=True)
+    unmount(store)
 
 
 def server_args(lab, model_dir) -> list[str]:

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from ptmoe_serve.adapters.format import read_adapter
+from ptmoe_serve.adapters.format import adapter_files, read_adapter
 from ptmoe_serve.adapters.manager import AdapterManager
 from ptmoe_serve.adapters.registry import AdapterRegistry
 from ptmoe_serve.adapters.store import AdapterStore
@@ -167,3 +167,60 @@ def test_a_job_cancelled_while_training_stops_before_its_next_step(store, worker
     # The epoch's checkpoint adapter, written before the cancel was seen, is gone too.
     assert jobs.checkpoints(job["id"]) == []
     assert [p.name for p in store.iterdir() if not p.name.startswith(".")] == []
+
+
+def test_a_job_paused_while_training_keeps_its_checkpoint_and_resumes_to_the_end(store, worker):
+    jobs = worker.jobs
+    job = new_job(store, jsonl(EXAMPLES), hyperparameters={"n_epochs": 3, "batch_size": 4})
+    add_event = jobs.add_event
+
+    def pause_after_the_first_epoch(job_id, message, level="info", data=None):
+        add_event(job_id, message, level, data)
+        if data is not None and data["step"] == 2:
+            assert jobs.pause(job_id)["status"] == "running"  # the worker holds it
+
+    jobs.add_event = pause_after_the_first_epoch
+    worker.run_once()
+    assert jobs.get(job["id"])["status"] == "paused"
+    assert not worker.run_once()  # a paused job waits for its resume
+    jobs.add_event = add_event
+    assert jobs.resume(job["id"])["status"] == "queued"
+    worker.run_once()
+    done = jobs.get(job["id"])
+    assert done["status"] == "succeeded"
+    events = jobs.events(job["id"])
+    assert [e["data"]["step"] for e in events if e["data"]] == [1, 2, 3, 4, 5, 6]
+    messages = [e["message"] for e in events]
+    assert "The job was paused: it continues from its last checkpoint when resumed" in messages
+    assert "Fine-tuning job resumed from its last checkpoint" in messages
+
+
+def test_a_job_whose_worker_died_three_times_in_a_row_fails_saying_so(store, worker):
+    jobs = worker.jobs
+    job = new_job(store, jsonl(EXAMPLES))
+    jobs.update(job["id"], lambda record: record.update(
+        status="running", interrupted_runs=3,
+        hyperparameters={"n_epochs": 1, "batch_size": 4, "learning_rate_multiplier": 1.0}))
+    worker.run_once()
+    failed = jobs.get(job["id"])
+    assert failed["status"] == "failed" and failed["error"]["code"] == "worker_died"
+    assert "died 3 times in a row" in failed["error"]["message"]
+    assert [e["data"] for e in jobs.events(job["id"]) if e["data"]] == []
+
+
+def test_checkpoint_adapters_no_job_keeps_are_removed_when_a_worker_starts(store, worker):
+    jobs = worker.jobs
+    job = new_job(store, jsonl(EXAMPLES))
+    worker.run_once()
+    name = jobs.get(job["id"])["fine_tuned_model"]
+    files = adapter_files(read_adapter(store / name))
+    # A worker killed between writing a checkpoint adapter and recording it, and a job
+    # cancelled while no worker ran that had written one.
+    cancelled = new_job(store, jsonl(EXAMPLES))
+    jobs.cancel(cancelled["id"])
+    strays = [f"{name}-ckpt-step-1",
+              f"{adapter_name('SmolLM2-135M-Instruct', 'numbers', cancelled['id'])}-ckpt-step-1"]
+    for stray in strays:
+        worker.store.write(stray, *files)
+    worker.remove_orphans()
+    assert [p.name for p in store.iterdir() if not p.name.startswith(".")] == [name]
