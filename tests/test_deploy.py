@@ -20,13 +20,14 @@ def manifests(name: str) -> list[dict]:
 
 MANIFESTS = manifests("ptmoe-serve.yaml")
 READ_ONLY = manifests("ptmoe-serve-read-only.yaml")
+WORKER = manifests("fine-tune-worker.yaml")
 GATEWAY = {r["kind"]: r for r in manifests("inference-gateway.yaml")}
 ADAPTER = manifests("aibrix-model-adapter.yaml")[0]
 # The fleet tools' kinds, each checked against its project's own schema below.
 CUSTOM_KINDS = {"InferencePool", "HTTPRoute", "ModelAdapter"}
 
 
-@pytest.mark.parametrize("resource", MANIFESTS + READ_ONLY, ids=lambda r: r["kind"])
+@pytest.mark.parametrize("resource", MANIFESTS + READ_ONLY + WORKER, ids=lambda r: r["kind"])
 def test_manifests_validate_against_kubernetes_schemas(resource):
     kubernetes_validate.validate(resource, kubernetes_validate.latest_version(), strict=True)
 
@@ -65,6 +66,28 @@ def test_read_only_replicas_mount_one_read_only_volume_and_start_no_worker():
     assert "--no-fine-tune-worker" in container["args"]
     selector = kinds["Service"]["spec"]["selector"]
     assert selector.items() <= kinds["Deployment"]["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_a_worker_run_apart_is_supervised_over_the_servers_store():
+    """Kubernetes restarts it (restartPolicy Always), over the claim the servers use; systemd
+    restarts it with doubling waits and ranks it first for the OOM killer."""
+    import configparser
+
+    deployment = WORKER[0]["spec"]["template"]["spec"]
+    container = deployment["containers"][0]
+    assert deployment["restartPolicy"] == "Always"
+    assert container["command"][:2] == ["ptmoe-serve", "fine-tune-worker"]
+    claim = {r["kind"]: r for r in MANIFESTS}["PersistentVolumeClaim"]["metadata"]["name"]
+    assert deployment["volumes"][0]["persistentVolumeClaim"]["claimName"] == claim
+    assert container["volumeMounts"][0]["mountPath"] == container["command"][3] == "/adapters"
+    assert deployment["terminationGracePeriodSeconds"] > 60  # a step finishes first
+    unit = configparser.ConfigParser(strict=True, interpolation=None)
+    unit.optionxform = str
+    unit.read_string((DEPLOY / "systemd" / "ptmoe-fine-tune-worker.service").read_text())
+    service = unit["Service"]
+    assert service["ExecStart"].split()[1:3] == ["fine-tune-worker", "--adapters"]
+    assert service["Restart"] == "always" and service["OOMScoreAdjust"] == "1000"
+    assert int(service["TimeoutStopSec"]) >= 60 and unit["Install"]["WantedBy"]
 
 
 def test_compose_runs_two_replicas_over_one_folder_behind_nginx():
