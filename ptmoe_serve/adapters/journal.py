@@ -35,6 +35,9 @@ CHECKSUM = b',"crc":'
 JOURNAL = ".ptmoe-journal"
 # Compacted when it holds more than this many lines beyond two per name.
 COMPACT_SLACK = 10_000
+# Lines kept for `take_lines` at most: a reader that never takes them (the fine-tuning worker,
+# a server that does not watch) holds no more; past it they are dropped and the taker told.
+MAX_UNTAKEN_LINES = 4096
 
 
 class Journal:
@@ -45,8 +48,9 @@ class Journal:
         self._lines = 0
         self._inode: int | None = None
         self._offset = 0
-        # Lines read and not yet taken (`take_lines`), in order.
-        self._unseen: list[dict] = []
+        # Lines read and not yet taken (`take_lines`), in order; None once more were read
+        # than MAX_UNTAKEN_LINES.
+        self._unseen: list[dict] | None = []
         # The upload threads and the event loop both read it: one reader at a time.
         self._reading = threading.RLock()
 
@@ -81,7 +85,10 @@ class Journal:
                 continue
             name, version = record["name"], record["version"]
             self.latest[name] = record
-            self._unseen.append(record)
+            if self._unseen is not None:
+                self._unseen.append(record)
+                if len(self._unseen) > MAX_UNTAKEN_LINES:
+                    self._unseen = None
             self.last_version = max(self.last_version, version)
             self._lines += 1
             changed.add(name)
@@ -90,8 +97,9 @@ class Journal:
                        if before.get(name) != self.latest.get(name)}
         return changed
 
-    def take_lines(self) -> list[dict]:
-        """The lines read since the last call, in order (this server's own included)."""
+    def take_lines(self) -> list[dict] | None:
+        """The lines read since the last call, in order (this server's own included); None
+        where more than MAX_UNTAKEN_LINES were, and were not kept."""
         with self._reading:
             lines, self._unseen = self._unseen, []
             return lines

@@ -200,7 +200,11 @@ class AdapterStore:
         and after it, and its folder's inode after it: where the listing is current up to the
         time before, the change alone moved it on, and the listing follows the line instead of
         listing the folder again."""
-        for line in self.journal.take_lines():
+        lines = self.journal.take_lines()
+        if lines is None:  # too many to keep since the last look: the folder is listed again
+            self._listed_at = None
+            return
+        for line in lines:
             before, after = line.get("root_before"), line.get("root_after")
             if before is None or before != self._listed_at:
                 continue

@@ -14,8 +14,8 @@ from starlette.datastructures import UploadFile
 from ptmoe_serve.api.auth import require_admin
 from ptmoe_serve.api.errors import RequestError
 from ptmoe_serve.api.bodies import read_upload_form
-from ptmoe_serve.api.paging import cursor_page
-from ptmoe_serve.train.files import FileError, FileNotFound, TrainingFiles
+from ptmoe_serve.api.paging import list_page
+from ptmoe_serve.train.files import PURPOSE, FileError, FileNotFound, TrainingFiles
 
 router = APIRouter(prefix="/v1/files", dependencies=[Depends(require_admin)])
 MAX_LIST_LIMIT = 10_000
@@ -64,11 +64,11 @@ async def list_files(request: Request, purpose: str | None = None,
                      after: str | None = None,
                      order: Literal["asc", "desc"] = "desc") -> dict:
     """OpenAI's cursor pages: `limit` files after the file `after`, newest first unless
-    `order` is asc."""
-    files = [f.describe() for f in await _in_store(request, _files(request).list, purpose)]
-    if order == "desc":
-        files.reverse()
-    return cursor_page(files, after, limit)
+    `order` is asc; a page's records are the only ones read."""
+    if purpose not in (None, PURPOSE):  # the one purpose kept
+        return list_page([], False)
+    files, more = await _in_store(request, _files(request).page, after, limit, order == "desc")
+    return list_page([f.describe() for f in files], more)
 
 
 @router.get("/{file_id}")

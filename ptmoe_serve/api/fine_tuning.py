@@ -1,8 +1,9 @@
 """OpenAI's fine-tuning jobs API (`client.fine_tuning.jobs.*` of the `openai` package works as it
-is): create, list, retrieve, cancel, pause and resume jobs, list their events and checkpoints. A job trains a
-PT-MoE adapter of this server's base model on a file uploaded through /v1/files; the fine-tuning
-worker (train/worker.py, a process of its own) runs it and writes the adapter into the store,
-from which every server over the store serves it. Every route needs the admin key.
+is): create, list, retrieve, cancel, pause and resume jobs, list their events and checkpoints.
+A job trains a PT-MoE adapter of this server's base model on a file uploaded through /v1/files;
+the fine-tuning worker (train/worker.py, a process of its own) runs it and writes the adapter
+into the store, from which every server over the store serves it. Every route needs the admin
+key.
 
 Besides OpenAI's fields, a job takes the adapter's own (train/spec.py). A job is refused
 before any training when this server could not serve what it would train.
@@ -30,7 +31,7 @@ from ptmoe_serve.adapters.config import AdapterError, problems
 from ptmoe_serve.adapters.registry import AdapterNotFound
 from ptmoe_serve.api.auth import require_admin
 from ptmoe_serve.api.errors import RequestError
-from ptmoe_serve.api.paging import cursor_page
+from ptmoe_serve.api.paging import cursor_page, list_page
 from ptmoe_serve.train.files import FileNotFound
 from ptmoe_serve.train.jobs import FineTuningJobs, JobNotFound, JobStateError, shown
 from ptmoe_serve.train.spec import Hyperparameters, JobAdapter
@@ -154,8 +155,8 @@ async def create_job(body: CreateJob, request: Request,
 @router.get("")
 async def list_jobs(request: Request, after: str | None = None,
                     limit: int = Query(20, ge=1, le=MAX_LIST_LIMIT)) -> dict:
-    jobs = [shown(job) for job in reversed(await _in_store(request, _jobs(request).list))]
-    return await _served(request, cursor_page(jobs, after, limit))
+    jobs, more = await _in_store(request, _jobs(request).page, after, limit)
+    return await _served(request, list_page([shown(job) for job in jobs], more))
 
 
 @router.get("/{job_id}")
@@ -192,16 +193,14 @@ async def resume_job(job_id: str, request: Request) -> dict:
 @router.get("/{job_id}/events")
 async def list_events(job_id: str, request: Request, after: str | None = None,
                       limit: int = Query(20, ge=1, le=MAX_LIST_LIMIT)) -> dict:
-    return await _job_page(request, job_id, FineTuningJobs.events, after, limit)
+    """Newest first, read from the end of the job's events."""
+    events, more = await _in_store(request, _jobs(request).events_page, job_id, after, limit)
+    return await _served(request, list_page(events, more))
 
 
 @router.get("/{job_id}/checkpoints")
 async def list_checkpoints(job_id: str, request: Request, after: str | None = None,
                            limit: int = Query(10, ge=1, le=MAX_LIST_LIMIT)) -> dict:
-    return await _job_page(request, job_id, FineTuningJobs.checkpoints, after, limit)
-
-
-async def _job_page(request: Request, job_id: str, read, after: str | None, limit: int) -> dict:
-    """A page of a job's events or checkpoints, newest first."""
-    items = await _in_store(request, read, _jobs(request), job_id)
-    return await _served(request, cursor_page(list(reversed(items)), after, limit))
+    """Newest first (a job keeps its last three)."""
+    checkpoints = await _in_store(request, _jobs(request).checkpoints, job_id)
+    return await _served(request, cursor_page(list(reversed(checkpoints)), after, limit))

@@ -70,16 +70,17 @@ def _described(request: Request, name: str) -> protocol.AdapterInfo:
 @router.get("", response_model_exclude_none=True)
 async def list_adapters(request: Request, after: str | None = None,
                         limit: int = Query(100, ge=1, le=MAX_PAGE)) -> protocol.AdapterList:
-    """A page of the adapters the store serves, in name order (resident or not), and the
-    folders that failed to load with the reason."""
+    """A page of the adapters the store serves, in name order (resident or not), and those
+    of them that failed to load with the reason: each page bounded, however many fail."""
     manager = request.app.state.services.manager
     names = manager.catalog.page(after, limit + 1)
     return protocol.AdapterList(
         data=[_described(request, name) for name in names[:limit]],
         has_more=len(names) > limit, in_store=len(manager.catalog),
         resident=len(manager.registry), max_resident=manager.resident.capacity,
-        failed=[protocol.FailedAdapter(name=name, error=error)
-                for name, error in sorted(manager.failed.items())])
+        failed=[protocol.FailedAdapter(name=name, error=manager.failed[name])
+                for name in names[:limit] if name in manager.failed],
+        failed_count=len(manager.failed))
 
 
 @router.get("/{name}", response_model_exclude_none=True)

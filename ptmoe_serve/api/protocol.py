@@ -54,7 +54,9 @@ class AdapterList(BaseModel):
     in_store: int
     resident: int
     max_resident: int
+    # The page's adapters that failed to load, with the reason; every one of them counted.
     failed: list[FailedAdapter] = []
+    failed_count: int = 0
 
 
 class RoutingRequest(BaseModel):

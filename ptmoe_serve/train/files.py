@@ -9,6 +9,7 @@ that uses it."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
 import time
@@ -87,7 +88,8 @@ class TrainingFiles:
                             f"for fine-tuning: purpose '{PURPOSE}'")
         lines = count_jsonl_lines(data)
         now = time.time_ns()
-        record = TrainingFile(id=f"file-{secrets.token_hex(12)}", bytes=len(data),
+        # Ordered by creation (milliseconds, then random digits): the names are the index.
+        record = TrainingFile(id=f"file-{now // 10**6:012x}{secrets.token_hex(6)}", bytes=len(data),
                               created_at=now // 10**9, filename=_clean(filename),
                               purpose=purpose, lines=lines, created_ns=now)
         # The bytes first, the record last: a file is listed only once it is whole.
@@ -104,16 +106,28 @@ class TrainingFiles:
         except FileNotFoundError:
             raise FileNotFound(file_id) from None
 
-    def list(self, purpose: str | None = None) -> list[TrainingFile]:
-        """Every file kept (of `purpose`), oldest first."""
+    def page(self, after: str | None, limit: int, newest_first: bool = True
+             ) -> tuple[list[TrainingFile], bool]:
+        """Up to `limit` files after the file `after`, newest first unless not
+        `newest_first`; whether more follow. Only the page's records are read: the folder's
+        names are the index."""
+        try:
+            names = os.listdir(self.folder)
+        except FileNotFoundError:
+            names = []
+        ids = sorted((n[:-5] for n in names if n.endswith(".json") and FILE_ID.fullmatch(n[:-5])),
+                     reverse=newest_first)
+        if after is not None:
+            ids = ids[ids.index(after) + 1:] if after in ids else []
         found = []
-        for path in self.folder.glob("file-*.json"):
+        for file_id in ids:
+            if len(found) > limit:
+                break
             try:
-                found.append(self.get(path.stem))
+                found.append(self.get(file_id))
             except (FileNotFound, ValueError, TypeError):
                 continue  # deleted meanwhile, or not a record of ours
-        return sorted((f for f in found if purpose in (None, f.purpose)),
-                      key=lambda f: (f.created_ns, f.id))
+        return found[:limit], len(found) > limit
 
     def content_path(self, file_id: str) -> Path:
         return self.folder / f"{file_id}.jsonl"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -42,9 +43,13 @@ CHECKPOINTS = "checkpoint"
 # Record fields of this server's own, never shown: the order of creation, the runs its worker
 # died in (MAX_INTERRUPTED_RUNS in a row fail the job).
 PRIVATE_FIELDS = ("created_ns", "interrupted_runs")
-# Where a job is staged until it is whole, and the Idempotency-Key index.
+# Where a job is staged until it is whole, the Idempotency-Key index, and a marker per job not
+# yet ended (what a worker looks at every few seconds, instead of every job).
 STAGING_PREFIX = ".creating-"
 KEYS_FOLDER = ".idempotency"
+ACTIVE_FOLDER = ".active"
+# How far back an events page looks for its cursor, a block at a time.
+EVENTS_BLOCK = 64 * 1024
 # Temporary files older than this are a crashed writer's, removed by the worker at start.
 ORPHAN_SECONDS = 3600
 
@@ -100,6 +105,9 @@ class FineTuningJobs:
             staging.mkdir()
             write_atomically(staging / "job.json", json.dumps(record).encode())
             _append_line(staging / "events.jsonl", _event(f"Created fine-tuning job: {job_id}"))
+            active = self.folder / ACTIVE_FOLDER
+            active.mkdir(exist_ok=True)
+            (active / job_id).touch()  # before the job: a job is never missed
             os.rename(staging, self.job_folder(job_id))
             fsync_dir(self.folder)
         except BaseException:
@@ -109,7 +117,9 @@ class FineTuningJobs:
 
     @staticmethod
     def _new_id() -> str:
-        return f"{JOB_ID_PREFIX}{secrets.token_hex(12)}"
+        """Ordered by creation (milliseconds, then 12 random hex digits), so that a listing of
+        names is the jobs in order, without reading their records."""
+        return f"{JOB_ID_PREFIX}{time.time_ns() // 10**6:012x}{secrets.token_hex(6)}"
 
     def get(self, job_id: str) -> dict:
         if not job_id.startswith(JOB_ID_PREFIX) or not job_id[len(JOB_ID_PREFIX):].isalnum():
@@ -119,15 +129,51 @@ class FineTuningJobs:
         except FileNotFoundError:
             raise JobNotFound(job_id) from None
 
-    def list(self) -> list[dict]:
-        """Every job, oldest first."""
-        jobs = []
-        for folder in self.folder.glob(f"{JOB_ID_PREFIX}*"):
+    def page(self, after: str | None, limit: int) -> tuple[list[dict], bool]:
+        """Up to `limit` jobs, newest first, after the job `after`; whether more follow. Only
+        the page's records are read: the folder's names are the index."""
+        ids = sorted((name for name in _names(self.folder) if name.startswith(JOB_ID_PREFIX)),
+                     reverse=True)
+        if after is not None:
+            ids = ids[ids.index(after) + 1:] if after in ids else []
+        records = self._records(ids, limit + 1)
+        return records[:limit], len(records) > limit
+
+    def active(self) -> list[dict]:
+        """The jobs not yet ended, oldest first (what a worker looks at): a marker each."""
+        ids = sorted(_names(self.folder / ACTIVE_FOLDER))
+        jobs = self._records(ids, len(ids))
+        for job in jobs:
+            if job["status"] in FINAL:  # ended by a process that died before its marker went
+                (self.folder / ACTIVE_FOLDER / job["id"]).unlink(missing_ok=True)
+        return [job for job in jobs if job["status"] not in FINAL]
+
+    def _records(self, ids: list[str], count: int) -> list[dict]:
+        """The records of the first `count` of `ids` that are jobs."""
+        found = []
+        for job_id in ids:
+            if len(found) == count:
+                break
             try:
-                jobs.append(self.get(folder.name))
+                found.append(self.get(job_id))
             except (JobNotFound, ValueError):
-                continue  # being created, or not a job of ours
-        return sorted(jobs, key=lambda job: (job["created_ns"], job["id"]))
+                continue  # removed meanwhile, or not a job of ours
+        return found
+
+    def ending_with(self, tail: str) -> dict | None:
+        """The job whose id ends with `tail` (an adapter name holds its last 12 digits)."""
+        ids = [n for n in _names(self.folder) if n.startswith(JOB_ID_PREFIX) and n.endswith(tail)]
+        found = self._records(ids, 1)
+        return found[0] if found else None
+
+    def mark_active(self) -> None:
+        """A marker for every job not yet ended, made by a store written before markers were
+        (a worker does this at start: every record is read, once)."""
+        names = [n for n in _names(self.folder) if n.startswith(JOB_ID_PREFIX)]
+        for job in self._records(names, len(names)):
+            if job["status"] not in FINAL:
+                (self.folder / ACTIVE_FOLDER).mkdir(exist_ok=True)
+                (self.folder / ACTIVE_FOLDER / job["id"]).touch()
 
     def update(self, job_id: str, change: Callable[[dict], None]) -> dict:
         """Read, change and write a job's record under its record lock; the record as written."""
@@ -148,20 +194,38 @@ class FineTuningJobs:
 
     def events(self, job_id: str) -> list[dict]:
         """A job's events, oldest first; a line a crash cut short or damaged is skipped."""
+        return list(reversed(list(self.newest_events(job_id))))
+
+    def events_page(self, job_id: str, after: str | None, limit: int) -> tuple[list[dict], bool]:
+        """Up to `limit` events, newest first, after the event `after`; whether more follow.
+        Read from the file's end a block at a time: a page near the end costs a page."""
+        events = self.newest_events(job_id)
+        if after is not None:
+            for event in events:
+                if event["id"] == after:
+                    break
+        page = list(itertools.islice(events, limit + 1))
+        return page[:limit], len(page) > limit
+
+    def newest_events(self, job_id: str) -> Iterator[dict]:
+        """A job's events, newest first, read backwards from the end of its file; a line a
+        crash cut short or damaged is skipped."""
         self.get(job_id)
         try:
-            text = (self.job_folder(job_id) / "events.jsonl").read_text(errors="replace")
+            f = open(self.job_folder(job_id) / "events.jsonl", "rb")
         except FileNotFoundError:
-            return []
-        events = []
-        for line in text.splitlines():
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(event, dict) and isinstance(event.get("id"), str):
-                events.append(event)
-        return events
+            return
+        with f:
+            end, rest = f.seek(0, os.SEEK_END), b""
+            while end > 0:
+                start = max(0, end - EVENTS_BLOCK)
+                f.seek(start)
+                lines = (f.read(end - start) + rest).split(b"\n")
+                end, rest = start, lines.pop(0) if start > 0 else b""
+                for line in reversed(lines):
+                    event = _parse_event(line)
+                    if event is not None:
+                        yield event
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -338,6 +402,7 @@ class FineTuningJobs:
         record = self.update(job_id, change)
         if ended:
             (self.job_folder(job_id) / "pause").unlink(missing_ok=True)
+            (self.folder / ACTIVE_FOLDER / job_id).unlink(missing_ok=True)
             message = {"succeeded": "The job has successfully completed",
                        "cancelled": "The job was cancelled"}.get(status)
             error = (record.get("error") or {}).get("message", "")
@@ -363,6 +428,21 @@ class FineTuningJobs:
 def shown(record: dict) -> dict:
     """A job's record as OpenAI's job object: without this server's own fields."""
     return {k: v for k, v in record.items() if k not in PRIVATE_FIELDS}
+
+
+def _names(folder: Path) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except FileNotFoundError:
+        return []
+
+
+def _parse_event(line: bytes) -> dict | None:
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    return event if isinstance(event, dict) and isinstance(event.get("id"), str) else None
 
 
 def _event(message: str, level: str = "info", data: dict | None = None) -> dict:

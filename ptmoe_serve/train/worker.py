@@ -59,7 +59,7 @@ class InvalidJob(ValueError):
 
 def adapter_name(base: str, suffix: str | None, job_id: str) -> str:
     """OpenAI's `ft:<base>:<suffix>:<id>`, in the letters adapter names allow."""
-    parts = ["ft", base, suffix or "", job_id.removeprefix("ftjob-")[:12]]
+    parts = ["ft", base, suffix or "", job_id.removeprefix("ftjob-")[-12:]]
     name = "-".join(re.sub(r"[^A-Za-z0-9._-]", "-", p) for p in parts if p)
     return re.sub(r"\.\.+", ".", name)[-MAX_NAME_LENGTH:].lstrip("-._")
 
@@ -103,7 +103,7 @@ class FineTuningWorker:
         adapters of ended jobs that their records do not keep (a worker killed between writing
         one and recording it, or a job cancelled while none ran)."""
         self.jobs.remove_orphans()
-        jobs = {job["id"].removeprefix("ftjob-")[:12]: job for job in self.jobs.list()}
+        self.jobs.mark_active()
         try:
             names = [entry.name for entry in os.scandir(self.store_root)
                      if "-ckpt-step-" in entry.name]
@@ -111,7 +111,7 @@ class FineTuningWorker:
             return
         for name in names:
             match = CHECKPOINT_NAME.search(name)
-            job = jobs.get(match.group(1)) if match else None
+            job = self.jobs.ending_with(match.group(1)) if match else None
             if job is None or job["status"] not in FINAL:
                 continue
             kept = {c["fine_tuned_model_checkpoint"] for c in self.jobs.checkpoints(job["id"])}
@@ -124,7 +124,7 @@ class FineTuningWorker:
         """Validate every job waiting for it, then run the oldest job ready to run (or resume
         one whose worker died); whether there was anything to do."""
         worked = self._validate_waiting()
-        for job in self.jobs.list():
+        for job in self.jobs.active():
             if job["status"] in ("queued", "running"):
                 with self.jobs.claimed(job["id"]) as mine:
                     if mine:
@@ -138,7 +138,7 @@ class FineTuningWorker:
         """Validate the jobs waiting for it (also between training steps, so that a job
         created meanwhile shows queued, or failed, while another trains)."""
         worked = False
-        for job in self.jobs.list():
+        for job in self.jobs.active():
             if job["status"] == "validating_files":
                 with self.jobs.claimed(job["id"]) as mine:
                     if mine:
@@ -303,9 +303,9 @@ class FineTuningWorker:
         if on_gpu:  # what to leave the worker beside vLLM (--gpu-memory-utilization)
             peak = torch.cuda.max_memory_allocated(self.device) / 2**30
             self.jobs.add_event(job_id, f"Peak GPU memory of training: {peak:.2f} GiB")
-        events = [e["data"] for e in self.jobs.events(job_id) if e.get("data")]
-        self._add_checkpoint(job_id, name, read_adapter(folder),
-                             events[-1] if events else {"step": steps})
+        last = next((e["data"] for e in self.jobs.newest_events(job_id) if e.get("data")),
+                    {"step": steps})
+        self._add_checkpoint(job_id, name, read_adapter(folder), last)
         trained = hyperparameters.n_epochs * sum(
             len(e.prompt_ids) + len(e.answer_ids) for e in examples)
         self.jobs.finish(job_id, "succeeded", fine_tuned_model=name, trained_tokens=trained)

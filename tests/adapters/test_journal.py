@@ -86,3 +86,18 @@ def test_an_append_the_disk_cannot_hold_fails_whole_and_reuses_no_version(tmp_pa
     store.record_unloaded("c")
     fresh = AdapterStore(tmp_path / "store")
     assert {n: r["version"] for n, r in fresh.journal.latest.items()} == {"a": 1, "c": 2}
+
+
+def test_lines_no_one_takes_are_bounded_and_the_store_lists_again(tmp_path):
+    """The fine-tuning worker and a server that does not watch read lines they never take:
+    past MAX_UNTAKEN_LINES none are kept, and the next look lists the store folder instead."""
+    store = AdapterStore(tmp_path / "store")
+    assert store.changes() == set()
+    reader = AdapterStore(tmp_path / "store")
+    store.journal.append([{"name": f"a{i}", "unloaded": True}
+                          for i in range(journal.MAX_UNTAKEN_LINES + 1)])
+    assert len(reader.journal.read_new()) == journal.MAX_UNTAKEN_LINES + 1
+    assert reader.journal.take_lines() is None
+    assert reader.journal.take_lines() == []  # kept again from here
+    (store.root / "copied").mkdir()  # a change no line describes
+    assert "copied" in store.changes()

@@ -74,9 +74,9 @@ def test_files_live_in_the_store_for_every_server_over_it(tmp_path):
     first, second = TrainingFiles(tmp_path), TrainingFiles(tmp_path)
     record = first.add("../../x/train.jsonl", "fine-tune", EXAMPLES)
     assert record.filename == "train.jsonl" and record.lines == 20
-    assert second.get(record.id) == record and second.list() == [record]
+    assert second.get(record.id) == record and second.page(None, 10) == ([record], False)
     assert second.content_path(record.id).read_bytes() == EXAMPLES
     second.delete(record.id)
-    assert first.list() == []
+    assert first.page(None, 10) == ([], False)
     with pytest.raises(FileError, match="line 1"):
         count_jsonl_lines(b"[" * 100_000)  # nested past the parser's depth

@@ -1,7 +1,7 @@
 """Fine-tuning job records on real files: events survive a line a crash cut short, a creation is
 whole or absent (a file-size limit refusing its writes leaves no job), an Idempotency-Key makes
-one job of a retried creation, pause and resume follow the job's status, and what crashed
-writers left is removed once it is old."""
+one job of a retried creation, pause and resume follow the job's status, what crashed writers
+left is removed once it is old, and jobs, events and files are read a page at a time."""
 
 import json
 import os
@@ -11,8 +11,10 @@ import time
 
 import pytest
 
-from ptmoe_serve.train.jobs import (JOBS_FOLDER, FineTuningJobs, JobNotFound, JobStateError,
-                                    shown)
+from ptmoe_serve.train import jobs as jobs_module
+from ptmoe_serve.train.files import TrainingFiles
+from ptmoe_serve.train.jobs import (ACTIVE_FOLDER, JOBS_FOLDER, FineTuningJobs, JobNotFound,
+                                    JobStateError, shown)
 
 FIELDS = {"model": "base", "training_file": "file-" + "0" * 24, "seed": 0}
 
@@ -62,14 +64,15 @@ def test_a_creation_the_disk_refuses_leaves_no_job_and_a_retry_makes_one(jobs):
     told = subprocess.run([sys.executable, "-c", script, str(jobs.folder.parent)],
                           capture_output=True, text=True, check=True).stdout
     assert "refused: the adapter store" in told and "is full" in told, told
-    assert jobs.list() == []
+    assert jobs.page(None, 10) == ([], False)
     assert [p.name for p in jobs.folder.iterdir() if p.name.startswith("ftjob-")
             or p.name.startswith(".creating-")] == []
     first = jobs.create(FIELDS, "key-1")
     again = jobs.create(FIELDS, "key-1")
+    time.sleep(0.002)
     other = jobs.create(FIELDS, "key-2")
     assert again["id"] == first["id"] != other["id"]
-    assert [job["id"] for job in jobs.list()] == [first["id"], other["id"]]
+    assert [job["id"] for job in jobs.page(None, 10)[0]] == [other["id"], first["id"]]
     assert len(jobs.events(first["id"])) == 1
 
 
@@ -131,3 +134,62 @@ def test_what_crashed_writers_left_is_removed_once_old(jobs):
     assert fresh.exists() and jobs.get(job["id"])["id"] == job["id"]
     assert json.loads((folder / "job.json").read_text())["status"] == "validating_files"
     assert (jobs.folder.parent / JOBS_FOLDER).is_dir()
+
+
+def test_jobs_are_paged_newest_first_reading_only_the_page(jobs):
+    made = []
+    for _ in range(5):
+        made.append(jobs.create(FIELDS)["id"])
+        time.sleep(0.002)  # ordered by the millisecond
+    page, more = jobs.page(None, 2)
+    assert [job["id"] for job in page] == made[:2:-1] and more
+    page, more = jobs.page(made[3], 2)
+    assert [job["id"] for job in page] == [made[2], made[1]] and more
+    assert [job["id"] for job in jobs.page(made[1], 2)[0]] == [made[0]]
+    assert jobs.page(made[0], 2) == ([], False) and jobs.page("ftjob-unknown", 2) == ([], False)
+    # A page reads its own records: one no longer readable is skipped, not a failure.
+    (jobs.job_folder(made[4]) / "job.json").unlink()
+    assert [job["id"] for job in jobs.page(None, 2)[0]] == [made[3], made[2]]
+
+
+def test_a_worker_looks_only_at_jobs_not_yet_ended(jobs):
+    running = jobs.create(FIELDS)
+    time.sleep(0.002)
+    ended = jobs.create(FIELDS)
+    jobs.finish(ended["id"], "failed", error={"code": "x", "message": "y", "param": None})
+    assert [job["id"] for job in jobs.active()] == [running["id"]]
+    assert sorted(p.name for p in (jobs.folder / ACTIVE_FOLDER).iterdir()) == [running["id"]]
+    # A store from before the markers: made once, at a worker's start.
+    (jobs.folder / ACTIVE_FOLDER / running["id"]).unlink()
+    assert jobs.active() == []
+    jobs.mark_active()
+    assert [job["id"] for job in jobs.active()] == [running["id"]]
+
+
+def test_events_are_paged_from_the_end_across_blocks(jobs, monkeypatch):
+    monkeypatch.setattr(jobs_module, "EVENTS_BLOCK", 300)  # a line or two a block
+    job = jobs.create(FIELDS)
+    for step in range(1, 31):
+        jobs.add_event(job["id"], f"Step {step}", data={"step": step})
+    page, more = jobs.events_page(job["id"], None, 4)
+    assert [e["data"]["step"] for e in page] == [30, 29, 28, 27] and more
+    page, more = jobs.events_page(job["id"], page[-1]["id"], 25)
+    assert [e["data"]["step"] for e in page] == list(range(26, 1, -1)) and more
+    page, more = jobs.events_page(job["id"], page[-1]["id"], 25)
+    assert [e["message"] for e in page] == ["Step 1", f"Created fine-tuning job: {job['id']}"]
+    assert not more
+    assert len(jobs.events(job["id"])) == 31
+
+
+def test_files_are_paged_in_either_order(tmp_path):
+    files = TrainingFiles(tmp_path / "store")
+    made = []
+    for i in range(4):
+        made.append(files.add(f"{i}.jsonl", "fine-tune", b'{"prompt": "a"}\n').id)
+        time.sleep(0.002)  # ordered by the millisecond
+    newest, more = files.page(None, 3)
+    assert [f.id for f in newest] == made[:0:-1] and more
+    assert [f.id for f in files.page(made[1], 3)[0]] == [made[0]]
+    oldest, more = files.page(None, 2, newest_first=False)
+    assert [f.id for f in oldest] == made[:2] and more
+    assert [f.id for f in files.page(made[1], 5, newest_first=False)[0]] == made[2:]
