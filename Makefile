@@ -51,6 +51,7 @@ bench-full: model
 	$(PY) -m bench.routing_step --hidden 4096 8192 --resident 1 1000 --batch 1 8 64 256 --repeats 10 --out bench/results/routing_step_large.json
 	$(PY) -m bench.startup --adapters 100000 --work build/bench
 	$(PY) -m bench.startup --adapters 1000000 --distinct 1000 --work build/bench --out bench/results/startup_1000000.json
+	$(PY) -m bench.memory --adapters 1000000 --distinct 1000 --work build/bench
 	$(PY) -m bench.residency --adapters 10000 --work build/bench
 	$(PY) -m bench.residency --adapters 10000 --fractions 0.1 1.0 --requests 4096 --rounds 2 --output-tokens 16 --parts fractions --work build/bench --out bench/results/residency_cap1000.json
 	$(PY) -m bench.residency --adapters 100000 --fractions 0.01 1.0 --requests 1024 --rounds 2 --output-tokens 16 --parts fractions --work build/bench --out bench/results/residency_100000.json

@@ -52,6 +52,8 @@ ACTIVE_FOLDER = ".active"
 EVENTS_BLOCK = 64 * 1024
 # Temporary files older than this are a crashed writer's, removed by the worker at start.
 ORPHAN_SECONDS = 3600
+# How long an Idempotency-Key returns its job (OpenAI's keys last a day).
+KEY_SECONDS = 24 * 3600
 
 
 class JobNotFound(KeyError):
@@ -379,12 +381,15 @@ class FineTuningJobs:
     def remove_orphans(self) -> None:
         """What crashed writers left (a worker runs this at start): jobs staged and never
         made whole, and temporary files, once older than ORPHAN_SECONDS (a writer on another
-        replica may still be at work on a newer one)."""
-        old = time.time() - ORPHAN_SECONDS
-        for path in [*self.folder.glob(f"{STAGING_PREFIX}*"), *self.folder.glob("*/.*.tmp"),
-                     *self.folder.glob(f"*/{CHECKPOINTS}/.*.tmp")]:
+        replica may still be at work on a newer one); and Idempotency-Keys past KEY_SECONDS."""
+        now = time.time()
+        for path, age in [*((p, ORPHAN_SECONDS) for p in [
+                              *self.folder.glob(f"{STAGING_PREFIX}*"),
+                              *self.folder.glob("*/.*.tmp"),
+                              *self.folder.glob(f"*/{CHECKPOINTS}/.*.tmp")]),
+                          *((p, KEY_SECONDS) for p in self.folder.glob(f"{KEYS_FOLDER}/*"))]:
             try:
-                if path.lstat().st_mtime < old:
+                if path.lstat().st_mtime < now - age:
                     logger.warning("removing what a crashed writer left: %s", path)
                     shutil.rmtree(path) if path.is_dir() else path.unlink()
             except OSError:

@@ -1,10 +1,10 @@
 """The store's faults, made for real against a real server: the store on a size-limited tmpfs
 (filled until writes fail with ENOSPC), remounted read-only, its lock held by another process,
 its journal damaged, and processes SIGKILLed at named points of an upload, a replace, a purge
-and an unload (failpoints, disk.py); and changes that race a cold load. Each checks the answer
-(status, code, message), that nothing acknowledged is lost, that other adapters answer as
-before, and that a stream running meanwhile does not pause more than a second beyond its worst
-gap measured just before the fault.
+and an unload (failpoints, disk.py), one of them while the server runs; and changes that race
+a cold load. Each checks the answer (status, code, message), that nothing acknowledged is lost,
+that other adapters answer as before, and that a stream running meanwhile does not pause more
+than a second beyond its worst gap measured just before the fault.
 
 Mounting needs root (as on the build machines); elsewhere the module is skipped, saying why."""
 
@@ -188,6 +188,23 @@ def test_each_kill_at_a_named_point_is_recovered_at_start(server, lab):
     leftovers = [p.name for p in store.iterdir() if p.name.startswith(
         (".staging-", ".retired-", ".purging-"))]
     assert leftovers == []
+
+
+def test_an_unload_killed_after_its_manifest_reaches_the_running_server(server, lab):
+    """The kill made while the server runs, as a replica dying mid-unload: the server follows
+    the manifest (a stat each look) and stops serving the adapter without a restart."""
+    assert upload(server, "doomed", *adapter_bytes(lab["root"], seed=41)).status_code == 200
+    assert complete(server, "doomed").status_code == 200
+    killed = subprocess.run([sys.executable, "-c", STORE_WORK, str(lab["store"]), "unload",
+                             "doomed"], env={**os.environ,
+                                             "PTMOE_FAILPOINT": "unload-manifest-written"},
+                            capture_output=True)
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    deadline = time.monotonic() + 10
+    while complete(server, "doomed").status_code != 404:
+        assert time.monotonic() < deadline, "still served 10 s after the unload's manifest"
+        time.sleep(0.25)
+    assert complete(server, "kept").status_code == 200
 
 
 def test_a_full_store_answers_507_keeps_serving_and_still_unloads(server, lab):

@@ -129,9 +129,15 @@ def test_what_crashed_writers_left_is_removed_once_old(jobs):
     hour_ago = time.time() - 3700
     for path in left:
         os.utime(path, (hour_ago, hour_ago))
+    kept_key, old_key = jobs.create(FIELDS, "recent"), jobs.create(FIELDS, "a day old")
+    keys = sorted((jobs.folder / ".idempotency").iterdir(), key=lambda p: p.read_text())
+    day_ago = time.time() - 25 * 3600
+    os.utime(next(p for p in keys if p.read_text() == old_key["id"]), (day_ago, day_ago))
     jobs.remove_orphans()
     assert not any(path.exists() for path in left)
     assert fresh.exists() and jobs.get(job["id"])["id"] == job["id"]
+    assert jobs.create(FIELDS, "recent")["id"] == kept_key["id"]
+    assert jobs.create(FIELDS, "a day old")["id"] != old_key["id"]  # the key had expired
     assert json.loads((folder / "job.json").read_text())["status"] == "validating_files"
     assert (jobs.folder.parent / JOBS_FOLDER).is_dir()
 
