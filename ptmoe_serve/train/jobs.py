@@ -114,6 +114,7 @@ class FineTuningJobs:
             fsync_dir(self.folder)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
+            (self.folder / ACTIVE_FOLDER / job_id).unlink(missing_ok=True)
             raise
         return record
 
@@ -293,12 +294,7 @@ class FineTuningJobs:
         record = self.get(job_id)
         if record["status"] in FINAL:
             return record
-        with store_writes(self.folder):
-            (self.job_folder(job_id) / "cancel").touch()
-        with self.claimed(job_id) as mine:
-            if mine:
-                return self.finish(job_id, "cancelled")
-        return self.get(job_id)
+        return self._ask(job_id, "cancel", lambda: self.finish(job_id, "cancelled"))
 
     def cancel_requested(self, job_id: str) -> bool:
         return (self.job_folder(job_id) / "cancel").exists()
@@ -312,11 +308,16 @@ class FineTuningJobs:
         if record["status"] not in PAUSABLE:
             raise JobStateError(f"fine-tuning job {job_id} is {record['status']}: only a "
                                 "queued or running job can be paused")
+        return self._ask(job_id, "pause", lambda: self.paused(job_id, "The job was paused"))
+
+    def _ask(self, job_id: str, marker: str, at_once: Callable[[], dict]) -> dict:
+        """Leave `marker` for the job's worker to see before its next step, and act `at_once`
+        where no one works on the job; the record."""
         with store_writes(self.folder):
-            (self.job_folder(job_id) / "pause").touch()
+            (self.job_folder(job_id) / marker).touch()
         with self.claimed(job_id) as mine:
             if mine:
-                return self.paused(job_id, "The job was paused")
+                return at_once()
         return self.get(job_id)
 
     def pause_requested(self, job_id: str) -> bool:
