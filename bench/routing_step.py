@@ -23,7 +23,7 @@ from ptmoe_serve.adapters.format import PtMoeAdapter
 from ptmoe_serve.engine.vllm_model import route_keys
 from ptmoe_serve.adapters.registry import AdapterRegistry
 from ptmoe_serve.routing.reference import route_reference
-from ptmoe_serve.routing.batcher import SoftPromptBatcher
+from ptmoe_serve.routing.api_route import ApiRoute
 from ptmoe_serve.routing.route import RoutedRequest
 
 VOCAB = 49152
@@ -74,13 +74,13 @@ def measure(hidden: int, resident: int, batch: int, prompt_tokens: int, device: 
         for p, i in zip(picks, ids):
             route_reference(entries[p].adapter, table[i]).soft_prompt.to(torch.bfloat16)
 
-    batcher = SoftPromptBatcher(table, torch.bfloat16, device, fused=False)
+    route = ApiRoute(table, torch.bfloat16, device, fused=False)
     requests = [RoutedRequest(entries[p], i.tolist(), len(i)) for p, i in zip(picks, ids)]
     batched = median_seconds(engine_step(fused=False), repeats)
     looped = median_seconds(loop, repeats)
     # The kernels' timings mean something only compiled for a GPU, not interpreted.
     fused = median_seconds(engine_step(fused=True), repeats) if device.type == "cuda" else None
-    api = median_seconds(lambda: batcher.compute(requests), repeats)
+    api = median_seconds(lambda: route.compute(requests), repeats)
     return {"hidden": hidden, "resident": resident, "batch": batch, "prompt_tokens": prompt_tokens,
             "batched_ms": 1000 * batched, "fused_ms": 1000 * fused if fused else None,
             "loop_ms": 1000 * looped, "loop_over_batched": looped / batched,

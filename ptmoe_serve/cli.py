@@ -10,14 +10,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import secrets
 from pathlib import Path
 
 from ptmoe_serve.base_model import (DEFAULT_MODEL_NAME, default_cache_dir,
                                     ensure_default_model)
-from ptmoe_serve.disk import DEFAULT_LOCK_TIMEOUT, write_atomically
 
-CPU_KV_CACHE_GIB = 2.0
 # The fine-tuning worker's: the kernel's OOM killer takes it before the engine (at most 1000).
 OOM_SCORE_ADJ = 1000
 
@@ -41,6 +38,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve_parser(sub) -> None:
+    from ptmoe_serve.config import ServeOptions
+
     p = sub.add_parser(
         "serve", help="serve adapters over vLLM's OpenAI-compatible server", allow_abbrev=False,
         description="Serve PT-MoE adapters over vLLM's own OpenAI-compatible server. Every "
@@ -48,178 +47,13 @@ def _serve_parser(sub) -> None:
                     "--tensor-parallel-size, --enable-auto-tool-choice, --tool-call-parser, "
                     "--max-num-seqs, --shutdown-timeout, ...) is accepted beside these.")
     _add_model_args(p)
-    p.add_argument("--adapters", type=Path, default=Path("adapters"),
-                   help="folder of adapters to load at start (default: %(default)s)")
-    lifecycle = p.add_argument_group("adapters and access")
-    lifecycle.add_argument("--allow-adapter-path", type=Path, action="append", default=[],
-                           metavar="DIR", help="a further folder POST /v1/adapters may load "
-                           "from (repeatable; --adapters is always allowed)")
-    lifecycle.add_argument("--max-resident-adapters", type=int, default=None, metavar="N",
-                           help="adapters the banks hold at most, across all shapes; the "
-                                "store may hold any number, each read when a request first "
-                                "names it (default: as many of the paper's shape as 1 GiB "
-                                "holds, on a GPU half the memory --gpu-memory-utilization "
-                                "leaves)")
-    lifecycle.add_argument("--max-cpu-adapters", type=int, default=None, metavar="N",
-                           help="adapters kept decoded in host memory besides, so that an "
-                                "evicted one comes back without a read (default: "
-                                "--max-resident-adapters)")
-    lifecycle.add_argument("--pin", action="append", default=[], metavar="NAME",
-                           help="an adapter loaded at start-up and never evicted (repeatable)")
-    lifecycle.add_argument("--adapter-wait-seconds", type=float, default=10.0,
-                           help="how long a request for a cold adapter waits for a slot "
-                                "while running requests hold every one, before a 503 "
-                                "(default: %(default)s)")
-    lifecycle.add_argument("--watch-interval", type=float, default=2.0,
-                           help="seconds between looks at --adapters for folders copied in or "
-                                "removed; 0 turns it off (default: %(default)s)")
-    lifecycle.add_argument("--store-lock-timeout", type=float, default=DEFAULT_LOCK_TIMEOUT,
-                           metavar="SECONDS",
-                           help="how long a change waits for the store's lock held by another "
-                                "server or process before it answers 503 store_busy, naming the "
-                                "holder; requests never wait for it (default: %(default)s)")
-    lifecycle.add_argument("--max-listed-adapters", type=int, default=10_000, metavar="N",
-                           help="/v1/models lists every adapter in the store while it holds at "
-                                "most N; beyond, the resident, pinned and newest adapters and "
-                                "the count (GET /v1/adapters pages through all) "
-                                "(default: %(default)s)")
-    lifecycle.add_argument("--max-upload-mb", type=float, default=64.0,
-                           help="largest upload accepted: an adapter, or a fine-tuning file "
-                                "(default: %(default)s)")
-    lifecycle.add_argument("--no-fine-tune-worker", dest="fine_tune_worker",
-                           action="store_false",
-                           help="start no fine-tuning worker beside the server (jobs then wait "
-                                "for `ptmoe-serve fine-tune-worker` over the same store)")
-    lifecycle.add_argument("--fine-tune-niceness", type=int, default=10,
-                           help="the fine-tuning worker's niceness, so that serving goes first "
-                                "(default: %(default)s; 0 trains at the server's priority)")
-    lifecycle.add_argument("--fine-tune-threads", type=int, default=None,
-                           help="threads the fine-tuning worker trains on (default: half the "
-                                "cores, at least one)")
-    lifecycle.add_argument("--max-request-mb", type=float, default=8.0,
-                           help="largest request body but uploads (completions, chat, ...); "
-                                "larger ones get 413 before they are parsed (default: "
-                                "%(default)s)")
-    lifecycle.add_argument("--max-sequences-per-request", type=int, default=256,
-                           help="most sequences (prompts x n) one request may ask for "
-                                "(default: %(default)s)")
-    lifecycle.add_argument("--max-logprobs-per-request", type=int, default=1_000_000,
-                           help="most logprob entries one prompt's request may return: n x "
-                                "max_tokens x (logprobs + 1), prompt logprobs included "
-                                "(default: %(default)s)")
-    lifecycle.add_argument("--api-key", default=os.environ.get("PTMOE_API_KEY"),
-                           help="require 'Authorization: Bearer KEY' on every route but /health, "
-                                "/ping and /metrics (default: $PTMOE_API_KEY)")
-    lifecycle.add_argument("--admin-api-key", default=os.environ.get("PTMOE_ADMIN_API_KEY"),
-                           help="the key adapter management needs (default: "
-                                "$PTMOE_ADMIN_API_KEY, else one generated once into "
-                                "CACHE_DIR/admin.key, readable by this user only)")
-    lifecycle.add_argument("--api-key-file", type=Path, metavar="FILE",
-                           help="read the API key from FILE (keeps it out of the process list)")
-    lifecycle.add_argument("--admin-api-key-file", type=Path, metavar="FILE",
-                           help="read the admin key from FILE")
-    lifecycle.add_argument("--metrics-need-key", action="store_true",
-                           help="require the API key on /metrics too")
-    lifecycle.add_argument("--allow-unauthenticated", action="store_true",
-                           help="serve inference without --api-key on an address other than "
-                                "loopback (refused otherwise)")
-    lifecycle.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
-                           help="a Host header name to answer besides loopback names "
-                                "(repeatable; '*' for any). Default: loopback names only when "
-                                "listening on loopback, any name otherwise")
-    routing = p.add_argument_group("the routing step")
-    routing.add_argument("--routing-location", choices=["auto", "engine", "api"],
-                         default="auto",
-                         help="where the routing step runs: engine (in vLLM's workers, beside "
-                              "the adapter banks; Llama-architecture models), api (in this "
-                              "process, handing vLLM prompt embeddings; any model), or auto: "
-                              "engine where the model allows (default: %(default)s)")
-    routing.add_argument("--max-soft-prompt-length", type=int, default=128,
-                         help="longest soft prompt (T) on the engine route (default: "
-                              "%(default)s)")
-    routing.add_argument("--routing-kernel", choices=["auto", "triton", "torch"], default="auto",
-                         help="the routing step's implementation: auto is the fused Triton "
-                              "kernels on CUDA and batched torch elsewhere (default: "
-                              "%(default)s)")
-    routing.add_argument("--routing-device", default=None,
-                         help="api route: device of the adapter bank and routing step "
-                              "(default: cuda if available, else cpu)")
-    p.add_argument("--kv-cache-gib", type=float, default=None,
-                   help="KV cache size in GiB; overrides --gpu-memory-utilization "
-                        f"(default on CPU: {CPU_KV_CACHE_GIB})")
-
-
-def _keys(args: argparse.Namespace) -> tuple[str | None, str | None]:
-    """The API and admin keys, from options, files or the environment. Refuses what would
-    quietly weaken access: an empty key (an empty variable included), a key with surrounding
-    whitespace (no client could send it), one key given two ways, the same key for both."""
-    keys = []
-    for name, variable in (("api_key", "PTMOE_API_KEY"), ("admin_api_key", "PTMOE_ADMIN_API_KEY")):
-        flag = "--" + name.replace("_", "-")
-        key, path = getattr(args, name), getattr(args, f"{name}_file")
-        if path is not None:
-            if key is not None:
-                raise SystemExit(f"ptmoe-serve serve: give {flag} or {flag}-file (or "
-                                 f"${variable}), not two of them")
-            try:
-                key = path.read_text().strip()
-            except (OSError, UnicodeDecodeError) as e:
-                raise SystemExit(f"ptmoe-serve serve: cannot read {flag}-file {path}: {e}")
-        if key is not None and not key:
-            raise SystemExit(f"ptmoe-serve serve: {flag} is empty (from the option, its file or "
-                             f"${variable}); give a key, or unset it to run without one")
-        if key is not None and key != key.strip():
-            raise SystemExit(f"ptmoe-serve serve: {flag} starts or ends with whitespace")
-        keys.append(key)
-    api_key, admin_api_key = keys
-    if admin_api_key is not None and admin_api_key == api_key:
-        raise SystemExit("ptmoe-serve serve: the admin key must differ from the API key: "
-                         "every caller holds the API key")
-    return api_key, admin_api_key
-
-
-def _generated_admin_key(path: Path) -> str:
-    """The admin key in `path`, generated there the first time (readable by this user only),
-    as notebook servers keep their tokens: management needs a key even where none is given."""
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        old_mask = os.umask(0o077)
-        try:  # exclusive: two servers starting at once agree on one key
-            write_atomically(path, (secrets.token_urlsafe(32) + "\n").encode(), exclusive=True)
-        except FileExistsError:
-            pass
-        finally:
-            os.umask(old_mask)
-    if path.stat().st_mode & 0o077:
-        raise SystemExit(f"ptmoe-serve serve: {path} (the generated admin key) can be read by "
-                         f"other users; chmod 600 it, or remove it to generate a new key")
-    key = path.read_text().strip()
-    if not key:
-        raise SystemExit(f"ptmoe-serve serve: {path} is empty; remove it to generate a new key")
-    return key
-
-
-def _host_policy(args: argparse.Namespace, host: str | None, api_key: str | None
-                 ) -> frozenset[str] | None:
-    """Refuse unauthenticated inference on a public address unless asked for; the Host names
-    answered (None: any)."""
-    from ptmoe_serve.api.auth import is_loopback
-
-    loopback = host is not None and is_loopback(host)
-    if not loopback and api_key is None and not args.allow_unauthenticated:
-        raise SystemExit(f"ptmoe-serve serve: listening on {host or 'every address'} without "
-                         "--api-key would let anyone who reaches the port use the model; give "
-                         "--api-key (or --api-key-file, $PTMOE_API_KEY), or "
-                         "--allow-unauthenticated if a gateway in front checks callers")
-    if args.allowed_host:
-        return frozenset(name.lower() for name in args.allowed_host)
-    return frozenset() if loopback else None
+    _add_options(p, ServeOptions, ServeOptions.model_fields)
 
 
 def _vllm_args(rest: list[str]) -> argparse.Namespace:
     """vLLM's own server options, parsed by vLLM's parser, with this project's defaults: a
-    loopback bind, a 30 s drain on SIGTERM, no /docs (--no-disable-fastapi-docs turns it on). Everything else is vLLM's default, compiling
-    the model on the CPU as on a GPU (run eagerly, the engine route fell to 0.90x of vLLM's
+    loopback bind, a 30 s drain on SIGTERM, no /docs (--no-disable-fastapi-docs turns it on).
+    Everything else is vLLM's default, compiling the model on the CPU as on a GPU (run eagerly, the engine route fell to 0.90x of vLLM's
     own server on 2 CPU cores; see BENCHMARKS.md)."""
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
     from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -267,42 +101,57 @@ def fine_tune_worker(args: argparse.Namespace) -> None:
     worker.run_forever()
 
 
-def _add_spec_options(parser: argparse.ArgumentParser, model, names) -> None:
-    """Options for these fields of a spec model (train/spec.py), whose defaults, choices and
-    help are written there once."""
+def _add_options(parser: argparse.ArgumentParser, model, names) -> None:
+    """Options for these fields of a pydantic model (config.py's ServeOptions, train/spec.py's
+    models), whose defaults, bounds, choices and help are written there once."""
     from typing import Literal, get_args, get_origin
 
+    groups = {}
     for name in names:
         field = model.model_fields[name]
         kind = field.annotation
+        extra = field.json_schema_extra or {}
+        flag = "--" + name.replace("_", "-")
         options = {"help": field.description or ""}
+        if extra.get("metavar"):
+            options["metavar"] = extra["metavar"]
         if field.is_required():
             options["required"] = True
-        else:
+        elif kind is not bool and field.default is not None and not extra.get("repeatable"):
             options["default"] = field.default
             options["help"] += " (default: %(default)s)"
         if get_origin(kind) is Literal:
             options["choices"] = list(get_args(kind))
         elif kind is bool:
-            options["action"] = "store_true"
+            options["action"] = "store_false" if field.default else "store_true"
+            if field.default:
+                flag = "--no-" + flag[2:]
+                options["dest"] = name
         elif get_origin(kind) is tuple:
-            options.update(nargs="+", type=get_args(kind)[0])
+            options["type"] = get_args(kind)[0]
+            if extra.get("repeatable"):
+                options.update(action="append", default=[])
+            else:
+                options.update(nargs="+", default=field.default)
         else:  # one type, or one type or None
             options["type"] = next(t for t in (get_args(kind) or (kind,)) if t is not type(None))
-        parser.add_argument("--" + name.replace("_", "-"), **options)
+        group = extra.get("group")
+        if group is not None and group not in groups:
+            groups[group] = parser.add_argument_group(group)
+        (groups[group] if group else parser).add_argument(flag, **options)
 
 
 def _spec(model, args: argparse.Namespace, **given):
     """The spec model from the parsed options; its refusal as a usage error."""
     from pydantic import ValidationError
 
-    from ptmoe_serve.adapters.config import problems
-
     fields = {name: getattr(args, name) for name in model.model_fields if hasattr(args, name)}
     try:
         return model(**fields, **given)
     except ValidationError as e:
-        raise SystemExit(f"ptmoe-serve {args.command}: {problems(e)}") from None
+        said = "; ".join(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}"
+                         if err["loc"] else err["msg"] for err in e.errors())
+        raise SystemExit(f"ptmoe-serve {args.command}: {said}") from None
 
 
 def _init_parser(sub) -> None:
@@ -313,7 +162,7 @@ def _init_parser(sub) -> None:
     _add_model_args(p)
     p.add_argument("output", type=Path, help="adapter folder to write; its name is the adapter's")
     p.add_argument("--text", required=True, help="the task description")
-    _add_spec_options(p, AdapterShape, AdapterShape.model_fields)
+    _add_options(p, AdapterShape, AdapterShape.model_fields)
 
 
 def _train_parser(sub) -> None:
@@ -321,7 +170,7 @@ def _train_parser(sub) -> None:
 
     p = sub.add_parser("train", help="train a PT-MoE adapter on a frozen base model")
     _add_model_args(p)
-    _add_spec_options(p, TrainSettings,
+    _add_options(p, TrainSettings,
                       [name for name in TrainSettings.model_fields
                        if name not in ("model_dir", "base_name")])
 
@@ -392,12 +241,19 @@ def _routing_in_engine(location: str, model_dir: Path) -> bool:
 
 
 def serve(args: argparse.Namespace, rest: list[str]) -> None:
-    api_key, admin_api_key = _keys(args)  # before anything slow starts
+    from ptmoe_serve.api.auth import AccessSetupError, access_policy, given_keys
+    from ptmoe_serve.config import ServeOptions
+
+    options = _spec(ServeOptions, args)
+    try:
+        keys = given_keys(options)  # before anything slow starts
+    except AccessSetupError as e:
+        raise SystemExit(f"ptmoe-serve serve: {e}") from None
 
     import torch
 
     from ptmoe_serve.api.server import serve as run_server
-    from ptmoe_serve.config import EngineSettings, ServerSettings
+    from ptmoe_serve.config import CPU_KV_CACHE_GIB, EngineSettings, ServerSettings
 
     model_dir, name = _resolve_model(args.model, args.cache_dir)
     on_gpu = torch.cuda.is_available()
@@ -407,52 +263,25 @@ def serve(args: argparse.Namespace, rest: list[str]) -> None:
         # AOT, inductor's cache serves later starts (here: 2 minutes the first time, then 35 s).
         os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
     vllm_args = _vllm_args(rest)
-    allowed_hosts = _host_policy(args, vllm_args.host, api_key)
-    if admin_api_key is None:
-        key_file = args.cache_dir / "admin.key"
-        admin_api_key = _generated_admin_key(key_file)
-        if admin_api_key == api_key:
-            raise SystemExit(f"ptmoe-serve serve: {key_file} holds the API key; the admin key "
-                             "must differ")
-        logging.getLogger("ptmoe_serve").info(
-            "adapter management needs the admin key in %s (give --admin-api-key-file to choose "
-            "one)", key_file)
+    try:
+        access = access_policy(options, keys, vllm_args.host, args.cache_dir / "admin.key")
+    except AccessSetupError as e:
+        raise SystemExit(f"ptmoe-serve serve: {e}") from None
     vllm_args.model = str(model_dir)
     served_name = (vllm_args.served_model_name or [name])[0]
     vllm_args.served_model_name = [served_name]
     settings = ServerSettings(
+        options=options,
         engine=EngineSettings(
             model_dir=str(model_dir),
             served_model_name=served_name,
-            routing_in_engine=_routing_in_engine(args.routing_location, model_dir),
-            max_soft_prompt_length=args.max_soft_prompt_length,
-            kv_cache_gib=args.kv_cache_gib if args.kv_cache_gib or on_gpu else CPU_KV_CACHE_GIB,
-        ),
-        adapters_dir=args.adapters.resolve(),
-        vllm_args=vllm_args,
-        allowed_adapter_roots=tuple(p.resolve() for p in args.allow_adapter_path),
-        routing_device=args.routing_device or ("cuda" if on_gpu else "cpu"),
-        routing_kernel=args.routing_kernel,
-        api_key=api_key,
-        admin_api_key=admin_api_key,
-        allowed_hosts=allowed_hosts,
-        metrics_need_key=args.metrics_need_key,
-        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
-        max_request_bytes=int(args.max_request_mb * 1024 * 1024),
-        max_sequences=args.max_sequences_per_request,
-        max_logprobs=args.max_logprobs_per_request,
-        watch_interval=args.watch_interval,
-        store_lock_timeout=args.store_lock_timeout,
-        max_listed_adapters=args.max_listed_adapters,
-        max_resident_adapters=args.max_resident_adapters,
-        max_cpu_adapters=args.max_cpu_adapters,
-        pinned=tuple(args.pin),
-        adapter_wait_seconds=args.adapter_wait_seconds,
-        fine_tune_worker=args.fine_tune_worker,
-        fine_tune_threads=args.fine_tune_threads,
-        fine_tune_niceness=args.fine_tune_niceness,
-    )
-    run_server(settings)
+            routing_in_engine=_routing_in_engine(options.routing_location, model_dir),
+            max_soft_prompt_length=options.max_soft_prompt_length,
+            kv_cache_gib=options.kv_cache_gib or (None if on_gpu else CPU_KV_CACHE_GIB)),
+        adapters_dir=options.adapters.resolve(),
+        routing_device=options.routing_device or ("cuda" if on_gpu else "cpu"),
+        vllm_args=vllm_args)
+    run_server(settings, access)
 
 
 def init_adapter(args: argparse.Namespace) -> None:
@@ -477,6 +306,8 @@ def init_adapter(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from ptmoe_serve.config import ServeOptions
+
     parser = argparse.ArgumentParser(prog="ptmoe-serve", description="Serve PT-MoE prompt-tuned adapters over one frozen model on vLLM.")
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -492,7 +323,8 @@ def main(argv: list[str] | None = None) -> None:
     worker.add_argument("--adapters", type=Path, required=True, help="the adapter store")
     worker.add_argument("--served-model-name", default=None,
                         help="the base model's name in the server (default: its folder's)")
-    worker.add_argument("--niceness", type=int, default=10,
+    worker.add_argument("--niceness", type=int,
+                        default=ServeOptions.model_fields["fine_tune_niceness"].default,
                         help="added to this process's niceness, so that serving on the same "
                              "machine goes first (default: %(default)s)")
     worker.add_argument("--threads", type=int, default=None,

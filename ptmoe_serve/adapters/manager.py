@@ -63,15 +63,21 @@ class ResidencyLimits:
     a request for a cold adapter waits for a slot when every one is held."""
 
     capacity: int
-    host_capacity: int = 0
-    wait_seconds: float = 10.0
+    host_capacity: int
+    wait_seconds: float
+
+
+# What a manager holds without a bound (tools and tests): every adapter resident, so no
+# request waits.
+UNBOUNDED = ResidencyLimits(1 << 30, 0, 0.0)
 
 
 class AdapterManager:
     def __init__(self, registry: AdapterRegistry, store: AdapterStore,
-                 extra_roots: list[Path] = (), limits: ResidencyLimits = ResidencyLimits(1 << 30),
+                 extra_roots: list[Path] = (), limits: ResidencyLimits = UNBOUNDED,
                  on_unload: Callable[[str], None] = lambda name: None,
-                 observer: LoadObserver = LoadObserver()):
+                 observer: LoadObserver = LoadObserver(),
+                 on_resident: Callable[[AdapterEntry], None] = lambda entry: None):
         self.registry = registry
         self.store = store
         # Told of each name no longer resident (its metric series go).
@@ -82,6 +88,7 @@ class AdapterManager:
         self._changes: dict[str, int] = {}
         self.resident = ResidentSet(
             registry, self.fetch, limits.capacity, limits.host_capacity, limits.wait_seconds,
+            on_resident=on_resident,
             observer=LoadObserver(observer.loaded, self._evicted(observer.evicted)),
             change_count=self.change_count)
         # Adapters (by name) whose folder could not be loaded, and why.

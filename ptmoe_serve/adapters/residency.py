@@ -61,7 +61,7 @@ class LoadObserver:
 
 class ResidentSet:
     def __init__(self, registry: AdapterRegistry, fetch: Callable[[str], Awaitable[Fetched]],
-                 capacity: int, host_capacity: int = 0, wait_seconds: float = 10.0,
+                 capacity: int, host_capacity: int, wait_seconds: float,
                  max_waiting: int | None = None,
                  on_resident: Callable[[AdapterEntry], None] = lambda entry: None,
                  observer: LoadObserver = LoadObserver(),

@@ -41,7 +41,7 @@ async def _in_store(request: Request, work, *args):
 @router.post("")
 async def upload_file(request: Request) -> dict:
     services = request.app.state.services
-    form = await read_upload_form(request, services.settings.max_upload_bytes)
+    form = await read_upload_form(request, services.settings.options.max_upload_bytes)
     part, purpose = form.get("file"), form.get("purpose")
     if not isinstance(part, UploadFile):
         raise RequestError(400, "the upload must hold the file as the multipart field 'file'",

@@ -101,7 +101,7 @@ async def load_adapter(body: protocol.LoadAdapterRequest, request: Request) -> p
 @router.put("/{name}", response_model_exclude_none=True)
 async def upload_adapter(name: str, request: Request) -> protocol.AdapterInfo:
     services = request.app.state.services
-    files = await _read_upload(request, services.settings.max_upload_bytes)
+    files = await _read_upload(request, services.settings.options.max_upload_bytes)
     started = time.perf_counter()
     with _adapter_errors(name):
         entry = await services.manager.upload(name, files[CONFIG_FILE], files[WEIGHTS_FILE])

@@ -21,10 +21,10 @@ class RequestLimits:
     max_model_len: int
     vocab_size: int
     # Sequences one request may ask for: prompts x n.
-    max_sequences: int = 256
+    max_sequences: int
     # Logprob entries one engine request may return: sequences x tokens x (logprobs + 1),
     # generated and prompt tokens both (each entry is a few Python objects in this process).
-    max_logprobs: int = 1_000_000
+    max_logprobs: int
 
     def check_prompts(self, prompts: int, n: int) -> None:
         if prompts * n > self.max_sequences:

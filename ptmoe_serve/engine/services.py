@@ -27,9 +27,9 @@ from ptmoe_serve.engine.client import AdapterEngineClient
 from ptmoe_serve.engine.engine import Engine
 from ptmoe_serve.engine.limits import RequestLimits
 from ptmoe_serve.engine.lora_stats import track_adapter_requests
-from ptmoe_serve.engine.route import EngineRoute
+from ptmoe_serve.engine.engine_route import EngineRoute
 from ptmoe_serve.metrics import Metrics
-from ptmoe_serve.routing.batcher import SoftPromptBatcher
+from ptmoe_serve.routing.api_route import ApiRoute
 from ptmoe_serve.routing.route import Route
 from ptmoe_serve.train.supervisor import WorkerSupervisor
 
@@ -55,7 +55,8 @@ class Services:
     metrics: Metrics
     limits: RequestLimits
     started_at: int
-    # What runs beside the requests: the store's watcher, the api route's routing steps.
+    # What runs beside the requests: the route's own work (the api route's routing steps),
+    # the store's watcher.
     tasks: list[asyncio.Task]
     fine_tune_worker: WorkerSupervisor | None = None
 
@@ -70,12 +71,13 @@ class Services:
 def fine_tune_worker_command(settings: ServerSettings) -> list[str]:
     """The fine-tuning worker, a process of its own beside the server's (never in the API
     process or vLLM's engine), over the same store; it stops when the server does."""
-    threads = [] if settings.fine_tune_threads is None else [
-        "--threads", str(settings.fine_tune_threads)]
+    options = settings.options
+    threads = [] if options.fine_tune_threads is None else [
+        "--threads", str(options.fine_tune_threads)]
     return [sys.executable, "-m", "ptmoe_serve.cli", "fine-tune-worker",
             "--adapters", str(settings.adapters_dir), "--model", settings.engine.model_dir,
             "--served-model-name", settings.engine.served_model_name,
-            "--niceness", str(settings.fine_tune_niceness), "--parent-pid", str(os.getpid()),
+            "--niceness", str(options.fine_tune_niceness), "--parent-pid", str(os.getpid()),
             *threads]
 
 
@@ -97,61 +99,62 @@ def bank_budget(settings: ServerSettings) -> int:
 async def start_services(settings: ServerSettings, llm: AsyncLLM,
                          metrics_registry: CollectorRegistry) -> Services:
     started = time.time()
+    options = settings.options
     engine = Engine(llm)
     model_dir = Path(settings.engine.model_dir)
     in_engine = settings.engine.routing_in_engine
     # On the engine route the adapters' tensors live in the workers; here the banks only
     # keep the slots (meta tensors take no memory).
     device = torch.device("meta" if in_engine else settings.routing_device)
-    registry = AdapterRegistry(
-        engine.hidden_size, engine.max_model_len, device,
-        reserved_names={settings.engine.served_model_name, *CONTENT_PART_NAMES},
-        max_prompt_length=settings.engine.max_soft_prompt_length if in_engine else None)
-    capacity = settings.max_resident_adapters or default_capacity(engine.hidden_size,
+    capacity = options.max_resident_adapters or default_capacity(engine.hidden_size,
                                                                   bank_budget(settings))
-    limits = ResidencyLimits(capacity, capacity if settings.max_cpu_adapters is None
-                             else settings.max_cpu_adapters, settings.adapter_wait_seconds)
+    limits = ResidencyLimits(capacity, capacity if options.max_cpu_adapters is None
+                             else options.max_cpu_adapters, options.adapter_wait_seconds)
     metrics = Metrics(metrics_registry, lambda: len(registry), lambda: len(manager.catalog),
                       lambda: engine.num_unfinished_requests, lambda: registry.bank_bytes)
     metrics.server.info({"model": settings.engine.served_model_name,
                          "routing": "engine" if in_engine else "api",
                          "max_resident_adapters": str(capacity)})
-    store = AdapterStore(settings.adapters_dir, settings.store_lock_timeout)
-    manager = AdapterManager(registry, store, list(settings.allowed_adapter_roots), limits,
-                             on_unload=metrics.forget, observer=metrics.residency_observer())
-    metrics.watch_residency(manager.resident, metrics_registry)
-    metrics.watch_store(lambda: store.writable, metrics_registry)
-    tasks = []
     route: Route
     if in_engine:
         route = EngineRoute(engine, model_dir)
-        manager.resident.on_resident = route.preload
-        registry.on_bank_dropped = route.drop_bank
     else:
-        fused = {"auto": None, "triton": True, "torch": False}[settings.routing_kernel]
-        route = SoftPromptBatcher(load_input_embeddings(model_dir), engine.dtype, device,
-                                  on_step=metrics.observe_routing_step, fused=fused)
-        tasks.append(asyncio.create_task(route.run()))
+        fused = {"auto": None, "triton": True, "torch": False}[options.routing_kernel]
+        route = ApiRoute(load_input_embeddings(model_dir), engine.dtype, device,
+                         on_step=metrics.observe_routing_step, fused=fused)
+    registry = AdapterRegistry(
+        engine.hidden_size, engine.max_model_len, device,
+        reserved_names={settings.engine.served_model_name, *CONTENT_PART_NAMES},
+        max_prompt_length=settings.engine.max_soft_prompt_length if in_engine else None,
+        on_bank_dropped=route.drop_bank)
+    store = AdapterStore(settings.adapters_dir, options.store_lock_timeout)
+    manager = AdapterManager(registry, store, list(options.allow_adapter_path), limits,
+                             on_unload=metrics.forget, observer=metrics.residency_observer(),
+                             on_resident=route.preload)
+    metrics.watch_residency(manager.resident, metrics_registry)
+    metrics.watch_store(lambda: store.writable, metrics_registry)
+    tasks = [asyncio.create_task(route.run())]
     manager.start()
-    for name in settings.pinned:
+    for name in options.pin:
         try:
             await manager.resident.pin(name)
         except Exception as e:
             raise RuntimeError(f"--pin {name}: {'not in the store' if isinstance(e, KeyError) else e}"
                                ) from None
     request_limits = RequestLimits(engine.max_model_len, engine.vocab_size,
-                                   settings.max_sequences, settings.max_logprobs)
+                                   options.max_sequences_per_request,
+                                   options.max_logprobs_per_request)
     client = AdapterEngineClient(llm, registry, manager.catalog, route, metrics,
                                  settings.engine.served_model_name,
                                  routes_prompt_logprobs=in_engine, limits=request_limits)
     track_adapter_requests(llm, client.request_names, capacity, metrics_registry)
-    if settings.watch_interval > 0:
-        tasks.append(asyncio.create_task(manager.watch(settings.watch_interval)))
+    if options.watch_interval > 0:
+        tasks.append(asyncio.create_task(manager.watch(options.watch_interval)))
     services = Services(settings, engine, registry, manager, route, client, metrics,
                         request_limits, int(started), tasks)
-    if settings.fine_tune_worker and store.read_only:
+    if options.fine_tune_worker and store.read_only:
         logger.info("no fine-tuning worker: the adapter store is read-only")
-    elif settings.fine_tune_worker:
+    elif options.fine_tune_worker:
         services.fine_tune_worker = WorkerSupervisor(
             fine_tune_worker_command(settings), on_restart=metrics.fine_tune_worker_restarts.inc)
         services.fine_tune_worker.start()

@@ -1,18 +1,19 @@
 """What a route is: how a request for an adapter reaches vLLM's engine with its soft prompt.
 
-Two routes implement it. The engine route (engine/route.py) sends the prompt's token ids with a
-routing key, and vLLM's workers run the routing step beside their copy of the banks; the api
-route (routing/batcher.py) runs the routing step in this process and hands vLLM prompt
+Two routes implement it. The engine route (engine/engine_route.py) sends the prompt's token ids
+with a routing key, and vLLM's workers run the routing step beside their copy of the banks; the
+api route (routing/api_route.py) runs the routing step in this process and hands vLLM prompt
 embeddings. The engine client (engine/client.py) resolves a request once, into a
 `RoutedRequest`, and holds its adapter's slot while the route and the engine read it."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
+from ptmoe_serve.adapters.bank import BankShape
 from ptmoe_serve.adapters.registry import AdapterEntry
 from ptmoe_serve.routing.reference import gate_reference
 
@@ -39,12 +40,25 @@ class ExpertRouting:
         return ExpertRouting(weights.tolist(), probabilities.tolist())
 
 
-class Route(Protocol):
+class Route(ABC):
+    """How a request for an adapter reaches vLLM's engine with its soft prompt, and what the
+    route does beside the requests, over the server's life."""
+
+    @abstractmethod
     async def engine_prompt(self, request: RoutedRequest) -> dict:
         """The prompt vLLM's engine takes for this request (its token ids and routing key, or
         its prompt embeddings)."""
-        ...
 
+    @abstractmethod
     def routing(self, entry: AdapterEntry, token_ids: list[int]) -> ExpertRouting:
         """The routing these prompt tokens get under this adapter (its router alone)."""
-        ...
+
+    async def run(self) -> None:
+        """The route's own work beside the requests, until cancelled (none by default)."""
+
+    def preload(self, entry: AdapterEntry) -> None:
+        """An adapter was just placed in the banks (the residency's `on_resident`)."""
+
+    def drop_bank(self, shape: BankShape) -> None:
+        """A shape's bank was freed: its last adapter went (the registry's
+        `on_bank_dropped`)."""

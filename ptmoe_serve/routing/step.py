@@ -1,5 +1,5 @@
 """The routing step: the soft prompts of a batch of requests, each naming its adapter by bank
-and slot. Both routes call it, the api route's batcher in the API process and the engine
+and slot. Both routes call it, the api route in the API process and the engine
 route's model in vLLM's workers, so the two compute a step the same way.
 
 Per adapter shape, one batched routing over the requests' slots: the fused Triton kernels

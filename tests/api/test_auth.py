@@ -106,29 +106,28 @@ def test_start_up_refuses_keys_that_would_weaken_access(key_files, argv, env, me
 
 
 def test_keys_are_read_from_files_without_their_newline(key_files):
-    from argparse import Namespace
-
-    from ptmoe_serve.cli import _keys
+    from ptmoe_serve.api.auth import given_keys
+    from ptmoe_serve.config import ServeOptions
 
     (key_files / "admin.key").write_text("admin-key\n")
-    args = Namespace(api_key=None, api_key_file=key_files / "api.key", admin_api_key=None,
-                     admin_api_key_file=key_files / "admin.key")
-    assert _keys(args) == ("user-key", "admin-key")
-    assert _keys(Namespace(api_key=None, api_key_file=None, admin_api_key=None,
-                           admin_api_key_file=None)) == (None, None)
+    options = ServeOptions(api_key_file=key_files / "api.key",
+                           admin_api_key_file=key_files / "admin.key")
+    assert given_keys(options, environ={}) == ("user-key", "admin-key")
+    assert given_keys(ServeOptions(), environ={}) == (None, None)
+    assert given_keys(ServeOptions(), environ={"PTMOE_API_KEY": "k"}) == ("k", None)
 
 
 def test_the_generated_admin_key_is_private_and_kept(tmp_path):
-    from ptmoe_serve.cli import _generated_admin_key
+    from ptmoe_serve.api.auth import AccessSetupError, generated_admin_key
 
     path = tmp_path / "cache" / "admin.key"
-    key = _generated_admin_key(path)
+    key = generated_admin_key(path)
     assert len(key) >= 32 and path.stat().st_mode & 0o777 == 0o600
-    assert _generated_admin_key(path) == key  # later starts keep it: scripts keep working
+    assert generated_admin_key(path) == key  # later starts keep it: scripts keep working
     assert list(path.parent.iterdir()) == [path]
     path.chmod(0o644)
-    with pytest.raises(SystemExit, match="chmod 600"):
-        _generated_admin_key(path)
+    with pytest.raises(AccessSetupError, match="chmod 600"):
+        generated_admin_key(path)
 
 
 def test_a_public_address_without_an_api_key_is_refused_unless_asked_for():

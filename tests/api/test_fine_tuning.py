@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -139,13 +140,16 @@ def test_a_job_survives_a_crashed_server_and_its_model_answers_far_better(deploy
     assert_in_store(client, done.fine_tuned_model)
 
     def exact_matches(model: str) -> float:
-        right = 0.0
-        for record in held_out[16:]:
+        def score(record) -> float:
             answer = client.chat.completions.create(
                 model=model, messages=record["messages"][:-1], max_tokens=12, temperature=0)
-            right += exact_match(answer.choices[0].message.content,
-                                 record["messages"][-1]["content"])
-        return right / len(held_out[16:])
+            return exact_match(answer.choices[0].message.content,
+                               record["messages"][-1]["content"])
+
+        # Sent together, as an evaluation harness does, so that the engine batches them (a
+        # minute and a half less than one at a time here).
+        with ThreadPoolExecutor(16) as pool:
+            return sum(pool.map(score, held_out[16:])) / len(held_out[16:])
 
     tuned, base = exact_matches(done.fine_tuned_model), exact_matches(BASE)
     # Seen: 0.79 to 0.9 tuned, near 0 base, over 24 items on two kinds of CPU.

@@ -11,7 +11,7 @@ from helpers import random_adapter
 from ptmoe_serve.adapters.bank import AdapterBank, BankShape
 from ptmoe_serve.adapters.registry import AdapterRegistry
 from ptmoe_serve.routing.reference import route_reference
-from ptmoe_serve.routing.batcher import SoftPromptBatcher
+from ptmoe_serve.routing.api_route import ApiRoute
 from ptmoe_serve.routing.route import RoutedRequest
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -75,12 +75,12 @@ def test_the_serving_step_gives_the_same_prompts_fused_or_not(kernel):
     requests = [(entries[i % 3], list(range(5 * i, 5 * i + 3 + i))) for i in range(7)]
 
     async def build(fused: bool):
-        batcher = SoftPromptBatcher(table, torch.float32, DEVICE, fused=fused)
-        task = asyncio.create_task(batcher.run())
+        route = ApiRoute(table, torch.float32, DEVICE, fused=fused)
+        task = asyncio.create_task(route.run())
         try:
             # Some prompts routed on their leading tokens only.
             return await asyncio.gather(*(
-                batcher.engine_prompt(RoutedRequest(e, ids, len(ids) - i % 2))
+                route.engine_prompt(RoutedRequest(e, ids, len(ids) - i % 2))
                 for i, (e, ids) in enumerate(requests)))
         finally:
             task.cancel()
@@ -90,4 +90,4 @@ def test_the_serving_step_gives_the_same_prompts_fused_or_not(kernel):
 
 
 def test_without_cuda_the_batched_torch_version_is_chosen():
-    assert SoftPromptBatcher(torch.zeros(4, 16), torch.float32, torch.device("cpu")).fused is False
+    assert ApiRoute(torch.zeros(4, 16), torch.float32, torch.device("cpu")).fused is False

@@ -1,5 +1,6 @@
-"""The api route (a `Route`, route.py): requests that arrive together get their prompt
-embeddings, [soft prompt; token embeddings], from one routing step (step.py) in this process.
+"""The api route (`--routing-location api`): requests that arrive together get their prompt
+embeddings, [soft prompt; token embeddings], from one routing step (step.py) in this process,
+and vLLM takes them as `prompt_embeds`.
 
 Each request awaits `engine_prompt`; a background task (`run`) takes everything queued since its
 last step and computes it at once: one embedding gather over all tokens and one routing step
@@ -16,7 +17,7 @@ from typing import Callable
 import torch
 
 from ptmoe_serve.adapters.registry import AdapterEntry
-from ptmoe_serve.routing.route import ExpertRouting, RoutedRequest
+from ptmoe_serve.routing.route import ExpertRouting, Route, RoutedRequest
 from ptmoe_serve.routing.step import route_step
 
 
@@ -26,7 +27,7 @@ class _Pending:
     future: asyncio.Future  # its prompt embeddings [T + L, H], model dtype, on the CPU
 
 
-class SoftPromptBatcher:
+class ApiRoute(Route):
     def __init__(
         self,
         embedding_table: torch.Tensor,

@@ -1,4 +1,4 @@
-"""The engine route (a `Route`, routing/route.py), seen from this process: a request with an
+"""The engine route (`--routing-location engine`), seen from this process: a request with an
 adapter goes to the engine as its token ids and a routing key, and the engine's workers compute
 the soft prompts of each step (vllm_model.py). Each adapter version is written into the
 workers' banks once, when it becomes resident (a request that comes first waits for it); the
@@ -20,7 +20,7 @@ from ptmoe_serve.engine.vllm_model import MODALITY, AdapterRef, pack_adapters
 from ptmoe_serve.adapters.bank import BankShape
 from ptmoe_serve.adapters.registry import AdapterEntry
 from ptmoe_serve.base_model import load_input_embeddings
-from ptmoe_serve.routing.route import ExpertRouting, RoutedRequest
+from ptmoe_serve.routing.route import ExpertRouting, Route, RoutedRequest
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def _log_failure(future: asyncio.Future) -> None:
         logger.error("freeing an adapter bank in the engine failed: %s", future.exception())
 
 
-class EngineRoute:
+class EngineRoute(Route):
     def __init__(self, engine: Engine, model_dir: Path):
         self.engine = engine
         self.model_dir = model_dir

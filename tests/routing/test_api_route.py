@@ -6,7 +6,7 @@ from helpers import random_adapter
 from ptmoe_serve.adapters.registry import AdapterRegistry
 from ptmoe_serve.routing.reference import route_reference
 from ptmoe_serve.base_model import load_input_embeddings
-from ptmoe_serve.routing.batcher import SoftPromptBatcher
+from ptmoe_serve.routing.api_route import ApiRoute
 from ptmoe_serve.routing.route import RoutedRequest
 
 VOCAB, HIDDEN = 50, 16
@@ -17,19 +17,19 @@ def routed(entry, ids, route_tokens=None) -> RoutedRequest:
     return RoutedRequest(entry, ids, route_tokens or len(ids))
 
 
-async def embeds(batcher, request: RoutedRequest) -> torch.Tensor:
-    return (await batcher.engine_prompt(request))["prompt_embeds"]
+async def embeds(route, request: RoutedRequest) -> torch.Tensor:
+    return (await route.engine_prompt(request))["prompt_embeds"]
 
 
-def build_all(batcher_args, requests):
+def build_all(route_args, requests):
     """Submit all requests at once; return the results and the sizes of the steps taken."""
     steps = []
 
     async def run():
-        batcher = SoftPromptBatcher(*batcher_args, on_step=lambda n, s: steps.append(n))
-        task = asyncio.create_task(batcher.run())
+        route = ApiRoute(*route_args, on_step=lambda n, s: steps.append(n))
+        task = asyncio.create_task(route.run())
         try:
-            return await asyncio.gather(*(embeds(batcher, routed(e, ids)) for e, ids in requests))
+            return await asyncio.gather(*(embeds(route, routed(e, ids)) for e, ids in requests))
         finally:
             task.cancel()
 
@@ -68,13 +68,13 @@ def test_the_router_reads_only_the_routed_tokens_and_routing_shows_its_weights()
     question, options = [3, 9, 4, 1], [[7, 7, 2], [11]]
 
     async def run():
-        batcher = SoftPromptBatcher(table, torch.float32, CPU)
-        task = asyncio.create_task(batcher.run())
+        route = ApiRoute(table, torch.float32, CPU)
+        task = asyncio.create_task(route.run())
         try:
-            built = await asyncio.gather(*(embeds(batcher, routed(entry, question + o,
+            built = await asyncio.gather(*(embeds(route, routed(entry, question + o,
                                                                   len(question)))
                                            for o in options))
-            return built, batcher.routing(entry, question)
+            return built, route.routing(entry, question)
         finally:
             task.cancel()
 
@@ -104,10 +104,10 @@ def test_unloading_while_queued_still_serves_the_queued_request():
     entry = reg.add("a", adapter, version=1)
 
     async def run():
-        batcher = SoftPromptBatcher(table, torch.float32, CPU)
-        task = asyncio.create_task(batcher.run())
+        route = ApiRoute(table, torch.float32, CPU)
+        task = asyncio.create_task(route.run())
         reg.acquire(entry)
-        pending = asyncio.ensure_future(embeds(batcher, routed(entry, [4, 5])))
+        pending = asyncio.ensure_future(embeds(route, routed(entry, [4, 5])))
         await asyncio.sleep(0)  # queued, step not run yet
         reg.remove("a")
         reg.add("b", random_adapter(seed=8), version=1)  # must not take the queued slot
@@ -139,11 +139,11 @@ def test_a_request_that_fails_its_step_fails_alone():
     good = [[1, 2, 3], [4, 5], [6]]
 
     async def run():
-        batcher = SoftPromptBatcher(table, torch.float32, CPU)
-        task = asyncio.create_task(batcher.run())
+        route = ApiRoute(table, torch.float32, CPU)
+        task = asyncio.create_task(route.run())
         try:
             return await asyncio.gather(
-                *(embeds(batcher, routed(entry, ids)) for ids in [good[0], [VOCAB + 7], *good[1:]]),
+                *(embeds(route, routed(entry, ids)) for ids in [good[0], [VOCAB + 7], *good[1:]]),
                 return_exceptions=True)
         finally:
             task.cancel()
