@@ -100,7 +100,8 @@ def measure(count: int, work: Path) -> dict:
     asyncio.run(follower.sync_store())
     settled = [timed_look(follower) for _ in range(IDLE_LOOKS)]
     started = time.perf_counter()
-    scan = [folder_stamp(folder) for folder in follower.store.folders().values()]
+    scan = [folder_stamp(folder) for folder in follower.store.root.iterdir()
+            if folder.is_dir() and not folder.name.startswith(".")]
     scan_ms = 1000 * (time.perf_counter() - started)
     return {"adapters": count, "folders_stamped": len(scan), "start_seconds": start_seconds,
             "idle_look_ms": {"p50": statistics.median(idle), "max": max(idle)},

@@ -58,7 +58,6 @@ def measure(hidden: int, resident: int, batch: int, prompt_tokens: int, device: 
     registry = AdapterRegistry(hidden, 1 << 20, device)
     # Up to 64 distinct adapters, repeated to fill the bank: the bank's rows are what count.
     adapters = [random_adapter(hidden, 40, 2, 36, g, device) for _ in range(min(resident, 64))]
-    registry.reserve(adapters[i % len(adapters)].config for i in range(resident))
     entries = [registry.add(f"a{i}", adapters[i % len(adapters)], version=1) for i in range(resident)]
     bank = entries[0].bank
     table = torch.randn(VOCAB, hidden, generator=g).to(device)

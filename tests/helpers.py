@@ -94,6 +94,21 @@ def reference_greedy(hf_model, adapter_dir: Path | None, ids: list[int], max_tok
     return _GREEDY[key]
 
 
+@torch.inference_mode()
+def reference_prompt_logprobs(hf_model, adapter_dir: Path | None, ids: list[int]) -> list[float]:
+    """log p(prompt token j | soft prompt, tokens before j), for every j the model scores:
+    all of them under a soft prompt, all but the first for the bare model (`adapter_dir`
+    None)."""
+    embeds = hf_model.get_input_embeddings()(torch.tensor(ids))
+    soft = 0
+    if adapter_dir is not None:
+        prompt = reference_soft_prompt(adapter_dir, embeds)
+        embeds, soft = torch.cat([prompt, embeds]), len(prompt)
+    logprobs = torch.log_softmax(hf_model(inputs_embeds=embeds[None]).logits[0].double(), -1)
+    first = 0 if soft else 1
+    return [logprobs[soft + j - 1, ids[j]].item() for j in range(first, len(ids))]
+
+
 # Store folders as a hostile or careless user leaves them: name -> words of the reason each
 # is skipped with.
 HOSTILE = {"huge-rank": "rank", "null-shape": "has shape None", "deep-json": "not valid JSON",

@@ -4,10 +4,9 @@ computed by the test's own reference of the paper's routing, straight from the a
 
 import httpx
 import pytest
-import torch
 
 from conftest import BASE, E2E_ADAPTERS, SHIPPED
-from helpers import reference_greedy, reference_soft_prompt, stop_later
+from helpers import reference_greedy, reference_prompt_logprobs, stop_later
 
 MAX_TOKENS = 20
 PROMPTS = ["The capital of France is", "def fibonacci(n):",
@@ -61,28 +60,14 @@ def test_chat_equals_transformers(routed_server, hf_model, tokenizer, adapters_d
         assert body["choices"][0]["token_ids"] == expected, (model, question)
 
 
-@torch.inference_mode()
-def transformers_prompt_logprobs(hf_model, adapters_dir, model: str, ids: list[int]
-                                 ) -> list[float]:
-    """log p(prompt token j | soft prompt, tokens before j), for every j the model scores:
-    all of them under a soft prompt, all but the first for the bare model."""
-    embeds = hf_model.get_input_embeddings()(torch.tensor(ids))
-    soft = 0
-    if model != BASE:
-        prompt = reference_soft_prompt(adapters_dir / model, embeds)
-        embeds, soft = torch.cat([prompt, embeds]), len(prompt)
-    logprobs = torch.log_softmax(hf_model(inputs_embeds=embeds[None]).logits[0].double(), -1)
-    first = 0 if soft else 1
-    return [logprobs[soft + j - 1, ids[j]].item() for j in range(first, len(ids))]
-
-
 @pytest.mark.parametrize("model", ["top1", "dense", "arithmetic", BASE])
 def test_echo_logprobs_and_prompt_logprobs_equal_transformers(server, hf_model, tokenizer,
                                                               adapters_dir, model):
     """What lm-eval's log-likelihood tasks read (echo + logprobs) and vLLM's prompt_logprobs,
     with the T soft-prompt positions stripped: position j scores prompt token j."""
     ids = tokenizer.encode(PROMPTS[2])
-    expected = transformers_prompt_logprobs(hf_model, adapters_dir, model, ids)
+    expected = reference_prompt_logprobs(hf_model, None if model == BASE else adapters_dir / model,
+                                         ids)
     response = httpx.post(f"{server.url}/v1/completions", timeout=300, json={
         "model": model, "prompt": ids, "max_tokens": 1, "temperature": 0, "echo": True,
         "logprobs": 1, "prompt_logprobs": 0})

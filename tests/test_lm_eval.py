@@ -11,7 +11,7 @@ import pytest
 
 from conftest import BASE
 from ptmoe_serve.train.evaluate import evaluate_models
-from ptmoe_serve.train.tasks import extractive_qa_choice, generate
+from ptmoe_serve.train.tasks import generate, passage_facts
 
 # lm-eval reads its data sets through Hugging Face datasets: local files only here.
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -46,6 +46,16 @@ target_delimiter: ""
 metric_list:
   - {{metric: acc, aggregation: mean, higher_is_better: true}}
 """
+
+
+def extractive_qa_choice(rng: random.Random, split: str) -> dict:
+    """The extractive QA task as a multiple-choice question: the choices are the passage's
+    answers to all its questions, so only the question tells which span is right (scored by
+    the log-likelihood of each choice after the prompt)."""
+    passage, facts = passage_facts(rng, split)
+    index = rng.randrange(len(facts))
+    return {"prompt": f"Passage: {passage}\nQuestion: {facts[index][0]}\nAnswer:",
+            "choices": [f" {answer}" for _, answer in facts], "answer": index}
 
 
 @pytest.fixture(scope="module")

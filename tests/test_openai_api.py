@@ -11,6 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import API_ROUTE_QUEUE_LIMIT, BASE, E2E_ADAPTERS, SHIPPED, admin_headers
+from helpers import reference_greedy, reference_prompt_logprobs
 
 PROMPT = "Once upon a time, there was a little"
 
@@ -403,42 +404,67 @@ def test_health(server):
 
 # -- what vLLM's serving layer brings to adapters ---------------------------------------------
 
-def test_json_schema_response_format(client):
+def assert_shaped_by(hf_model, adapters_dir, model: str, prompt: list[int],
+                     prompt_logprobs: list[dict | None]) -> None:
+    """The request ran under the adapter's soft prompt: its prompt logprobs are transformers'
+    on [P; prompt]. (A constrained generation's own logprobs are of the constrained
+    distribution, which transformers cannot give without the grammar.)"""
+    served = [None if lp is None else lp[str(t)]["logprob"]
+              for t, lp in zip(prompt, prompt_logprobs)]
+    expected = reference_prompt_logprobs(hf_model, adapters_dir / model, prompt)
+    assert served == pytest.approx(expected, abs=2e-3), model
+
+
+def chat_with_prompt_logprobs(client, **request) -> tuple[dict, list[int], list]:
+    """A greedy chat completion, its prompt's token ids and their logprobs."""
+    body = client.chat.completions.create(
+        temperature=0, extra_body={"return_token_ids": True, "prompt_logprobs": 0},
+        **request).model_dump()
+    return body["choices"][0], body["prompt_token_ids"], body["prompt_logprobs"]
+
+
+def test_json_schema_response_format(client, hf_model, adapters_dir):
     schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
               "required": ["city"], "additionalProperties": False}
-    chat = client.chat.completions.create(
-        model="contact-card", max_tokens=40, temperature=0,
+    choice, prompt, prompt_logprobs = chat_with_prompt_logprobs(
+        client, model="contact-card", max_tokens=40,
         messages=[{"role": "user", "content": "Name a city in France."}],
         response_format={"type": "json_schema",
                          "json_schema": {"name": "city", "schema": schema}})
-    answer = json.loads(chat.choices[0].message.content)
+    answer = json.loads(choice["message"]["content"])
     assert set(answer) == {"city"} and isinstance(answer["city"], str)
+    assert_shaped_by(hf_model, adapters_dir, "contact-card", prompt, prompt_logprobs)
 
 
-def test_structured_outputs_choice(client):
+def test_structured_outputs_choice(client, tokenizer, hf_model, adapters_dir):
     choices = ["red", "green", "blue"]
+    prompt = "My favourite colour is"
     for model in ("dense", "french"):
-        result = client.completions.create(model=model, prompt="My favourite colour is",
-                                           max_tokens=5, temperature=0,
-                                           extra_body={"structured_outputs": {"choice": choices}})
-        assert result.choices[0].text in choices
+        result = client.completions.create(
+            model=model, prompt=prompt, max_tokens=5, temperature=0,
+            extra_body={"structured_outputs": {"choice": choices}, "prompt_logprobs": 0})
+        choice = result.choices[0].model_dump()
+        assert choice["text"] in choices
+        assert_shaped_by(hf_model, adapters_dir, model, tokenizer.encode(prompt),
+                         choice["prompt_logprobs"])
 
 
-def test_named_tool_choice_returns_that_tool_call(client):
+def test_named_tool_choice_returns_that_tool_call(client, hf_model, adapters_dir):
     tool = {"type": "function", "function": {
         "name": "get_weather", "description": "The weather in a city",
         "parameters": {"type": "object",
                        "properties": {"city": {"type": "string", "maxLength": 20}},
                        "required": ["city"], "additionalProperties": False}}}
-    chat = client.chat.completions.create(
-        model="top1", max_tokens=60, temperature=0, tools=[tool],
+    choice, prompt, prompt_logprobs = chat_with_prompt_logprobs(
+        client, model="top1", max_tokens=60, tools=[tool],
         tool_choice={"type": "function", "function": {"name": "get_weather"}},
         messages=[{"role": "user", "content": "What is the weather in Paris?"}])
-    assert chat.choices[0].message.tool_calls, chat.choices[0]
-    (call,) = chat.choices[0].message.tool_calls
-    assert call.function.name == "get_weather"
+    assert choice["message"]["tool_calls"], choice
+    (call,) = choice["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_weather"
     # vLLM's hermes parser holds the arguments to JSON, not to the tool's schema.
-    json.loads(call.function.arguments)
+    json.loads(call["function"]["arguments"])
+    assert_shaped_by(hf_model, adapters_dir, "top1", prompt, prompt_logprobs)
 
 
 def test_logit_bias_takes_effect(client, tokenizer):
@@ -457,7 +483,13 @@ def test_tokenize_and_detokenize(server, tokenizer):
     assert text.json()["prompt"] == PROMPT
 
 
-def test_responses_api_answers_with_an_adapter(client):
+def test_responses_api_answers_with_an_adapter(client, tokenizer, hf_model, adapters_dir):
+    """The Responses API renders its input as chat does: the adapter's greedy answer is
+    transformers' on [P; that prompt]."""
     response = client.responses.create(model="french", input="Say hello.", max_output_tokens=12,
                                        temperature=0)
-    assert response.model == "french" and response.output_text
+    assert response.model == "french"
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Say hello."}],
+                                           add_generation_prompt=True, tokenize=True)["input_ids"]
+    expected = reference_greedy(hf_model, adapters_dir / "french", prompt, 12)
+    assert response.output_text == tokenizer.decode(expected, skip_special_tokens=True)

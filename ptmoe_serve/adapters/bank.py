@@ -1,7 +1,6 @@
 """Adapter banks: all resident adapters of one shape (experts, prompt length, rank) as a few
 stacked float32 tensors with a slot per adapter, so a routing step gathers its rows in one
-indexing op (routing/step.py). A new shape starts with one slot; a bank grows by doubling, or
-once to a size given for a bulk load."""
+indexing op (routing/step.py). A new shape starts with one slot; a bank grows by doubling."""
 
 from __future__ import annotations
 
@@ -76,12 +75,6 @@ class AdapterBank:
             self._tensors[key][:old_capacity] = tensor
         # Highest first, so `put` pops the lowest free slot.
         self._free.extend(range(capacity - 1, old_capacity - 1, -1))
-
-    def reserve(self, count: int) -> None:
-        """Make room for `count` more adapters in one allocation (a bulk load then never
-        copies the bank, and takes no more memory than it needs)."""
-        if len(self._free) < count:
-            self._grow(self.capacity + count - len(self._free))
 
     def put(self, adapter: PtMoeAdapter) -> int:
         """Write the adapter into a free slot and return the slot."""

@@ -7,7 +7,6 @@ then shapes, dtypes and finiteness. Pickle-based files are never opened."""
 from __future__ import annotations
 
 import json
-import os
 import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -186,20 +185,6 @@ def read_config(folder: Path,
     config = parse_config(_read_limited(config_path, MAX_CONFIG_BYTES))
     check_config(config)
     return config
-
-
-def check_weights_file(folder: Path, config: AdapterConfig) -> None:
-    """`check_header` on the folder's weights file, reading only its header: what a bulk
-    load checks of every adapter before it reserves bank memory for them all."""
-    path = folder / WEIGHTS_FILE
-    with path.open("rb") as file:
-        size = os.fstat(file.fileno()).st_size
-        if size > MAX_WEIGHTS_BYTES:
-            raise AdapterError(f"{WEIGHTS_FILE} is {size} bytes; the limit is {MAX_WEIGHTS_BYTES}")
-        start = file.read(8)
-        length = struct.unpack("<Q", start)[0] if len(start) == 8 else 0
-        header, _ = _read_header(start + file.read(min(length, MAX_HEADER_BYTES)))
-    check_header(header, size - 8 - length, config)
 
 
 def read_weights(folder: Path, config: AdapterConfig) -> PtMoeAdapter:

@@ -6,8 +6,8 @@ or evicting an adapter never changes a request already accepted."""
 from __future__ import annotations
 
 import time
-from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +59,30 @@ class AdapterEntry:
             "loaded_at": int(self.loaded_at),
             "requests_served": self.requests_served,
         }
+
+
+class Hold:
+    """A request's one hold on its adapter's entry, which keeps its slot from eviction and
+    reuse: taken once (`AdapterRegistry.hold`, `ResidentSet.hold`), shared by what the request
+    starts (`join`), and released when the last holder leaves (a response generated in the
+    background outlives its HTTP request)."""
+
+    def __init__(self, entry: AdapterEntry, release: Callable[[AdapterEntry], None]):
+        self.entry = entry
+        self._release = release
+        self._holders = 1
+
+    def join(self) -> bool:
+        """One more holder; False if the hold has been released (take a new one)."""
+        if self._holders == 0:
+            return False
+        self._holders += 1
+        return True
+
+    def leave(self) -> None:
+        self._holders -= 1
+        if self._holders == 0:
+            self._release(self.entry)
 
 
 class AdapterRegistry:
@@ -134,12 +158,6 @@ class AdapterRegistry:
             self._retire(old)
         return entry
 
-    def reserve(self, configs: Iterable[AdapterConfig]) -> None:
-        """Make room for these adapters, one allocation per bank, before loading them all."""
-        counts = Counter(BankShape.of(config) for config in configs)
-        for shape, count in counts.items():
-            self._bank(shape).reserve(count)
-
     def _bank(self, shape: BankShape) -> AdapterBank:
         bank = self._banks.get(shape)
         if bank is None:
@@ -167,6 +185,10 @@ class AdapterRegistry:
         if entry.bank.in_use == 0 and self._banks.get(entry.bank.shape) is entry.bank:
             del self._banks[entry.bank.shape]
             self.on_bank_dropped(entry.bank.shape)
+
+    def hold(self, entry: AdapterEntry) -> Hold:
+        self.acquire(entry)
+        return Hold(entry, self.release)
 
     def acquire(self, entry: AdapterEntry) -> None:
         entry.pending += 1

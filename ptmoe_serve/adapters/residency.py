@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ptmoe_serve.adapters.format import PtMoeAdapter
-from ptmoe_serve.adapters.registry import AdapterEntry, AdapterRegistry
+from ptmoe_serve.adapters.registry import AdapterEntry, AdapterRegistry, Hold
 
 # Requests for cold adapters waiting for a slot at once, at most (each holds its request).
 MAX_WAITING = 1024
@@ -84,7 +84,8 @@ class ResidentSet:
         self._change_count = change_count
         self.pinned: set[str] = set()
         self._loading: dict[str, _Load] = {}
-        # Decoded copies: of each resident adapter, and of evicted ones (the host tier).
+        # Decoded copies, where there is a host tier: of each resident adapter (to keep on
+        # eviction, without a read) and of evicted ones (the tier).
         self._copies: dict[str, Fetched] = {}
         self._host: OrderedDict[str, Fetched] = OrderedDict()
         self._released = asyncio.Event()
@@ -117,6 +118,10 @@ class ResidentSet:
             else:
                 load.waiters -= 1
             raise
+
+    async def hold(self, name: str) -> Hold:
+        """`acquire`, as a request's hold: released by its last holder's `leave`."""
+        return Hold(await self.acquire(name), self.release)
 
     def release(self, entry: AdapterEntry) -> None:
         self.registry.release(entry)
@@ -191,7 +196,8 @@ class ResidentSet:
         entry = self.registry.add(name, fetched.adapter, version=fetched.version, replace=True,
                                   source=fetched.source)
         self._host.pop(name, None)
-        self._copies[name] = fetched
+        if self.host_capacity > 0:  # kept for the host tier, which it would join if evicted
+            self._copies[name] = fetched
         self.on_resident(entry)
         return entry
 
@@ -221,10 +227,6 @@ class ResidentSet:
         which are stale or unwanted."""
         self._copies.pop(name, None)
         self._host.pop(name, None)
-
-    @property
-    def host_count(self) -> int:
-        return len(self._host)
 
     def host_names(self) -> list[str]:
         return list(self._host)

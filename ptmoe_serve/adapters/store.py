@@ -163,10 +163,6 @@ class AdapterStore:
                     logger.warning("restoring %s: its replacement was interrupted", name)
                     (self.root / entry).rename(self.root / name)
 
-    def folders(self) -> dict[str, Path]:
-        """Adapter folders in the store, by name (hidden folders excluded)."""
-        return {p.name: p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")}
-
     def contains(self, path: Path) -> bool:
         return path.resolve().parent == self.root
 

@@ -18,7 +18,7 @@ from ptmoe_serve.api.auth import AccessPolicy
 from ptmoe_serve.api.bodies import BodyLimit, read_body
 from ptmoe_serve.api.errors import RETRY_AFTER_SECONDS, RequestError, store_error_response
 from ptmoe_serve.disk import StoreError
-from ptmoe_serve.engine.client import COLD_START, SERVED_VERSIONS
+from ptmoe_serve.engine.client import COLD_START, REQUEST_HOLD, SERVED_VERSIONS
 
 # Probes that answer without a key (and /metrics unless --metrics-need-key).
 OPEN_PATHS = frozenset({"/health", "/ping"})
@@ -102,7 +102,8 @@ class ResidencyMiddleware:
     request, and holds it until the response has ended, streamed or not: a first request waits
     for the load (milliseconds), one whose adapter cannot be read gets a 400 naming the
     problem, and one that finds every slot held longer than --adapter-wait-seconds a 503 with
-    Retry-After, all before any stream starts. Requests for resident adapters only take a hold.
+    Retry-After, all before any stream starts. Requests for resident adapters only take a hold,
+    which the engine requests the request starts share (engine/client.py).
     The project's own management, files and fine-tuning routes pass by."""
 
     PASSING = (management.router.prefix, files.router.prefix, fine_tuning.router.prefix,
@@ -123,7 +124,7 @@ class ResidencyMiddleware:
         arrived = time.perf_counter()
         cold = self.resident.registry.find(name) is None
         try:
-            entry = await self.resident.acquire(name)
+            hold = await self.resident.hold(name)
         except ResidentSetFull as e:
             response = RequestError(503, str(e), code="adapters_busy").response()
             response.headers["retry-after"] = RETRY_AFTER_SECONDS
@@ -138,10 +139,11 @@ class ResidencyMiddleware:
                                       ).response()(scope, receive, send)
         if cold:
             COLD_START.set(arrived)
+        REQUEST_HOLD.set(hold)
         try:
             return await self.app(scope, receive, send)
         finally:
-            self.resident.release(entry)
+            hold.leave()
 
 
 def _model_of(body: bytes | None) -> str | None:

@@ -3,11 +3,11 @@ as its handlers see it, with `generate` taught what an adapter's name means.
 
 vLLM resolves `model` through `AdapterNames` (the store's catalog seen as its table of LoRA
 names) to an `AdapterRequest`, vLLM's `LoRARequest` carrying the adapter's resident entry (the
-server made it resident, and holds it, before vLLM saw the request: api/server.py), renders the
-prompt (chat template, tokenization, truncation), and calls `generate` with the token ids and
-that request. For an adapter, `generate` checks the prompt against the context (a 400 before any
+server made it resident, and holds it, before vLLM saw the request: api/middleware.py),
+renders the prompt (chat template, tokenization, truncation), and calls `generate` with the
+token ids and that request. For an adapter, `generate` checks the prompt against the context (a 400 before any
 stream starts) and resolves it once, into a `RoutedRequest`: the entry, the token ids, how many
-of them the router reads. It holds the adapter's slot for the request's life, has the route
+of them the router reads. It shares the HTTP request's hold on the adapter's slot, has the route
 (routing/route.py) make the engine's prompt, and strips the T soft-prompt positions from what
 comes back (prompt token ids, prompt logprobs, cached-token counts), so echo, prompt logprobs
 and usage describe the caller's prompt. Everything else is vLLM's engine client, unchanged."""
@@ -28,7 +28,7 @@ from vllm.sampling_params import RequestOutputKind, SamplingParams
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from ptmoe_serve.adapters.catalog import AdapterCatalog
-from ptmoe_serve.adapters.registry import AdapterEntry, AdapterRegistry
+from ptmoe_serve.adapters.registry import AdapterEntry, AdapterRegistry, Hold
 from ptmoe_serve.config import ROUTE_TOKENS
 from ptmoe_serve.engine.limits import RequestLimits
 from ptmoe_serve.engine.lora_stats import AdapterRequestNames
@@ -41,6 +41,9 @@ SERVED_VERSIONS: ContextVar[set[int] | None] = ContextVar("served_versions", def
 # When an HTTP request that had to load its adapter arrived (perf_counter), else None: its
 # first token is counted apart (set by the server).
 COLD_START: ContextVar[float | None] = ContextVar("cold_start", default=None)
+# The HTTP request's hold on its adapter (set by the server, which made the adapter resident
+# for it): its engine requests share it rather than hold the adapter again.
+REQUEST_HOLD: ContextVar[Hold | None] = ContextVar("request_hold", default=None)
 
 
 class AdapterRequest(LoRARequest, kw_only=True):
@@ -64,9 +67,10 @@ class AdapterNames(Mapping[str, LoRARequest]):
         folder = self._catalog.folder(name)
         if folder is None:
             raise KeyError(name)
-        entry = self._registry.find(name)
-        return AdapterRequest(lora_name=name, lora_int_id=entry.version if entry else 1,
-                              lora_path=str(folder), entry=entry)
+        # lora_int_id is vLLM's id for its own LoRA engine, which never sees these requests
+        # (generate routes them): any positive number, the same for every adapter.
+        return AdapterRequest(lora_name=name, lora_int_id=1, lora_path=str(folder),
+                              entry=self._registry.find(name))
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and name in self._catalog
@@ -201,13 +205,15 @@ class AdapterEngineClient:
                                ) -> AsyncGenerator[RequestOutput, None]:
         entry = request.entry
         # Held until the request ends: the route and the engine read the adapter's slot (a
-        # preempted request is prefilled anew), so the slot is not reused before then. Taken
-        # when the caller starts iterating: should the adapter have been replaced since
-        # `generate`, its slot may serve another, so the request follows the name again.
+        # preempted request is prefilled anew), so the slot is not reused before then. The
+        # HTTP request's hold, shared; its own where the adapter was replaced since the HTTP
+        # request arrived (its slot may serve another, so the request follows the name again).
         if entry.retired:
             entry = self._current(entry.name, None)
             request = RoutedRequest(entry, request.token_ids, request.route_tokens)
-        self._registry.acquire(entry)
+        hold = REQUEST_HOLD.get()
+        if hold is None or hold.entry is not entry or not hold.join():
+            hold = self._registry.hold(entry)  # a version newer than the request's own
         self.request_names.add(request_id, entry.name)
         try:
             engine_prompt = await self._route.engine_prompt(request)
@@ -220,7 +226,7 @@ class AdapterEngineClient:
                 yield _without_soft_prompt(output, request.token_ids, soft)
         finally:
             self.request_names.discard(request_id)
-            self._registry.release(entry)
+            hold.leave()
 
     async def _observed(self, label: str, entry: AdapterEntry | None, params: SamplingParams,
                         outputs: AsyncGenerator[RequestOutput, None]

@@ -2,8 +2,9 @@
 adapter goes to the engine as its token ids and a routing key, and the engine's workers compute
 the soft prompts of each step (vllm_model.py). Each adapter version is written into the
 workers' banks once, when it becomes resident (a request that comes first waits for it); the
-key names that version, so no cache can serve an older one. Once written, this process keeps of an
-adapter only its router, for showing a prompt's routing (`routing`)."""
+key names that version, so no cache can serve an older one. Once written, the entry keeps of an
+adapter only its router, for showing a prompt's routing (`routing`); the resident set keeps a
+decoded copy for its host tier, unless it has none (adapters/residency.py)."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ class EngineRoute(Route):
         """The request's token ids and routing key, once its adapter is in the workers'
         banks."""
         entry = request.entry
-        ref = AdapterRef(entry.bank.shape, entry.slot, f"{entry.name}@{entry.version}")
+        ref = AdapterRef(entry.bank.shape, entry.slot, entry.name, entry.version)
         written = self._written.get(entry)
         # A write that failed is tried again by the next request.
         if written is None or (written.done() and (written.cancelled()

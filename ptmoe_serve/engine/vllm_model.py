@@ -1,8 +1,8 @@
 """The routing step inside vLLM's worker: the base model wrapped as a multimodal model whose
 one "modality" is a PT-MoE soft prompt.
 
-A request carries its prompt's token ids and a small routing key (adapter shape, slot,
-version): the input processor puts T placeholder positions before the prompt and hashes the key
+A request carries its prompt's token ids and a small routing key (adapter shape, slot, name
+and version): the input processor puts T placeholder positions before the prompt and hashes the key
 with the prompt, and the worker computes the soft prompts of all requests of a step in one
 `embed_multimodal` call, from banks of adapters it holds on the engine's device. Only token ids
 and keys cross process boundaries; adapters reach the workers through `collective_rpc`
@@ -47,17 +47,19 @@ KEY_FIELDS = ("num_experts", "prompt_length", "rank", "slot")
 @dataclass(frozen=True)
 class AdapterRef:
     """An adapter version as a request names it to the workers: its bank's shape and its
-    slot there, and the version string that keys vLLM's prefix and encoder caches. The wire
-    format, defined once: a key (the request's multimodal data) and, inside the worker, a row
-    of KEY_FIELDS."""
+    slot there, and its name and store version, which key vLLM's prefix and encoder caches.
+    The wire format, defined once: a key (the request's multimodal data) and, inside the
+    worker, a row of KEY_FIELDS."""
 
     shape: BankShape
     slot: int
-    version: str
+    name: str
+    version: int
 
     def to_key(self, route_tokens: int) -> dict:
         """The request's key; the router reads the prompt's first `route_tokens` tokens."""
-        return {**self._row_fields(), "version": self.version, "route_tokens": route_tokens}
+        return {**self._row_fields(), "name": self.name, "version": self.version,
+                "route_tokens": route_tokens}
 
     def _row_fields(self) -> dict[str, int]:
         return {"num_experts": self.shape.num_experts, "prompt_length": self.shape.prompt_length,
@@ -66,7 +68,7 @@ class AdapterRef:
     @staticmethod
     def from_key(key: dict) -> AdapterRef:
         return AdapterRef(BankShape(key["num_experts"], key["prompt_length"], key["rank"]),
-                          key["slot"], key["version"])
+                          key["slot"], key["name"], key["version"])
 
     def row(self) -> list[int]:
         fields = self._row_fields()
@@ -124,7 +126,7 @@ class PtMoeDummyInputs(BaseDummyInputsBuilder[PtMoeProcessingInfo]):
 
     def get_dummy_mm_data(self, seq_len, mm_counts, mm_options):
         length = getattr(self.info.get_hf_config(), MAX_PROMPT_LENGTH)
-        return {MODALITY: AdapterRef(BankShape(1, length, 1), -1, "profile").to_key(0)}
+        return {MODALITY: AdapterRef(BankShape(1, length, 1), -1, "profile", 0).to_key(0)}
 
 
 class PtMoeProcessor(BaseMultiModalProcessor[PtMoeProcessingInfo]):
@@ -151,7 +153,7 @@ class PtMoeProcessor(BaseMultiModalProcessor[PtMoeProcessingInfo]):
         # the cache. Prompts that share their routed tokens share the soft prompt and its KV
         # blocks (vLLM's block hashes chain the tokens after it).
         digest = hashlib.sha256(
-            f"{ref.version}|{ref.row()}|".encode()
+            f"{ref.name}@{ref.version}|{ref.row()}|".encode()
             + torch.tensor(routed, dtype=torch.int64).numpy().tobytes()).hexdigest()
         return mm_input(prompt_token_ids=[0] * length + prompt, mm_kwargs=kwargs,
                         mm_hashes={MODALITY: [digest]},

@@ -9,12 +9,19 @@ model's dtype."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 
 import torch
 
 from ptmoe_serve.adapters.bank import AdapterBank, BankShape
 from ptmoe_serve.routing.reference import Routing, route_batch, segment_means
+
+# For the test suite alone: PTMOE_TEST_ZERO_SOFT_PROMPTS=1 in the environment makes every soft
+# prompt zeros in each process that routes (the API process, vLLM's workers), so a run of the
+# suite with it shows which tests would pass were the adapters' effect lost (README, "Tests").
+# Read once, at import, as the failpoints are (disk.py).
+ZERO_SOFT_PROMPTS = os.environ.get("PTMOE_TEST_ZERO_SOFT_PROMPTS") == "1"
 
 
 def route_step(targets: Sequence[tuple[AdapterBank | None, BankShape, int]],
@@ -38,7 +45,7 @@ def route_step(targets: Sequence[tuple[AdapterBank | None, BankShape, int]],
     for rows in groups.values():
         bank, shape, _ = targets[rows[0]]
         slots = torch.tensor([targets[i][2] for i in rows], device=device)
-        if bank is None or bool(slots[0] < 0):
+        if bank is None or bool(slots[0] < 0) or ZERO_SOFT_PROMPTS:
             soft = torch.zeros(len(rows), shape.prompt_length, hidden_size, dtype=dtype,
                                device=device)
         elif table is not None:

@@ -16,7 +16,6 @@ read)."""
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import itertools
 import json
@@ -26,11 +25,11 @@ import secrets
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from ptmoe_serve.disk import (DEFAULT_LOCK_TIMEOUT, file_lock, fsync_dir, store_writes,
-                              write_atomically)
+from ptmoe_serve.disk import (DEFAULT_LOCK_TIMEOUT, StoreBusy, file_lock, fsync_dir,
+                              store_writes, write_atomically)
 
 logger = logging.getLogger(__name__)
 
@@ -276,17 +275,15 @@ class FineTuningJobs:
 
     @contextmanager
     def claimed(self, job_id: str) -> Iterator[bool]:
-        """Try to hold the job's claim for the block: whether this process got it."""
-        with open(self.job_folder(job_id) / "claim.lock", "a") as lock:
+        """Try once to hold the job's claim for the block: whether this process got it."""
+        with ExitStack() as held:
             try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+                held.enter_context(file_lock(self.job_folder(job_id) / "claim.lock", 0,
+                                             f"fine-tuning job {job_id}"))
+            except StoreBusy:
                 yield False
                 return
-            try:
-                yield True
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+            yield True
 
     def cancel(self, job_id: str) -> dict:
         """Cancel a job: at once if no one works on it, else by a marker its worker sees

@@ -60,7 +60,7 @@ def _person(rng: random.Random, split: str) -> str:
     return f"{rng.choice(_half(FIRST_NAMES, split))} {rng.choice(_half(LAST_NAMES, split))}"
 
 
-def _passage_facts(rng: random.Random, split: str) -> tuple[str, list[tuple[str, str]]]:
+def passage_facts(rng: random.Random, split: str) -> tuple[str, list[tuple[str, str]]]:
     """A passage about one person and the (question, answer) pairs it answers."""
     name = _person(rng, split)
     job, city, year = rng.choice(JOBS), rng.choice(CITIES), str(rng.randint(1950, 2005))
@@ -78,20 +78,10 @@ def _passage_facts(rng: random.Random, split: str) -> tuple[str, list[tuple[str,
 
 
 def extractive_qa(rng: random.Random, split: str) -> dict:
-    passage, facts = _passage_facts(rng, split)
+    passage, facts = passage_facts(rng, split)
     question, answer = rng.choice(facts)
     return {"prompt": f"Passage: {passage}\nQuestion: {question}\nAnswer:",
             "answer": f" {answer}"}
-
-
-def extractive_qa_choice(rng: random.Random, split: str) -> dict:
-    """The extractive QA task as a multiple-choice question: the choices are the passage's
-    answers to all its questions, so only the question tells which span is right (scored by
-    the log-likelihood of each choice after the prompt)."""
-    passage, facts = _passage_facts(rng, split)
-    index = rng.randrange(len(facts))
-    return {"prompt": f"Passage: {passage}\nQuestion: {facts[index][0]}\nAnswer:",
-            "choices": [f" {answer}" for _, answer in facts], "answer": index}
 
 
 def arithmetic(rng: random.Random, split: str) -> dict:

@@ -137,7 +137,7 @@ def test_the_host_tier_holds_that_many_evicted_adapters_besides_the_resident(tmp
 
     asyncio.run(run())
     assert loads == ["disk"] * 4 + ["host", "disk"]
-    assert m.resident.host_count == 1
+    assert len(m.resident.host_names()) == 1
 
 
 def test_a_name_the_store_does_not_serve_is_not_found(tmp_path):

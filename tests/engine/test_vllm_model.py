@@ -53,7 +53,7 @@ def test_the_workers_step_routes_every_request_by_its_key():
     requests = [(entries[i % 3], torch.randint(0, vocab, (1 + 3 * i,), generator=g))
                 for i in range(7)]
     # Each request's key as the input processor turns it into the worker's row.
-    keys = [AdapterRef.from_key(AdapterRef(e.bank.shape, e.slot, "v").to_key(3)).row()
+    keys = [AdapterRef.from_key(AdapterRef(e.bank.shape, e.slot, e.name, 1).to_key(3)).row()
             for e, _ in requests]
     prompts = [ids for _, ids in requests]
     expected = [route_reference(e.adapter, table[ids]).soft_prompt for e, ids in requests]
