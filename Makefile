@@ -9,7 +9,7 @@ CONSTRAINTS := $(wildcard constraints-$(ENGINE).txt)
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install model serve test test-fast bench bench-full quality clean
+.PHONY: install model serve test test-any-order test-fast bench bench-full quality clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -d $(VENV) || python3 -m venv $(VENV)
@@ -31,11 +31,16 @@ serve: model
 # Two pytest workers, sharing out the tests a server's group at a time (tests/conftest.py),
 # in the order the tests are written.
 test: model
-	$(PY) -m pytest -n 2 --dist loadgroup --no-loadscope-reorder
+	$(PY) -m pytest -n 2 --dist loadgroup --no-loadscope-reorder -p no:randomly
+
+# The same, in an order pytest-randomly draws from SEED: the tests pass in any order.
+SEED ?= 1
+test-any-order: model
+	$(PY) -m pytest -n 2 --dist loadgroup --no-loadscope-reorder -p randomly --randomly-seed=$(SEED)
 
 # The tests that start no server: a few minutes, for the inner loop.
 test-fast: model
-	$(PY) -m pytest -n 2 -m "not server"
+	$(PY) -m pytest -n 2 -m "not server" -p no:randomly
 
 # Throughput against the peers (all servers up at once, 3 alternating rounds), hot-loading,
 # the routing step alone.

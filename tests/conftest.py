@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from _pytest.nodeid import NodeId
 
 # Without a GPU, Triton kernels run under Triton's interpreter. The switch is read when triton
 # is first imported, which other libraries may do before any kernel test runs.
@@ -65,21 +64,20 @@ def pytest_sessionfinish(session):
     reap_stopped()
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     for item in items:
         used = SERVER_FIXTURES.intersection(item.fixturenames)
         if not used:
             continue
         item.add_marker(pytest.mark.server)
-        if getattr(config.option, "loadgroup", False):
-            item._id = NodeId.parse(f"{item.nodeid}@{_server_group(item, used)}")
+        item.add_marker(pytest.mark.xdist_group(_server_group(item, used)))
 
 
 def _server_group(item, used: set[str]) -> str:
-    """Which pytest worker a test runs in (`make test`): the tests on the shared servers
-    together, each module's own servers' tests together; tests without a server anywhere.
-    pytest-xdist's --dist loadgroup schedules by a "@group" suffix of the node id, which
-    xdist 3.8 writes to a field pytest 9 no longer reads: written here instead."""
+    """Which pytest worker a test runs in (`make test`: pytest-xdist's --dist loadgroup): the
+    tests on the shared servers together, each module's own servers' tests together; tests
+    without a server anywhere."""
     definitions = item._fixtureinfo.name2fixturedefs
     if any(definitions[name][-1].func.__module__ == __name__
            for name in SHARED_SERVERS.intersection(used)):
@@ -145,6 +143,9 @@ def adapters_dir(tmp_path_factory, model_dir, tokenizer) -> Path:
     return folder
 
 
+_shared_cache_dir: Path | None = None
+
+
 class SharedServers:
     """The two servers most tests share: the routing step in the engine, and in the API
     process. Both compile the model at their first start (minutes, on one core each), so the
@@ -163,6 +164,10 @@ class SharedServers:
 
     def __init__(self, model_dir, adapters_dir, tmp_path_factory, session):
         self.model_dir, self.adapters_dir, self.tmp = model_dir, adapters_dir, tmp_path_factory
+        # Their --cache-dir, where the first to start generates the admin key both use: the
+        # tests' own, never the user's.
+        global _shared_cache_dir
+        _shared_cache_dir = tmp_path_factory.mktemp("shared-cache")
         needed = {name for item in session.items for name in item.fixturenames}
         self.needed = {route for route, names in self.FIXTURES.items()
                        if needed.intersection(names)}
@@ -181,6 +186,7 @@ class SharedServers:
     def _launch(self, route: str):
         log = self.tmp.mktemp("server") / "server.log"
         return launch_server(["--model", str(self.model_dir), "--dtype", "float32",
+                              "--cache-dir", str(_shared_cache_dir),
                               "--adapters", str(self.adapters_dir),
                               "--max-model-len", str(MAX_MODEL_LEN),
                               "--routing-location", route, *self.ROUTES[route]], log)
@@ -200,7 +206,7 @@ def shared_servers(model_dir, adapters_dir, tmp_path_factory, request):
 def admin_headers() -> dict[str, str]:
     """Management's credentials on the shared servers: the admin key generated at their first
     start, as a user without --admin-api-key finds it (the server's log names the file)."""
-    key = (default_cache_dir() / "admin.key").read_text().strip()
+    key = (_shared_cache_dir / "admin.key").read_text().strip()
     return {"authorization": f"Bearer {key}"}
 
 

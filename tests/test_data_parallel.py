@@ -7,6 +7,8 @@ import pytest
 
 from test_e2e_greedy import MAX_TOKENS, PROMPTS, transformers_greedy
 
+ADMIN = "data-parallel-admin-key"
+
 
 @pytest.fixture(scope="module")
 def data_parallel_server(model_dir, adapters_dir, tmp_path_factory):
@@ -20,8 +22,10 @@ def data_parallel_server(model_dir, adapters_dir, tmp_path_factory):
 
     store = tmp_path_factory.mktemp("dp-store")
     shutil.copytree(adapters_dir / "dense", store / "dense")
+    (store.parent / "dp-admin.key").write_text(ADMIN)
     running = start_server(
         ["--model", str(model_dir), "--dtype", "float32", "--adapters", str(store),
+         "--admin-api-key-file", str(store.parent / "dp-admin.key"),
          "--max-model-len", str(MAX_MODEL_LEN), "--data-parallel-size", "2",
          "--enforce-eager",  # two engines compiling on two cores would take minutes
          "--no-fine-tune-worker"],
@@ -42,12 +46,11 @@ def test_data_parallel_engines_each_route_exactly(data_parallel_server, hf_model
 
     from prometheus_client.parser import text_string_to_metric_families
 
-    from conftest import admin_headers
     from ptmoe_serve.adapters.format import CONFIG_FILE, WEIGHTS_FILE
 
     url = data_parallel_server.url
     folder = adapters_dir / "contact-card"
-    uploaded = httpx.put(f"{url}/v1/adapters/contact-card", headers=admin_headers(), timeout=60,
+    uploaded = httpx.put(f"{url}/v1/adapters/contact-card", headers={"authorization": f"Bearer {ADMIN}"}, timeout=60,
                          files={f: (f, (folder / f).read_bytes())
                                 for f in (CONFIG_FILE, WEIGHTS_FILE)})
     assert uploaded.status_code == 200, uploaded.text

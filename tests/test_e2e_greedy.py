@@ -111,6 +111,8 @@ def tensor_parallel_server(model_dir, adapters_dir, tmp_path_factory):
 
     running = start_server(
         ["--model", str(model_dir), "--dtype", "float32", "--adapters", str(adapters_dir),
+         # Its generated admin key in a folder of its own, not the user's cache.
+         "--cache-dir", str(tmp_path_factory.mktemp("tp-cache")),
          "--max-model-len", str(MAX_MODEL_LEN), "--tensor-parallel-size", "3",
          # Three ranks compiling on two cores would take many minutes.
          "--enforce-eager", "--no-fine-tune-worker"],
