@@ -56,6 +56,7 @@ class AdapterEntry:
             "base_model_name_or_path": config.base_model_name_or_path,
             "num_parameters": self.adapter.num_parameters,
             "bytes_on_device": self.bank.bytes_per_slot,
+            "slot": self.slot,
             "loaded_at": int(self.loaded_at),
             "requests_served": self.requests_served,
         }

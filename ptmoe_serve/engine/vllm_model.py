@@ -148,12 +148,14 @@ class PtMoeProcessor(BaseMultiModalProcessor[PtMoeProcessingInfo]):
             "ptmoe_prompt_ids": torch.tensor([routed or [0]]),
         })
         kwargs = MultiModalKwargsItems.from_hf_inputs(fields, self._get_mm_fields_config(fields, {}))
-        # The soft prompt depends on the adapter's version and on the routed prompt tokens:
-        # both key vLLM's encoder and prefix caches, or a replaced adapter could answer from
-        # the cache. Prompts that share their routed tokens share the soft prompt and its KV
-        # blocks (vLLM's block hashes chain the tokens after it).
+        # The soft prompt is fixed by the adapter's name and version and the routed prompt
+        # tokens, and by nothing else: they key vLLM's encoder and prefix caches, so that a
+        # replaced adapter never answers from the cache, and an adapter evicted and read back
+        # into another slot keeps its cached prefixes. Prompts that share their routed tokens
+        # share the soft prompt and its KV blocks (vLLM's block hashes chain the tokens after
+        # it).
         digest = hashlib.sha256(
-            f"{ref.name}@{ref.version}|{ref.row()}|".encode()
+            f"{ref.name}@{ref.version}|".encode()
             + torch.tensor(routed, dtype=torch.int64).numpy().tobytes()).hexdigest()
         return mm_input(prompt_token_ids=[0] * length + prompt, mm_kwargs=kwargs,
                         mm_hashes={MODALITY: [digest]},
