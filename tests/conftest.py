@@ -35,6 +35,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
 def pytest_configure(config):
+    config.pluginmanager.register(EndsServerLast())
     if not PARALLEL:
         return
     # `make test` runs two pytest workers (pytest-xdist), which share out the tests a server's
@@ -72,6 +73,19 @@ def pytest_collection_modifyitems(config, items):
             continue
         item.add_marker(pytest.mark.server)
         item.add_marker(pytest.mark.xdist_group(_server_group(item, used)))
+
+
+class EndsServerLast:
+    """A test that ends its module's server (marked `ends_server`: it restarts or stops it)
+    runs after the module's other tests, whatever order they run in."""
+
+    @pytest.hookimpl(trylast=True)  # after pytest-randomly's shuffle
+    def pytest_collection_modifyitems(self, items):
+        for item in [i for i in items if i.get_closest_marker("ends_server")]:
+            items.remove(item)
+            last = max((i for i, other in enumerate(items) if other.path == item.path),
+                       default=len(items) - 1)
+            items.insert(last + 1, item)
 
 
 def _server_group(item, used: set[str]) -> str:
@@ -143,7 +157,7 @@ def adapters_dir(tmp_path_factory, model_dir, tokenizer) -> Path:
     return folder
 
 
-_shared_cache_dir: Path | None = None
+SHARED_CACHE_VARIABLE = "PTMOE_TEST_SHARED_CACHE_DIR"
 
 
 class SharedServers:
@@ -165,9 +179,9 @@ class SharedServers:
     def __init__(self, model_dir, adapters_dir, tmp_path_factory, session):
         self.model_dir, self.adapters_dir, self.tmp = model_dir, adapters_dir, tmp_path_factory
         # Their --cache-dir, where the first to start generates the admin key both use: the
-        # tests' own, never the user's.
-        global _shared_cache_dir
-        _shared_cache_dir = tmp_path_factory.mktemp("shared-cache")
+        # tests' own, never the user's. In the environment, for the tests' modules, which
+        # import this file as a module of its own (--import-mode=importlib).
+        os.environ[SHARED_CACHE_VARIABLE] = str(tmp_path_factory.mktemp("shared-cache"))
         needed = {name for item in session.items for name in item.fixturenames}
         self.needed = {route for route, names in self.FIXTURES.items()
                        if needed.intersection(names)}
@@ -186,7 +200,7 @@ class SharedServers:
     def _launch(self, route: str):
         log = self.tmp.mktemp("server") / "server.log"
         return launch_server(["--model", str(self.model_dir), "--dtype", "float32",
-                              "--cache-dir", str(_shared_cache_dir),
+                              "--cache-dir", os.environ[SHARED_CACHE_VARIABLE],
                               "--adapters", str(self.adapters_dir),
                               "--max-model-len", str(MAX_MODEL_LEN),
                               "--routing-location", route, *self.ROUTES[route]], log)
@@ -203,10 +217,16 @@ def shared_servers(model_dir, adapters_dir, tmp_path_factory, request):
     servers.stop()
 
 
+def shared_admin_key_file() -> Path:
+    """Where the shared servers generated their admin key (the server's log names it)."""
+    assert SHARED_CACHE_VARIABLE in os.environ, "the shared servers have not started"
+    return Path(os.environ[SHARED_CACHE_VARIABLE]) / "admin.key"
+
+
 def admin_headers() -> dict[str, str]:
     """Management's credentials on the shared servers: the admin key generated at their first
-    start, as a user without --admin-api-key finds it (the server's log names the file)."""
-    key = (_shared_cache_dir / "admin.key").read_text().strip()
+    start, as a user without --admin-api-key finds it."""
+    key = shared_admin_key_file().read_text().strip()
     return {"authorization": f"Bearer {key}"}
 
 

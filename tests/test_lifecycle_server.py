@@ -587,6 +587,7 @@ def test_soak_traffic_while_adapters_churn(server, lab):
     assert rss_growth < 200
 
 
+@pytest.mark.ends_server
 def test_restart_after_sigkill_mid_upload_serves_everything_as_before(server, lab, model_dir):
     admin = client(server, ADMIN)
     upload(server, "persisted", adapter_files(lab["library"] / "v3"))

@@ -10,7 +10,8 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import API_ROUTE_QUEUE_LIMIT, BASE, E2E_ADAPTERS, SHIPPED, admin_headers
+from conftest import (API_ROUTE_QUEUE_LIMIT, BASE, E2E_ADAPTERS, SHIPPED, admin_headers,
+                      shared_admin_key_file)
 from helpers import reference_greedy, reference_prompt_logprobs
 
 PROMPT = "Once upon a time, there was a little"
@@ -385,10 +386,8 @@ def test_a_full_queue_is_503_with_retry_after(api_route_server):
 
 def test_management_needs_the_admin_key_generated_at_start(server):
     """Started without keys, the server still guards management: by the admin key it wrote
-    into the cache folder, readable by its user alone."""
-    from ptmoe_serve.base_model import default_cache_dir
-
-    assert (default_cache_dir() / "admin.key").stat().st_mode & 0o077 == 0
+    into its cache folder, readable by its user alone."""
+    assert shared_admin_key_file().stat().st_mode & 0o077 == 0
     for headers in ({}, {"authorization": "Bearer"}, {"authorization": "Bearer wrong"}):
         refused = httpx.get(f"{server.url}/v1/adapters", headers=headers)
         assert refused.status_code == 401 and "admin key" in refused.json()["error"]["message"]

@@ -12,6 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import openai
 import pytest
 
 from bench.residency import metric
@@ -25,6 +26,7 @@ ADMIN = "residency-admin-key"
 CAPACITY = 4  # one of them pinned
 WAIT_SECONDS = 12
 ADAPTERS = [f"r{i:02d}" for i in range(32)]
+AT_START: dict = {}
 PROMPT = "Once upon a time, there was a little"
 MAX_TOKENS = 8
 
@@ -52,6 +54,13 @@ def server(store, model_dir):
          "--max-resident-adapters", str(CAPACITY), "--pin", "pinned",
          "--adapter-wait-seconds", str(WAIT_SECONDS), "--enforce-eager",
          "--no-fine-tune-worker"], store / "server.log")
+    # What the server offers before any request, whichever test runs first.
+    AT_START.update(models=openai.OpenAI(base_url=f"{running.url}/v1", api_key="none")
+                    .models.list().data,
+                    adapters_in_store=httpx.get(f"{running.url}/v1/models").json()[
+                        "adapters_in_store"],
+                    resident=metric(running.url, "ptmoe_adapters_resident"),
+                    r00=adapter(running, "r00"))
     yield running
     stop_later(running)
 
@@ -75,19 +84,18 @@ def adapter(server, name: str) -> dict:
 
 def test_start_up_reads_the_index_and_lists_every_adapter_before_any_is_asked(server):
     """The `openai` client lists what a user can call: every adapter in the store, the
-    resident (pinned) one first with its card, the others by name, none read yet."""
-    import openai
-
-    listed = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none").models.list().data
+    resident (pinned) one first with its card, the others by name, none read yet (as the
+    server fixture saw them the moment the server was up)."""
+    listed = AT_START["models"]
     assert [m.id for m in listed[1:]] == ["pinned", *sorted([*ADAPTERS, "broken"])]
     assert listed[1].model_dump()["adapter"]["resident"] is True
     assert listed[1].model_dump()["adapter"]["num_experts"] == 2
     assert {m.model_dump()["adapter"]["resident"] for m in listed[2:]} == {False}
-    models = httpx.get(f"{server.url}/v1/models").json()
-    assert models["adapters_in_store"] == len(ADAPTERS) + 2  # the broken folder too
-    assert metric(server.url, "ptmoe_adapters_resident") == 1
-    assert adapter(server, "r00") == {"object": "adapter", "name": "r00", "resident": False,
-                                      "pinned": False, "source": adapter(server, "r00")["source"]}
+    assert AT_START["adapters_in_store"] == len(ADAPTERS) + 2  # the broken folder too
+    assert AT_START["resident"] == 1
+    r00 = AT_START["r00"]
+    assert r00 == {"object": "adapter", "name": "r00", "resident": False, "pinned": False,
+                   "source": r00["source"]}
 
 
 def test_answers_while_adapters_are_evicted_and_read_again_equal_transformers(
@@ -226,3 +234,37 @@ def test_the_residency_gauge_names_each_resident_and_host_adapter(server):
     assert len(on_host) <= CAPACITY  # --max-cpu-adapters defaults to the resident cap
     lora_info = families["vllm:lora_requests_info"].samples
     assert {s.labels["max_lora"] for s in lora_info} == {str(CAPACITY)}
+
+
+def test_an_adapter_read_back_into_another_slot_reuses_its_cached_prefix(server, store, hf_model,
+                                                                        tokenizer):
+    """vLLM's prefix cache is keyed by what fixes the soft prompt (the adapter's name, version
+    and routed tokens), not by where the adapter sits: evicted, its slot taken by another,
+    read back into another slot, it replays its prompt from cached blocks, and answers as
+    transformers does."""
+    long_prompt = " ".join([PROMPT] * 20)  # over one KV block (128 positions on the CPU)
+    ids = tokenizer.encode(long_prompt)
+    expected = reference_greedy(hf_model, store / "store" / "r05", ids, MAX_TOKENS)
+    # r02, r08, r11, r14 share r05's shape, so its bank: each round asks three of them (the
+    # three free slots besides the pinned one's) and evicts r05, until r05 comes back
+    # elsewhere.
+    first = complete(server, "r05", prompt=long_prompt)
+    assert first.json()["choices"][0]["token_ids"] == expected
+    fillers = ["r02", "r08", "r11", "r14"]
+    for round in range(4):
+        before = adapter(server, "r05")["slot"]
+        for name in fillers[round % 2:][:3]:
+            assert complete(server, name, max_tokens=1).status_code == 200
+        assert not adapter(server, "r05")["resident"]
+        taken = {adapter(server, name).get("slot") for name in fillers
+                 if adapter(server, name)["resident"]}
+        hits = metric(server.url, "vllm:prefix_cache_hits_total")
+        again = complete(server, "r05", prompt=long_prompt)
+        if before in taken and adapter(server, "r05")["slot"] != before:
+            break
+    else:
+        raise AssertionError("r05 never came back to another slot while its own was taken")
+    assert again.json()["choices"][0]["token_ids"] == expected
+    # The whole blocks of [soft prompt; prompt] before its last token, from the cache.
+    assert len(ids) + 6 > 128
+    assert metric(server.url, "vllm:prefix_cache_hits_total") - hits >= 128

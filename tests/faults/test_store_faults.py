@@ -389,6 +389,7 @@ def test_a_change_during_a_cold_loads_wait_wins(server, lab, change):
         assert answer.headers["ptmoe-adapter-version"] == str(version)
 
 
+@pytest.mark.ends_server
 def test_damaged_journal_lines_and_a_read_only_volume_at_start(server, lab, model_dir):
     """The server stopped, its journal damaged, the volume remounted read-only (a
     ReadOnlyMany volume): it starts, serves what the store holds, and refuses changes."""
