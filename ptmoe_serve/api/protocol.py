@@ -33,6 +33,8 @@ class AdapterInfo(BaseModel):
     base_model_name_or_path: str | None = None
     num_parameters: int | None = None
     bytes_on_device: int | None = None
+    # Its slot in its shape's bank (another after an eviction and a new load).
+    slot: int | None = None
     loaded_at: int | None = None
     requests_served: int | None = None
     # Time the load took in the server, for the call that loaded it.
