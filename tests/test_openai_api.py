@@ -66,14 +66,17 @@ def test_batched_prompts_answer_as_single_prompts(client):
         assert choice.text == single.choices[0].text
 
 
-def test_chat(client):
-    result = client.chat.completions.create(
-        model="dense", max_tokens=12, temperature=0,
+def test_chat(client, hf_model, adapters_dir):
+    body = client.chat.completions.create(
+        model="dense", max_tokens=12, temperature=0, extra_body={"return_token_ids": True},
         messages=[{"role": "system", "content": "You are terse."},
-                  {"role": "user", "content": "Name a colour."}])
-    assert result.choices[0].message.role == "assistant"
-    assert result.choices[0].message.content
-    assert result.usage.completion_tokens <= 12
+                  {"role": "user", "content": "Name a colour."}]).model_dump()
+    choice = body["choices"][0]
+    assert choice["message"]["role"] == "assistant" and choice["message"]["content"]
+    assert body["usage"]["completion_tokens"] <= 12
+    # The adapter answered, system message and all: transformers' greedy tokens on [P; chat].
+    assert choice["token_ids"] == reference_greedy(hf_model, adapters_dir / "dense",
+                                                   body["prompt_token_ids"], 12)
 
 
 @pytest.mark.parametrize("model", ["dense-prob", BASE])

@@ -18,7 +18,8 @@ import pytest
 from bench.residency import metric
 from bench.server_process import start_server
 from conftest import TEXTS
-from helpers import reference_greedy, stop_later, text_experts_adapter
+from helpers import (reference_greedy, reference_prompt_logprobs, stop_later,
+                     text_experts_adapter)
 from ptmoe_serve.adapters.format import CONFIG_FILE, write_adapter
 from ptmoe_serve.base_model import load_input_embeddings
 
@@ -245,6 +246,13 @@ def test_an_adapter_read_back_into_another_slot_reuses_its_cached_prefix(server,
     long_prompt = " ".join([PROMPT] * 20)  # over one KV block (128 positions on the CPU)
     ids = tokenizer.encode(long_prompt)
     expected = reference_greedy(hf_model, store / "store" / "r05", ids, MAX_TOKENS)
+    # This prompt's greedy answer hardly depends on the soft prompt; its prompt logprobs do
+    # (a request that asks for them reads no cached blocks, so it is made apart).
+    scored = httpx.post(f"{server.url}/v1/completions", timeout=120, json={
+        "model": "r05", "prompt": ids, "max_tokens": 1, "prompt_logprobs": 0}).json()
+    served = [lp[str(t)]["logprob"] for t, lp in zip(ids, scored["choices"][0]["prompt_logprobs"])]
+    assert served == pytest.approx(
+        reference_prompt_logprobs(hf_model, store / "store" / "r05", ids), abs=2e-3)
     # r02, r08, r11, r14 share r05's shape, so its bank: each round asks three of them (the
     # three free slots besides the pinned one's) and evicts r05, until r05 comes back
     # elsewhere.
