@@ -264,8 +264,8 @@ def test_an_adapter_read_back_into_another_slot_reuses_its_cached_prefix(server,
         for name in fillers[round % 2:][:3]:
             assert complete(server, name, max_tokens=1).status_code == 200
         assert not adapter(server, "r05")["resident"]
-        taken = {adapter(server, name).get("slot") for name in fillers
-                 if adapter(server, name)["resident"]}
+        cards = [adapter(server, name) for name in fillers]
+        taken = {card["slot"] for card in cards if card["resident"]}
         hits = metric(server.url, "vllm:prefix_cache_hits_total")
         again = complete(server, "r05", prompt=long_prompt)
         if before in taken and adapter(server, "r05")["slot"] != before:
