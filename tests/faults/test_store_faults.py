@@ -140,51 +140,82 @@ def writable_gauge(server) -> float:
     return metric(server.url, "ptmoe_store_writable")
 
 
+STREAM = """
+import sys, time, httpx
+url, tokens = sys.argv[1], int(sys.argv[2])
+with httpx.stream("POST", url + "/v1/completions", timeout=300, json={
+        "model": "steady", "prompt": sys.argv[3], "max_tokens": tokens, "ignore_eos": True,
+        "stream": True}) as response:
+    print("status", response.status_code, flush=True)
+    for line in response.iter_lines():
+        if line.startswith("data: {"):
+            print(time.monotonic(), flush=True)
+"""
+
+
 class Stream:
     """A streaming request for `steady` over the whole test, timing the gaps between its
     chunks: the worst in the seconds just before the fault and just after it is the baseline
     (what this machine's load makes of a stream: the other test worker shares its cores), and
-    the worst during the fault must stay within a second of it."""
+    the worst during the fault must stay within `allowance` of it.
+
+    The chunks are timed in a process of their own (CLOCK_MONOTONIC is one clock for all
+    processes). Timed by a thread of the test's process, they waited whenever the test held
+    the GIL: a full garbage collection of a process that has imported torch, transformers and
+    vLLM holds it 0.45 s on an idle machine, and a test worker half-way through the suite, beside
+    the other worker, paused such a thread 1.65 to 2.07 s, which read as the server's pauses."""
 
     def __init__(self, server, tokens: int = 400):
-        self.server, self.tokens = server, tokens
+        self.process = subprocess.Popen([sys.executable, "-c", STREAM, server.url, str(tokens),
+                                         PROMPT], stdout=subprocess.PIPE, text=True)
+        assert self.process.stdout.readline().split() == ["status", "200"]
         self.arrivals: list[float] = []
-        self.until = float("inf")  # read until then, then close it (check sets it)
-        self.started = threading.Event()
-        self.pool = ThreadPoolExecutor(1)
-        self.done = self.pool.submit(self._run)
-        assert self.started.wait(60)
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        deadline = time.monotonic() + 60
+        while not self.arrivals:
+            assert time.monotonic() < deadline and self.process.poll() is None, "no chunk"
+            time.sleep(0.05)
 
-    def _run(self):
-        with httpx.stream("POST", f"{self.server.url}/v1/completions", timeout=300, json={
-                "model": "steady", "prompt": PROMPT, "max_tokens": self.tokens,
-                "ignore_eos": True, "stream": True}) as response:
-            assert response.status_code == 200
-            for line in response.iter_lines():
-                if line.startswith("data: {"):
-                    self.arrivals.append(time.monotonic())
-                    self.started.set()
-                    if self.arrivals[-1] > self.until:
-                        return
+    def _read(self):
+        for line in self.process.stdout:
+            self.arrivals.append(float(line))
 
-    def worst_gap(self, since: float, until: float) -> float:
-        times = [t for t in self.arrivals if since <= t <= until]
-        return max((b - a for a, b in zip(times, times[1:])), default=0.0)
+    def close(self) -> None:
+        self.process.kill()
+        self.process.wait()
 
     def check(self, fault_began: float, fault_ended: float, allowance: float = 1.0,
               steps: tuple = ()) -> None:
         """`steps`: (what, when) the test did during the fault, named in a failure's message
         beside the gaps (each at its start, in seconds from the fault's)."""
-        self.until = fault_ended + BASELINE_SECONDS
-        self.done.result()
-        assert self.arrivals[-1] >= fault_ended + BASELINE_SECONDS, "the stream ended too soon"
-        baseline = max(self.worst_gap(self.arrivals[0], fault_began),
-                       self.worst_gap(fault_ended, fault_ended + BASELINE_SECONDS))
-        during = self.worst_gap(fault_began, fault_ended)
-        gaps = [(round(a - fault_began, 2), round(b - a, 2))
-                for a, b in zip(self.arrivals, self.arrivals[1:]) if b - a > baseline]
+        until = fault_ended + BASELINE_SECONDS
+        while self.arrivals[-1] < until and self.process.poll() is None:
+            time.sleep(0.1)
+        self.close()
+        self.reader.join()  # the pipe's end: every chunk it printed is counted
+        assert self.arrivals[-1] >= until, "the stream ended too soon"
+        pairs = list(zip(self.arrivals, self.arrivals[1:]))
+        baseline = max(b - a for a, b in pairs if b <= fault_began or fault_ended <= a < until)
+        # A gap that overlaps the fault at all is the fault's: a stall begins as it does.
+        during = max(b - a for a, b in pairs if b > fault_began and a < fault_ended)
+        gaps = [(round(a - fault_began, 2), round(b - a, 2)) for a, b in pairs
+                if b - a > baseline]
         done = [(what, round(when - fault_began, 2)) for what, when in steps]
         assert during <= baseline + allowance, (during, baseline, gaps, done)
+
+
+@pytest.fixture
+def start_stream(server):
+    """Starts the test's stream when called; it is stopped at the test's end, passed or not."""
+    started = []
+
+    def start() -> Stream:
+        started.append(Stream(server))
+        return started[-1]
+    yield start
+    for each in started:
+        each.close()
 
 
 def test_each_kill_at_a_named_point_is_recovered_at_start(server, lab):
@@ -218,10 +249,10 @@ def test_an_unload_killed_after_its_manifest_reaches_the_running_server(server, 
     assert complete(server, "kept").status_code == 200
 
 
-def test_a_full_store_answers_507_keeps_serving_and_still_unloads(server, lab):
+def test_a_full_store_answers_507_keeps_serving_and_still_unloads(server, lab, start_stream):
     store = lab["store"]
     before = complete(server, "kept").json()["choices"][0]["token_ids"]
-    stream = Stream(server)
+    stream = start_stream()
     time.sleep(BASELINE_SECONDS)
     began = time.monotonic()
     filler = store / ".filler"
@@ -254,22 +285,18 @@ def test_a_full_store_answers_507_keeps_serving_and_still_unloads(server, lab):
     finally:
         filler.unlink()
     ended = time.monotonic()
-    # 3 s, not 1: in 2 of 3 fresh-clone runs of the whole suite, beside the other test worker,
-    # the stream paused once about 1.6 s into this fault (1.65 s and 2.07 s against baselines
-    # of 0.48 s and 0.20 s), never when the module runs alone; not yet explained. A stall on the
-    # store (the 12 s of the lock this suite was built against) is still caught.
-    stream.check(began, ended, allowance=3.0, steps=steps)
+    stream.check(began, ended, steps=steps)
     accepted = upload(server, "kept", *adapter_bytes(lab["root"], seed=50))
     assert accepted.status_code == 200, accepted.text
     assert writable_gauge(server) == 1
 
 
-def test_a_read_only_store_refuses_changes_and_keeps_serving(server, lab):
+def test_a_read_only_store_refuses_changes_and_keeps_serving(server, lab, start_stream):
     store = lab["store"]
     # Asked once while the store takes writes: a first request records the adapter's version
     # in the store, which a read-only store refuses (503, README "Reliability").
     assert complete(server, "kept").status_code == 200
-    stream = Stream(server)
+    stream = start_stream()
     time.sleep(BASELINE_SECONDS)
     began = time.monotonic()
     mount("-o", "remount,ro", str(store))
@@ -295,9 +322,10 @@ def test_a_read_only_store_refuses_changes_and_keeps_serving(server, lab):
     assert complete(server, "kept").status_code == 404
 
 
-def test_a_peer_holding_the_lock_costs_a_bounded_wait_and_no_request_pauses(server, lab):
+def test_a_peer_holding_the_lock_costs_a_bounded_wait_and_no_request_pauses(server, lab,
+                                                                            start_stream):
     assert complete(server, "steady").status_code == 200  # warm
-    stream = Stream(server)
+    stream = start_stream()
     time.sleep(BASELINE_SECONDS)
     warm_before = timed_warm_request(server)  # under this machine's load, beside the stream
     peer = subprocess.Popen([sys.executable, "-c", HOLD_LOCK,
