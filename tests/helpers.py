@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -78,15 +80,17 @@ _GREEDY: dict[tuple, list[int]] = {}
 
 
 @torch.inference_mode()
-def reference_greedy(hf_model, adapter_dir: Path | None, ids: list[int], max_tokens: int
-                     ) -> list[int]:
+def reference_greedy(hf_model, adapter_dir: Path | None, ids: list[int], max_tokens: int,
+                     route_tokens: int | None = None) -> list[int]:
     """transformers' greedy generation from [P; token embeddings], P from the adapter's files
-    (the bare model when `adapter_dir` is None)."""
-    key = (adapter_dir, tuple(ids), max_tokens)
+    (the bare model when `adapter_dir` is None), routed on the first `route_tokens` ids (all
+    when None)."""
+    key = (adapter_dir, tuple(ids), max_tokens, route_tokens)
     if key not in _GREEDY:
         embeds = hf_model.get_input_embeddings()(torch.tensor(ids))
         if adapter_dir is not None:
-            embeds = torch.cat([reference_soft_prompt(adapter_dir, embeds), embeds])
+            routed = embeds[: route_tokens or len(ids)]
+            embeds = torch.cat([reference_soft_prompt(adapter_dir, routed), embeds])
         out = hf_model.generate(inputs_embeds=embeds[None],
                                 attention_mask=torch.ones(1, len(embeds), dtype=torch.long),
                                 max_new_tokens=max_tokens, do_sample=False)
@@ -95,14 +99,15 @@ def reference_greedy(hf_model, adapter_dir: Path | None, ids: list[int], max_tok
 
 
 @torch.inference_mode()
-def reference_prompt_logprobs(hf_model, adapter_dir: Path | None, ids: list[int]) -> list[float]:
+def reference_prompt_logprobs(hf_model, adapter_dir: Path | None, ids: list[int],
+                              route_tokens: int | None = None) -> list[float]:
     """log p(prompt token j | soft prompt, tokens before j), for every j the model scores:
-    all of them under a soft prompt, all but the first for the bare model (`adapter_dir`
-    None)."""
+    all of them under a soft prompt (routed on the first `route_tokens` ids, all when None),
+    all but the first for the bare model (`adapter_dir` None)."""
     embeds = hf_model.get_input_embeddings()(torch.tensor(ids))
     soft = 0
     if adapter_dir is not None:
-        prompt = reference_soft_prompt(adapter_dir, embeds)
+        prompt = reference_soft_prompt(adapter_dir, embeds[: route_tokens or len(ids)])
         embeds, soft = torch.cat([prompt, embeds]), len(prompt)
     logprobs = torch.log_softmax(hf_model(inputs_embeds=embeds[None]).logits[0].double(), -1)
     first = 0 if soft else 1
@@ -166,6 +171,23 @@ def mount_tmpfs(folder: Path, size: str) -> None:
                        check=True, capture_output=True)
     except (OSError, subprocess.CalledProcessError) as e:
         pytest.skip(f"cannot mount a tmpfs for the store here (needs root): {e}")
+
+
+def fill_volume(folder: Path, leave: int = 0) -> Path:
+    """A file in `folder` that takes its volume's free space but `leave` bytes: written until
+    the volume refuses (to its last page), then cut by `leave`, so that whatever other
+    processes write meanwhile, it fits. The caller removes it."""
+    filler = folder / ".filler"
+    with open(filler, "wb", buffering=0) as f:
+        for chunk in (1 << 20, 4096):
+            try:
+                while True:
+                    f.write(bytes(chunk))
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+    os.truncate(filler, max(0, filler.stat().st_size - leave))
+    return filler
 
 
 def unmount(folder: Path) -> None:

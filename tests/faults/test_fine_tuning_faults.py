@@ -20,7 +20,7 @@ import pytest
 from bench.residency import metric
 from bench.server_process import start_server
 from conftest import PARALLEL
-from helpers import mount_tmpfs, stop_later, unmount
+from helpers import fill_volume, mount_tmpfs, stop_later, unmount
 from ptmoe_serve.train.jobs import JOBS_FOLDER
 
 ADMIN = "fine-tuning-faults-admin-key"
@@ -167,9 +167,7 @@ def test_a_full_disk_at_a_checkpoint_pauses_the_job_until_it_is_resumed(
     job = create_job(client, training_file, suffix="full-disk")
     wait_for_step(client, job.id, 2)
     # Room for the events of a step, not for a training checkpoint (about 40 KB).
-    free = os.statvfs(lab["store"])
-    filler = lab["store"] / "filler"
-    filler.write_bytes(bytes(free.f_bavail * free.f_frsize - 16 * 1024))
+    filler = fill_volume(lab["store"], leave=16 * 1024)
     try:
         paused = wait_for(client, job.id, {"paused", *FINAL}, 120)
         assert paused.status == "paused", paused
@@ -219,9 +217,7 @@ def test_a_creation_retried_with_one_idempotency_key_makes_one_job(server, clien
                                                                    training_file, lab):
     key = {"Idempotency-Key": "create-cards-1"}
     before = {job.id for job in client.fine_tuning.jobs.list(limit=100)}
-    free = os.statvfs(lab["store"])
-    filler = lab["store"] / "filler"
-    filler.write_bytes(bytes(free.f_bavail * free.f_frsize))
+    filler = fill_volume(lab["store"])
     try:
         with pytest.raises(openai.APIStatusError) as refused:
             create_job(client, training_file, extra_headers=key)

@@ -21,8 +21,8 @@ import pytest
 
 from bench.server_process import start_server
 from conftest import TEXTS
-from helpers import (mount_tmpfs, random_adapter, stop_later, text_experts_adapter,
-                     unmount)
+from helpers import (fill_volume, mount_tmpfs, random_adapter, stop_later,
+                     text_experts_adapter, unmount)
 from ptmoe_serve.adapters.format import CONFIG_FILE, WEIGHTS_FILE, adapter_files, write_adapter
 from ptmoe_serve.adapters.journal import JOURNAL
 from ptmoe_serve.adapters.store import STORE_LOCK
@@ -255,14 +255,7 @@ def test_a_full_store_answers_507_keeps_serving_and_still_unloads(server, lab, s
     stream = start_stream()
     time.sleep(BASELINE_SECONDS)
     began = time.monotonic()
-    filler = store / ".filler"
-    with open(filler, "wb", buffering=0) as f:
-        for chunk in (1 << 20, 4096):  # to the last page
-            try:
-                while True:
-                    f.write(bytes(chunk))
-            except OSError:
-                pass
+    filler = fill_volume(store)
     steps = [("filled", time.monotonic())]
     try:
         refused = upload(server, "kept", *adapter_bytes(lab["root"], seed=50))
