@@ -55,8 +55,7 @@ class Services:
     metrics: Metrics
     limits: RequestLimits
     started_at: int
-    # What runs beside the requests: the route's own work (the api route's routing steps),
-    # the store's watcher.
+    # What runs beside the requests: the store's watcher.
     tasks: list[asyncio.Task]
     fine_tune_worker: WorkerSupervisor | None = None
 
@@ -133,7 +132,6 @@ async def start_services(settings: ServerSettings, llm: AsyncLLM,
                              on_resident=route.preload)
     metrics.watch_residency(manager.resident, metrics_registry)
     metrics.watch_store(lambda: store.writable, metrics_registry)
-    tasks = [asyncio.create_task(route.run())]
     manager.start()
     for name in options.pin:
         try:
@@ -148,8 +146,8 @@ async def start_services(settings: ServerSettings, llm: AsyncLLM,
                                  settings.engine.served_model_name,
                                  routes_prompt_logprobs=in_engine, limits=request_limits)
     track_adapter_requests(llm, client.request_names, capacity, metrics_registry)
-    if options.watch_interval > 0:
-        tasks.append(asyncio.create_task(manager.watch(options.watch_interval)))
+    tasks = ([asyncio.create_task(manager.watch(options.watch_interval))]
+             if options.watch_interval > 0 else [])
     services = Services(settings, engine, registry, manager, route, client, metrics,
                         request_limits, int(started), tasks)
     if options.fine_tune_worker and store.read_only:

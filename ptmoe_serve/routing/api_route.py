@@ -2,10 +2,11 @@
 embeddings, [soft prompt; token embeddings], from one routing step (step.py) in this process,
 and vLLM takes them as `prompt_embeds`.
 
-Each request awaits `engine_prompt`; a background task (`run`) takes everything queued since its
-last step and computes it at once: one embedding gather over all tokens and one routing step
-whatever adapters the requests name (the fused Triton kernels on a CUDA device, else batched
-torch). The engine client holds each request's slot meanwhile."""
+The first request to arrive while no step gathers leads the next one: it yields to the event
+loop once, so that the requests arriving with it join, and computes them all at once, its own
+first: one embedding gather over all tokens and one routing step whatever adapters the requests
+name (the fused Triton kernels on a CUDA device, else batched torch). The engine client holds
+each request's slot meanwhile."""
 
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ from ptmoe_serve.routing.step import route_step
 
 
 @dataclass
-class _Pending:
+class _Joined:
+    """A request that joined another's step."""
+
     request: RoutedRequest
     future: asyncio.Future  # its prompt embeddings [T + L, H], model dtype, on the CPU
 
@@ -42,41 +45,50 @@ class ApiRoute(Route):
         self.on_step = on_step
         # None: the fused kernels where they can run (CUDA with Triton), else batched torch.
         self.fused = fused if fused is not None else _fused_available(device)
-        self._queue: list[_Pending] = []
-        self._wakeup = asyncio.Event()
+        # The requests joining the next step, while its leader gathers them; else None.
+        self._joining: list[_Joined] | None = None
 
     async def engine_prompt(self, request: RoutedRequest) -> dict:
-        future = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(request, future))
-        self._wakeup.set()
-        return {"prompt_embeds": await future}
+        if self._joining is not None:
+            joined = _Joined(request, asyncio.get_running_loop().create_future())
+            self._joining.append(joined)
+            return {"prompt_embeds": await joined.future}
+        self._joining = joining = []
+        try:
+            await asyncio.sleep(0)  # the requests that arrived with this one join its step
+        finally:  # cancelled too: the joined requests are served
+            self._joining = None
+            embeds = self._step(request, joining)
+        if isinstance(embeds, Exception):
+            raise embeds
+        return {"prompt_embeds": embeds}
 
-    async def run(self) -> None:
-        """Routing steps, until cancelled."""
-        while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            batch, self._queue = self._queue, []
-            started = time.perf_counter()
-            for item, outcome in zip(batch, self._outcomes(batch)):
-                if item.future.done():
-                    continue
-                if isinstance(outcome, Exception):
-                    item.future.set_exception(outcome)
-                else:
-                    item.future.set_result(outcome)
-            self.on_step(len(batch), time.perf_counter() - started)
+    def _step(self, request: RoutedRequest, joining: list[_Joined]
+              ) -> torch.Tensor | Exception:
+        """One routing step for the leader's request and those that joined it: each joined
+        request's future is set, and the leader's outcome returned."""
+        started = time.perf_counter()
+        outcomes = self._outcomes([request, *(joined.request for joined in joining)])
+        for joined, outcome in zip(joining, outcomes[1:]):
+            if joined.future.done():  # its caller went away
+                continue
+            if isinstance(outcome, Exception):
+                joined.future.set_exception(outcome)
+            else:
+                joined.future.set_result(outcome)
+        self.on_step(len(outcomes), time.perf_counter() - started)
+        return outcomes[0]
 
-    def _outcomes(self, batch: list[_Pending]) -> list[torch.Tensor | Exception]:
+    def _outcomes(self, batch: list[RoutedRequest]) -> list[torch.Tensor | Exception]:
         """The step's results; where the step fails, each request is computed alone, so a
         failure fails only the request that causes it (and a step too large for memory still
         serves its requests one by one)."""
         try:
-            return self.compute([item.request for item in batch])
+            return self.compute(batch)
         except Exception as e:
             if len(batch) == 1:
                 return [e]
-            return [self._outcomes([item])[0] for item in batch]
+            return [self._outcomes([request])[0] for request in batch]
 
     @torch.inference_mode()
     def compute(self, batch: list[RoutedRequest]) -> list[torch.Tensor]:

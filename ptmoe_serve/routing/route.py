@@ -42,7 +42,7 @@ class ExpertRouting:
 
 class Route(ABC):
     """How a request for an adapter reaches vLLM's engine with its soft prompt, and what the
-    route does beside the requests, over the server's life."""
+    route does when adapters come and go."""
 
     @abstractmethod
     async def engine_prompt(self, request: RoutedRequest) -> dict:
@@ -52,9 +52,6 @@ class Route(ABC):
     @abstractmethod
     def routing(self, entry: AdapterEntry, token_ids: list[int]) -> ExpertRouting:
         """The routing these prompt tokens get under this adapter (its router alone)."""
-
-    async def run(self) -> None:
-        """The route's own work beside the requests, until cancelled (none by default)."""
 
     def preload(self, entry: AdapterEntry) -> None:
         """An adapter was just placed in the banks (the residency's `on_resident`)."""

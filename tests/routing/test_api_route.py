@@ -27,11 +27,7 @@ def build_all(route_args, requests):
 
     async def run():
         route = ApiRoute(*route_args, on_step=lambda n, s: steps.append(n))
-        task = asyncio.create_task(route.run())
-        try:
-            return await asyncio.gather(*(embeds(route, routed(e, ids)) for e, ids in requests))
-        finally:
-            task.cancel()
+        return await asyncio.gather(*(embeds(route, routed(e, ids)) for e, ids in requests))
 
     return asyncio.run(run()), steps
 
@@ -69,14 +65,9 @@ def test_the_router_reads_only_the_routed_tokens_and_routing_shows_its_weights()
 
     async def run():
         route = ApiRoute(table, torch.float32, CPU)
-        task = asyncio.create_task(route.run())
-        try:
-            built = await asyncio.gather(*(embeds(route, routed(entry, question + o,
-                                                                  len(question)))
-                                           for o in options))
-            return built, route.routing(entry, question)
-        finally:
-            task.cancel()
+        built = await asyncio.gather(*(embeds(route, routed(entry, question + o, len(question)))
+                                       for o in options))
+        return built, route.routing(entry, question)
 
     built, routing = asyncio.run(run())
     weights, probabilities = routing.expert_weights, routing.expert_probabilities
@@ -105,15 +96,13 @@ def test_unloading_while_queued_still_serves_the_queued_request():
 
     async def run():
         route = ApiRoute(table, torch.float32, CPU)
-        task = asyncio.create_task(route.run())
         reg.acquire(entry)
         pending = asyncio.ensure_future(embeds(route, routed(entry, [4, 5])))
-        await asyncio.sleep(0)  # queued, step not run yet
+        await asyncio.sleep(0)  # gathering its step, not computed yet
         reg.remove("a")
-        reg.add("b", random_adapter(seed=8), version=1)  # must not take the queued slot
+        reg.add("b", random_adapter(seed=8), version=1)  # must not take the held slot
         result = await pending
         reg.release(entry)
-        task.cancel()
         return result
 
     result = asyncio.run(run())
@@ -140,16 +129,35 @@ def test_a_request_that_fails_its_step_fails_alone():
 
     async def run():
         route = ApiRoute(table, torch.float32, CPU)
-        task = asyncio.create_task(route.run())
-        try:
-            return await asyncio.gather(
-                *(embeds(route, routed(entry, ids)) for ids in [good[0], [VOCAB + 7], *good[1:]]),
-                return_exceptions=True)
-        finally:
-            task.cancel()
+        return await asyncio.gather(
+            *(embeds(route, routed(entry, ids)) for ids in [good[0], [VOCAB + 7], *good[1:]]),
+            return_exceptions=True)
 
     results = asyncio.run(run())
     assert isinstance(results[1], IndexError)
     for ids, result in zip(good, [results[0], *results[2:]]):
+        reference = route_reference(entry.adapter, table[torch.tensor(ids)]).soft_prompt
+        torch.testing.assert_close(result[:4], reference, rtol=1e-5, atol=1e-5)
+
+
+def test_a_request_cancelled_while_leading_its_step_still_serves_those_that_joined_it():
+    """The first request gathers the step; its caller goes away (a client disconnect)
+    before the step is computed: the requests that joined it get their prompts."""
+    table = torch.randn(VOCAB, HIDDEN)
+    reg = AdapterRegistry(HIDDEN, 128, torch.device("cpu"))
+    entry = reg.add("a", random_adapter(seed=5), version=1)
+    steps = []
+
+    async def run():
+        route = ApiRoute(table, torch.float32, CPU, on_step=lambda n, s: steps.append(n))
+        leader = asyncio.ensure_future(embeds(route, routed(entry, [1, 2])))
+        joined = [asyncio.ensure_future(embeds(route, routed(entry, ids))) for ids in ([3], [4])]
+        await asyncio.sleep(0)  # the leader gathers, and both join it
+        leader.cancel()
+        return await asyncio.wait_for(asyncio.gather(leader, *joined, return_exceptions=True), 10)
+
+    leader, *joined = asyncio.run(run())
+    assert isinstance(leader, asyncio.CancelledError) and steps == [3]
+    for ids, result in zip(([3], [4]), joined):
         reference = route_reference(entry.adapter, table[torch.tensor(ids)]).soft_prompt
         torch.testing.assert_close(result[:4], reference, rtol=1e-5, atol=1e-5)

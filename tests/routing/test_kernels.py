@@ -76,14 +76,10 @@ def test_the_serving_step_gives_the_same_prompts_fused_or_not(kernel):
 
     async def build(fused: bool):
         route = ApiRoute(table, torch.float32, DEVICE, fused=fused)
-        task = asyncio.create_task(route.run())
-        try:
-            # Some prompts routed on their leading tokens only.
-            return await asyncio.gather(*(
-                route.engine_prompt(RoutedRequest(e, ids, len(ids) - i % 2))
-                for i, (e, ids) in enumerate(requests)))
-        finally:
-            task.cancel()
+        # Some prompts routed on their leading tokens only.
+        return await asyncio.gather(*(
+            route.engine_prompt(RoutedRequest(e, ids, len(ids) - i % 2))
+            for i, (e, ids) in enumerate(requests)))
 
     for plain, fused in zip(asyncio.run(build(False)), asyncio.run(build(True))):
         torch.testing.assert_close(fused["prompt_embeds"], plain["prompt_embeds"], **TOLERANCE)
