@@ -68,6 +68,10 @@ class Metrics:
         self.adapter_evictions = Counter(
             "ptmoe_adapter_evictions", "Adapters evicted from the banks to make room.",
             registry=r)
+        self.route_scope_fallbacks = Counter(
+            "ptmoe_route_scope_fallback", "Chats under a first_turn scope routed on their whole "
+            "prompt instead: turn 1's rendering was not a token prefix of the prompt (a "
+            "template that rewrites earlier turns, a prompt truncated on the left).", registry=r)
         self.fine_tune_worker_restarts = Counter(
             "ptmoe_fine_tune_worker_restarts", "Fine-tuning workers started again after the "
             "one before died (killed, out of memory, crashed).", registry=r)

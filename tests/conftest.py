@@ -175,6 +175,8 @@ class SharedServers:
         "api": ["--max-num-queued-reqs", str(API_ROUTE_QUEUE_LIMIT), "--no-fine-tune-worker"],
     }
     FIXTURES = {"engine": ("server",), "api": ("api_route_server", "routed_server")}
+    # vLLM's store of responses, for previous_response_id (off by default: it is unbounded).
+    ENV = {"engine": {"VLLM_ENABLE_RESPONSES_API_STORE": "1"}}
 
     def __init__(self, model_dir, adapters_dir, tmp_path_factory, session):
         self.model_dir, self.adapters_dir, self.tmp = model_dir, adapters_dir, tmp_path_factory
@@ -203,7 +205,8 @@ class SharedServers:
                               "--cache-dir", os.environ[SHARED_CACHE_VARIABLE],
                               "--adapters", str(self.adapters_dir),
                               "--max-model-len", str(MAX_MODEL_LEN),
-                              "--routing-location", route, *self.ROUTES[route]], log)
+                              "--routing-location", route, *self.ROUTES[route]], log,
+                             env=self.ENV.get(route))
 
     def stop(self):
         for running in [*self.ready.values(), *self.launched.values()]:

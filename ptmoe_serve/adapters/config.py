@@ -18,6 +18,8 @@ MAX_RANK = 4096
 MAX_PARAMETERS = 1 << 25
 # Matched against the whole name (fullmatch): "$" alone would let a trailing newline through.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# What the router reads of a chat (routing/scope.py): the whole prompt, or turn 1's.
+RouteScope = Literal["prompt", "first_turn"]
 
 
 class AdapterError(ValueError):
@@ -41,6 +43,7 @@ class AdapterConfig(BaseModel):
     rank: PositiveInt = Field(le=MAX_RANK)
     top_k: PositiveInt
     router_scaling: Literal["probability", "none"]
+    route_scope: RouteScope = "prompt"
 
     @model_validator(mode="after")
     def _bounded(self) -> AdapterConfig:
@@ -53,13 +56,14 @@ class AdapterConfig(BaseModel):
 
     @classmethod
     def v1(cls, base_model_name_or_path: str, *, hidden_size: int, num_experts: int,
-           prompt_length: int, rank: int, top_k: int, router_scaling: str) -> AdapterConfig:
+           prompt_length: int, rank: int, top_k: int, router_scaling: str,
+           route_scope: str = "prompt") -> AdapterConfig:
         """A format v1 config: how every new adapter's config is made (the command line,
         the PEFT import, training)."""
         return cls(peft_type="PT_MOE", format_version=1,
                    base_model_name_or_path=base_model_name_or_path, hidden_size=hidden_size,
                    num_experts=num_experts, prompt_length=prompt_length, rank=rank,
-                   top_k=top_k, router_scaling=router_scaling)
+                   top_k=top_k, router_scaling=router_scaling, route_scope=route_scope)
 
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         n, t, r, h = self.num_experts, self.prompt_length, self.rank, self.hidden_size

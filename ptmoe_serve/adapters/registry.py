@@ -52,6 +52,7 @@ class AdapterEntry:
             "rank": config.rank,
             "top_k": config.top_k,
             "router_scaling": config.router_scaling,
+            "route_scope": config.route_scope,
             "hidden_size": config.hidden_size,
             "base_model_name_or_path": config.base_model_name_or_path,
             "num_parameters": self.adapter.num_parameters,

@@ -11,12 +11,14 @@ from vllm.entrypoints.serve.tokenize.protocol import (TokenizeChatRequest,
 from ptmoe_serve.adapters.registry import AdapterNotFound
 from ptmoe_serve.api.errors import RequestError
 from ptmoe_serve.api.protocol import PromptRouting, RoutingRequest, RoutingResponse
+from ptmoe_serve.engine.client import CHAT_ROUTING
 from ptmoe_serve.engine.services import Services
 
 
 async def route_prompts(body: RoutingRequest, request: Request) -> RoutingResponse:
     """The routing each prompt gets: rendered as the completions (`prompt`) or chat
-    (`messages`) endpoint renders it, routed on its first `route_tokens` tokens."""
+    (`messages`) endpoint renders it, routed on its first `route_tokens` tokens, else as its
+    scope says (a chat under `first_turn`: turn 1's prompt), else on all of it."""
     services: Services = request.app.state.services
     try:
         entry = services.registry.get(body.model)
@@ -26,16 +28,23 @@ async def route_prompts(body: RoutingRequest, request: Request) -> RoutingRespon
     if (body.prompt is None) == (body.messages is None):
         raise RequestError(400, "give either prompt or messages", param="prompt")
     routed = []
-    for i, ids in enumerate(await _render(request, body)):
+    rendered = await _render(request, body)
+    chat = CHAT_ROUTING.get() if body.messages is not None else None
+    for i, ids in enumerate(rendered):
         if not ids:
             raise RequestError(400, f"prompt {i} is empty", param="prompt")
         if max(ids) >= services.engine.vocab_size or min(ids) < 0:
             raise RequestError(400, f"prompt {i} holds token ids outside the vocabulary of "
                                     f"{services.engine.vocab_size}", param="prompt")
-        count = min(body.route_tokens or len(ids), len(ids))
+        scope, count = "prompt", len(ids)
+        if body.route_tokens is not None:
+            count = min(body.route_tokens, len(ids))
+        elif chat is not None and chat.prompt_tokens == len(ids):
+            scope, count = chat.scope, chat.route_tokens
         routing = services.route.routing(entry, ids[:count])
         routed.append(PromptRouting(prompt_index=i, prompt_tokens=len(ids),
-                                    routed_tokens=count, expert_weights=routing.expert_weights,
+                                    routed_tokens=count, route_scope=scope,
+                                    expert_weights=routing.expert_weights,
                                     expert_probabilities=routing.expert_probabilities))
     return RoutingResponse(model=entry.name, version=entry.version, data=routed)
 

@@ -29,6 +29,8 @@ class AdapterInfo(BaseModel):
     rank: int | None = None
     top_k: int | None = None
     router_scaling: str | None = None
+    # What the router reads of a chat: "prompt" (all of it) or "first_turn".
+    route_scope: str | None = None
     hidden_size: int | None = None
     base_model_name_or_path: str | None = None
     num_parameters: int | None = None
@@ -79,6 +81,9 @@ class PromptRouting(BaseModel):
     prompt_index: int
     prompt_tokens: int
     routed_tokens: int
+    # What the router read: "prompt" (all of it, or the request's route_tokens) or
+    # "first_turn" (a chat's turn 1, under the adapter's scope).
+    route_scope: str
     expert_probabilities: list[float]
     expert_weights: list[float]
 

@@ -21,6 +21,7 @@ from vllm.v1.metrics.prometheus import get_prometheus_registry
 
 from ptmoe_serve.api import files, fine_tuning, management, vllm_lora
 from ptmoe_serve.api.auth import AccessPolicy
+from ptmoe_serve.api.chat_scope import scoped_chat_rendering
 from ptmoe_serve.api.errors import RequestError, request_error_handler, store_error_handler
 from ptmoe_serve.api.middleware import (AccessMiddleware, BodyLimitMiddleware,
                                         ResidencyMiddleware, ResponseHeadersMiddleware)
@@ -79,6 +80,9 @@ def add_project_routes(app: FastAPI, services: Services, access: AccessPolicy) -
     # vLLM's serving layer resolves model names through this table: adapters are in it. (This
     # and the serving objects' methods replaced below are named in engine/vllm_internals.py.)
     state.openai_serving_models.lora_requests = services.client.names
+    # Every endpoint's chat is rendered here: what the router reads follows its scope.
+    state.online_renderer.preprocess_chat = scoped_chat_rendering(
+        state.online_renderer.preprocess_chat, services.registry, services.metrics)
     for serving in state._state.values():
         if not isinstance(serving, BaseServing):
             continue

@@ -18,6 +18,7 @@ import asyncio
 import time
 from collections.abc import AsyncGenerator, Iterator, Mapping
 from contextvars import ContextVar
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
@@ -28,12 +29,14 @@ from vllm.sampling_params import RequestOutputKind, SamplingParams
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from ptmoe_serve.adapters.catalog import AdapterCatalog
+from ptmoe_serve.adapters.config import RouteScope
 from ptmoe_serve.adapters.registry import AdapterEntry, AdapterRegistry, Hold
 from ptmoe_serve.config import ROUTE_TOKENS
 from ptmoe_serve.engine.limits import RequestLimits
 from ptmoe_serve.engine.lora_stats import AdapterRequestNames
 from ptmoe_serve.metrics import Metrics
 from ptmoe_serve.routing.route import Route, RoutedRequest
+from ptmoe_serve.routing.scope import ROUTE_SCOPE, check_scope
 
 # The adapter versions an HTTP request's generations were routed with (set per request by the
 # server, which reports them in a response header).
@@ -44,6 +47,20 @@ COLD_START: ContextVar[float | None] = ContextVar("cold_start", default=None)
 # The HTTP request's hold on its adapter (set by the server, which made the adapter resident
 # for it): its engine requests share it rather than hold the adapter again.
 REQUEST_HOLD: ContextVar[Hold | None] = ContextVar("request_hold", default=None)
+
+
+@dataclass(frozen=True)
+class ChatRouting:
+    """What the router reads of a rendered chat prompt, under its scope (routing/scope.py)."""
+
+    prompt_tokens: int  # the rendered prompt's length: it applies to that prompt alone
+    route_tokens: int
+    scope: RouteScope  # the scope applied: "prompt" where first_turn fell back to it
+
+
+# The last chat prompt the request rendered, with what its router reads (set by the server's
+# chat renderer, api/chat_scope.py).
+CHAT_ROUTING: ContextVar[ChatRouting | None] = ContextVar("chat_routing", default=None)
 
 
 class AdapterRequest(LoRARequest, kw_only=True):
@@ -122,11 +139,12 @@ class AdapterEngineClient:
         if served is not None:
             served.add(entry.version)
         ids = self._token_ids(prompt, entry)
-        request = RoutedRequest(entry, ids, self._route_tokens(sampling_params, len(ids)))
         self._check_prompt_logprobs(sampling_params)
         params = self._fit(sampling_params, entry, len(ids))
-        return self._observed(entry.name, entry, params, self._generate_routed(
-            request, prompt, params, request_id, kwargs))
+        routed = self._generate_routed(
+            RoutedRequest(entry, ids, self._route_tokens(sampling_params, len(ids))), prompt,
+            params, request_id, kwargs)
+        return self._observed(entry.name, entry, params, routed)
 
     # -- checks, before anything runs ------------------------------------------------------
 
@@ -171,8 +189,19 @@ class AdapterEngineClient:
         return ids
 
     def _route_tokens(self, params: SamplingParams, prompt_tokens: int) -> int:
-        value = (params.extra_args or {}).get(ROUTE_TOKENS)
+        """What the router reads: the request's own count; else, for a chat, what its scope
+        says; else the whole prompt."""
+        extra = params.extra_args or {}
+        if ROUTE_SCOPE in extra:  # a chat's renderer read it already; a completion's is checked
+            try:
+                check_scope(extra[ROUTE_SCOPE], f"vllm_xargs.{ROUTE_SCOPE}")
+            except ValueError as e:
+                raise VLLMValidationError(str(e), parameter="vllm_xargs") from None
+        value = extra.get(ROUTE_TOKENS)
         if value is None:
+            chat = CHAT_ROUTING.get()
+            if chat is not None and chat.prompt_tokens == prompt_tokens:
+                return chat.route_tokens
             return prompt_tokens
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise VLLMValidationError(

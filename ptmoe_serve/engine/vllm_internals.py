@@ -39,6 +39,10 @@ CALLABLES = {
         "self, prompt, request_id, params, lora_request=, trace_headers=, session_id=",
     "vllm.entrypoints.openai.completion.serving.OpenAIServingCompletion.create_completion":
         "self, request, raw_request=",
+    # Wrapped on the app's one renderer (api/chat_scope.py): every endpoint's chats.
+    "vllm.renderers.online_renderer.OnlineRenderer.preprocess_chat":
+        "self, request, messages, default_template, default_template_content_format, "
+        "default_template_kwargs, tool_dicts=, parser=, *, skip_mm_cache=",
     # vLLM's per-LoRA request accounting (engine/lora_stats.py) and the running count
     # (engine/engine.py).
     "vllm.v1.engine.output_processor.OutputProcessor.add_request":

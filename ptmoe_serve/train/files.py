@@ -2,9 +2,9 @@
 adapter store (so every server and fine-tuning worker over the store sees the same files), each
 as its bytes and a small record beside them.
 
-A file is checked at upload for being JSONL, a JSON object on every line that is not blank;
-what its lines mean (chat or prompt/completion examples) is checked, line by line, by the job
-that uses it."""
+A file is checked at upload for being JSONL, a JSON object on every line that is not blank, and
+for OpenAI's rules on chat messages' `weight` (which need no tokenizer); what its lines mean
+(chat or prompt/completion examples) is checked, line by line, by the job that uses it."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ptmoe_serve.disk import store_writes, write_atomically
+from ptmoe_serve.train.data import weight_problem
 
 FILES_FOLDER = ".ptmoe-files"
 PURPOSE = "fine-tune"
@@ -52,7 +53,7 @@ class TrainingFile:
 
 def count_jsonl_lines(data: bytes) -> int:
     """The number of JSON objects in `data`, one a line (blank lines skipped); a FileError
-    naming the first line that is not one."""
+    naming the first line that is not one, or whose messages' weights are not OpenAI's."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -70,6 +71,9 @@ def count_jsonl_lines(data: bytes) -> int:
         if not isinstance(value, dict):
             raise FileError(f"line {number} is a JSON {type(value).__name__}, not an object; "
                             "fine-tuning takes JSONL: one JSON object a line")
+        problem = weight_problem(value.get("messages"))
+        if problem:
+            raise FileError(f"line {number}, {problem}")
         count += 1
     if count == 0:
         raise FileError("the file holds no lines; fine-tuning takes JSONL: one JSON object a "

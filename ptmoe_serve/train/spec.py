@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ptmoe_serve.adapters.config import MAX_EXPERTS, MAX_RANK, AdapterConfig
+from ptmoe_serve.adapters.config import MAX_EXPERTS, MAX_RANK, AdapterConfig, RouteScope
 
 MAX_EPOCHS = 50
 MAX_BATCH_SIZE = 256
@@ -40,6 +40,10 @@ class AdapterShape(BaseModel):
     top_k: int = Field(1, ge=1, le=MAX_EXPERTS, description="experts each prompt uses")
     router_scaling: Literal["probability", "none"] = Field(
         "probability", description="kept experts weighted by their router probability, or 1")
+    route_scope: RouteScope = Field(
+        "prompt", description="what the router reads of a chat: the whole prompt, or turn 1's "
+                              "(first_turn: a conversation's later turns reuse the prefix "
+                              "cache); a completion is routed on its whole prompt")
 
     @model_validator(mode="after")
     def _top_k_within_experts(self) -> AdapterShape:

@@ -67,8 +67,8 @@ def answer_scores(model, embed, module: PtMoePrompt, examples: list[Example]
     prompt position is a fifth of a step's time, for nothing."""
     with torch.no_grad():
         device = embed.weight.device
-        means = torch.stack([embed(torch.tensor(e.prompt_ids, device=device)).float().mean(0)
-                             for e in examples])
+        routed = [torch.tensor(e.prompt_ids[: e.route_tokens], device=device) for e in examples]
+        means = torch.stack([embed(ids).float().mean(0) for ids in routed])
     inputs, mask, labels = batch_inputs(examples, module(means), embed)
     hidden = model.get_decoder()(inputs_embeds=inputs, attention_mask=mask).last_hidden_state
     targets = labels[:, 1:]
@@ -126,7 +126,7 @@ def train(settings: TrainSettings, on_step: Callable[[Progress], None] | None = 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(settings.model_dir)
-    examples = load_examples(settings.data, tokenizer)
+    examples = load_examples(settings.data, tokenizer, settings.route_scope)
     model = AutoModelForCausalLM.from_pretrained(settings.model_dir, dtype=torch.float32).eval()
     model.requires_grad_(False)
     embed = model.get_input_embeddings()

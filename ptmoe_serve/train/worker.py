@@ -248,14 +248,15 @@ class FineTuningWorker:
         job_id = job["id"]
         folder = self.jobs.job_folder(job_id) / CHECKPOINTS
         data = self.files.content_path(job["training_file"])
-        examples = read_examples(data, self.tokenizer)
+        adapter = JobAdapter.model_validate(job.get("adapter") or {})
+        examples = read_examples(data, self.tokenizer, adapter.route_scope)
         validation = read_examples(self.files.content_path(job["validation_file"]),
-                                   self.tokenizer)[:MAX_VALIDATION_EXAMPLES] \
+                                   self.tokenizer, adapter.route_scope
+                                   )[:MAX_VALIDATION_EXAMPLES] \
             if job.get("validation_file") else []
         hyperparameters = Hyperparameters.model_validate(job["hyperparameters"])
         epoch_steps = math.ceil(len(examples) / hyperparameters.batch_size)
         steps = hyperparameters.n_epochs * epoch_steps
-        adapter = JobAdapter.model_validate(job.get("adapter") or {})
         settings = TrainSettings(
             **adapter.model_dump(exclude={"task_text"}),
             model_dir=self.model_dir, base_name=self.base_name, data=data, output=folder,

@@ -46,6 +46,15 @@ def test_upload_list_retrieve_download_delete(client):
     (b'{"prompt": "a", "completion": "b"}\nnot json\n', "fine-tune", "line 2 is not JSON"),
     (b'{"prompt": "a"}\n[1, 2]\n', "fine-tune", "line 2 is a JSON list"),
     (b"\n\n", "fine-tune", "holds no lines"),
+    # OpenAI's rules on weights, checked at upload.
+    (b'{"prompt": "a", "completion": "b"}\n{"messages": [{"role": "user", "content": "a"}, '
+     b'{"role": "assistant", "content": "b", "weight": 2}]}\n', "fine-tune",
+     "line 2, message 1: weight must be 0 or 1; got 2"),
+    (b'{"messages": [{"role": "system", "content": "s", "weight": 0}, {"role": "user", '
+     b'"content": "a"}, {"role": "assistant", "content": "b"}]}\n', "fine-tune",
+     "line 1, message 0: weight is taken on assistant messages only"),
+    (b'{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", '
+     b'"weight": 0}]}\n', "fine-tune", "line 1, every assistant message has weight 0"),
     (b"\xff\xfe", "fine-tune", "not UTF-8"),
     (EXAMPLES, "assistants", "purpose 'assistants'"),
 ])

@@ -120,29 +120,60 @@ def test_lora_baseline_of_about_the_same_size_in_peft_format(model_dir, data, tm
 
 
 def test_examples_are_the_ids_the_server_reads_and_answers_end_the_sequence(tokenizer):
-    from ptmoe_serve.train.data import encode_example
+    from ptmoe_serve.train.data import encode_examples
 
-    plain = encode_example({"prompt": "Capital of France:", "answer": " Paris"}, tokenizer)
+    (plain,) = encode_examples({"prompt": "Capital of France:", "answer": " Paris"}, tokenizer)
     assert plain.prompt_ids == tokenizer.encode("Capital of France:")
     assert plain.answer_ids == [*tokenizer.encode(" Paris"), tokenizer.eos_token_id]
+    assert plain.route_tokens == len(plain.prompt_ids)
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Ahoy"}]
-    chat = encode_example({"messages": messages}, tokenizer)
+    (chat,) = encode_examples({"messages": messages}, tokenizer)
     prompt = tokenizer.apply_chat_template(messages[:1], add_generation_prompt=True,
                                            tokenize=False)
     assert chat.prompt_ids == tokenizer.encode(prompt, add_special_tokens=False)
     assert chat.answer_ids == [*tokenizer.encode("Ahoy"), tokenizer.eos_token_id]
-    with pytest.raises(ValueError, match="end with the assistant"):
-        encode_example({"messages": messages[:1]}, tokenizer)
+    # One turn: routed on all of it under either scope.
+    assert encode_examples({"messages": messages}, tokenizer, "first_turn") == [chat]
+    with pytest.raises(ValueError, match="end with an assistant message"):
+        encode_examples({"messages": messages[:1]}, tokenizer)
     # OpenAI's formats: prompt/completion, a system message kept, text content parts joined.
-    assert encode_example({"prompt": "Capital of France:", "completion": " Paris"},
-                          tokenizer) == plain
+    assert encode_examples({"prompt": "Capital of France:", "completion": " Paris"},
+                           tokenizer) == [plain]
     system = [{"role": "system", "content": "Be brief."}, *messages]
-    with_system = encode_example({"messages": system}, tokenizer)
+    (with_system,) = encode_examples({"messages": system}, tokenizer)
     assert with_system.prompt_ids == tokenizer.encode(tokenizer.apply_chat_template(
         system[:2], add_generation_prompt=True, tokenize=False), add_special_tokens=False)
     parts = [messages[0], {"role": "assistant", "content": [
         {"type": "text", "text": "Ah"}, {"type": "text", "text": "oy"}]}]
-    assert encode_example({"messages": parts}, tokenizer) == chat
+    assert encode_examples({"messages": parts}, tokenizer) == [chat]
+
+
+def test_a_conversation_trains_each_assistant_turn_of_weight_1_routed_as_served(tokenizer):
+    """Each trained turn's prompt is the conversation before it, as the server renders that
+    turn; the router reads all of it (prompt), or turn 1's prompt (first_turn)."""
+    from ptmoe_serve.train.data import encode_examples
+
+    def rendered(messages):
+        return tokenizer.encode(tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False), add_special_tokens=False)
+
+    conversation = [{"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Ahoy"},
+                    {"role": "user", "content": "Name a sea"},
+                    {"role": "assistant", "content": "Red", "weight": 0},
+                    {"role": "user", "content": "Another"},
+                    {"role": "assistant", "content": "Black", "weight": 1}]
+    whole = encode_examples({"messages": conversation}, tokenizer, "prompt")
+    first = encode_examples({"messages": conversation}, tokenizer, "first_turn")
+    turn_one = len(rendered(conversation[:2]))
+    assert [e.prompt_ids for e in whole] == [rendered(conversation[:2]),
+                                             rendered(conversation[:6])]
+    assert [e.answer_ids for e in whole] == [
+        [*tokenizer.encode(text), tokenizer.eos_token_id] for text in ("Ahoy", "Black")]
+    assert [e.route_tokens for e in whole] == [len(e.prompt_ids) for e in whole]
+    assert [e.prompt_ids for e in first] == [e.prompt_ids for e in whole]
+    assert [e.route_tokens for e in first] == [turn_one, turn_one]
+    assert turn_one < len(first[1].prompt_ids)
 
 
 @pytest.mark.parametrize("line, message", [
@@ -152,6 +183,12 @@ def test_examples_are_the_ids_the_server_reads_and_answers_end_the_sequence(toke
     ('{"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]}',
      "message 0 content must be a string"),
     ('{"messages": [{"role": "assistant", "content": "x"}]}', "a message before"),
+    ('{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "x", '
+     '"weight": 0.5}]}', "message 1: weight must be 0 or 1; got 0.5"),
+    ('{"messages": [{"role": "user", "content": "Hi", "weight": 1}, {"role": "assistant", '
+     '"content": "x"}]}', "message 0: weight is taken on assistant messages only"),
+    ('{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "x", '
+     '"weight": 0}]}', "every assistant message has weight 0"),
     ('{"prompt": "a", "completion": null}', "completion must be a string"),
     ('{"text": "a"}', "needs 'messages', or 'prompt' and 'completion'"),
     ('[1]', "must be a JSON object"),
@@ -170,13 +207,14 @@ def test_the_step_loss_is_the_models_own_loss_on_the_answer_tokens(model_dir, to
     prompt's gradient are the model's own (every position projected) all the same."""
     from transformers import AutoModelForCausalLM
 
-    from ptmoe_serve.train.data import encode_example
+    from ptmoe_serve.train.data import encode_examples
     from ptmoe_serve.train.trainer import answer_scores, batch_inputs
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     model.requires_grad_(False)
     embed = model.get_input_embeddings()
-    examples = [encode_example(e, tokenizer) for e in EXAMPLES]  # answers of unequal length
+    # Answers of unequal length.
+    examples = [e for line in EXAMPLES for e in encode_examples(line, tokenizer)]
     module = PtMoePrompt(random_adapter(hidden_size=embed.weight.shape[1], prompt_length=4,
                                         seed=3), noise_std=0.0)
     ours = answer_scores(model, embed, module, examples)[0]
