@@ -167,3 +167,24 @@ def test_the_responses_api_routes_a_previous_responses_conversation_on_its_first
                                 MAX_TOKENS, route_tokens=turn_one)
     assert second.output_text == tokenizer.decode(expected, skip_special_tokens=True)
     assert hit >= KV_BLOCK
+
+
+def test_a_prompt_turn_one_is_no_prefix_of_is_routed_whole_and_counted(
+        server, adapters_dir, hf_model):
+    """A prompt cut on the left (truncate_prompt_tokens) no longer starts with turn 1's: the
+    router reads all of it, and the fallback is counted."""
+    name = f"{ADAPTER}-first-turn-fallback"
+    upload_first_turn_copy(server, adapters_dir, name)
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTIONS[0]},
+                {"role": "assistant", "content": "Yes."}, {"role": "user", "content": QUESTIONS[1]}]
+    fallbacks = metric(server.url, "ptmoe_route_scope_fallback_total")
+    try:
+        answer = chat(server, name, messages, truncate_prompt_tokens=100)
+    finally:
+        httpx.delete(f"{server.url}/v1/adapters/{name}", params={"purge": "true"},
+                     headers=admin_headers(), timeout=60)
+    prompt = answer["prompt_token_ids"]
+    assert len(prompt) == 100
+    assert answer["choices"][0]["token_ids"] == reference_greedy(
+        hf_model, adapters_dir / ADAPTER, prompt, MAX_TOKENS)
+    assert metric(server.url, "ptmoe_route_scope_fallback_total") == fallbacks + 1
