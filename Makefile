@@ -63,6 +63,7 @@ bench-full: model
 	$(PY) -m bench.reconcile --adapters 10000 100000
 	$(PY) -m bench.fleet --work build/bench
 	$(PY) -m bench.fine_tune
+	$(PY) -m bench.conversations --conversations 32 --turns 6 --system-tokens 1000 --answer-tokens 16 --adapters 1 64
 
 # Train the shipped task adapters and their baselines (PT, LoRA) and score them all through
 # the servers (about an hour here); writes adapters/<task> and bench/results/quality.json.

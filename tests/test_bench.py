@@ -195,3 +195,21 @@ def test_the_lora_affinity_score_is_llm_ds():
     assert lora_affinity(1, seen) == 1.0
     assert lora_affinity(3, seen) == 0.8  # 2 running + 2 waiting < 5
     assert lora_affinity(3, Seen(3, frozenset({1, 2, 4}), frozenset(), 5)) == 0.0
+
+
+def test_the_conversation_benchmark_reads_turn_one_apart_from_the_later_turns(tokenizer):
+    from bench.conversations import questions, summarize, system_prompt
+
+    assert 1000 <= len(tokenizer.encode(system_prompt(tokenizer, 1000))) < 1100
+    assert questions(4, 3) == questions(4, 3) and len({q[0] for q in questions(32, 1)}) > 16
+    rounds = [{"turn": 1, "seconds": 2.0, "ttft": [1.0, 3.0], "output_tokens": 32,
+               "prefix_cache_queries": 1000, "prefix_cache_hits": 0},
+              {"turn": 2, "seconds": 1.0, "ttft": [0.5, 0.7], "output_tokens": 32,
+               "prefix_cache_queries": 1200, "prefix_cache_hits": 1024},
+              {"turn": 3, "seconds": 1.0, "ttft": [0.6, 0.9], "output_tokens": 32,
+               "prefix_cache_queries": 1400, "prefix_cache_hits": 1152}]
+    summary = summarize(rounds, 4.0)
+    assert summary["hit_rate_turn_1"] == 0.0
+    assert summary["hit_rate_later_turns"] == (1024 + 1152) / 2600
+    assert summary["output_tokens_per_second"] == 96 / 4.0
+    assert summary["ttft_turn_1_p99"] == 3.0 and summary["ttft_later_turns_p99"] == 0.9
