@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -122,6 +123,11 @@ E2E_ADAPTERS = {
                        router_scaling="probability"),
 }
 
+# name -> (the E2E adapter whose weights it has, its routing scope): chats routed on turn 1.
+SCOPED_ADAPTERS = {"top1-first-turn": ("top1", "first_turn")}
+# Every adapter in the shared servers' store.
+STORE = [*E2E_ADAPTERS, *SHIPPED, *SCOPED_ADAPTERS]
+
 
 @pytest.fixture(scope="session")
 def hf_model(model_dir):
@@ -154,6 +160,10 @@ def adapters_dir(tmp_path_factory, model_dir, tokenizer) -> Path:
         write_adapter(text_experts_adapter(table, texts, seed, **spec), folder / name)
     for name in SHIPPED:
         shutil.copytree(REPO_ADAPTERS / name, folder / name)
+    for name, (source, scope) in SCOPED_ADAPTERS.items():
+        shutil.copytree(folder / source, folder / name)
+        config = folder / name / "adapter_config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), "route_scope": scope}))
     return folder
 
 

@@ -1,7 +1,7 @@
 """A chat's routing scope on the shared servers: under an adapter whose `route_scope` is
-`first_turn`, a conversation's later turns are routed on turn 1's prompt, so vLLM's prefix cache
-serves the turns before the new one, and the answers are transformers' on [P; turn k's prompt]
-with P routed on turn 1's prompt."""
+`first_turn` (the store's `top1-first-turn`: `top1`'s weights), a conversation's later turns are
+routed on turn 1's prompt, so vLLM's prefix cache serves the turns before the new one, and the
+answers are transformers' on [P; turn k's prompt] with P routed on turn 1's prompt."""
 
 import httpx
 import openai
@@ -13,6 +13,7 @@ from helpers import reference_greedy, reference_prompt_logprobs
 from ptmoe_serve.adapters.format import CONFIG_FILE, WEIGHTS_FILE
 
 ADAPTER = "top1"  # probability scaling: its soft prompt moves with every routed token
+FIRST_TURN = "top1-first-turn"  # the same weights, route_scope "first_turn" (conftest)
 MAX_TOKENS = 6
 KV_BLOCK = 128  # positions, on the CPU
 # Over one KV block: turn 1's prompt is over 128 positions.
@@ -25,18 +26,6 @@ QUESTIONS = ["Do you have a room for two nights?", "Is breakfast included?",
 def client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=300,
                          max_retries=0)
-
-
-def upload_first_turn_copy(server, adapters_dir, name: str) -> None:
-    """`ADAPTER`'s weights under `name`, its config saying `first_turn`."""
-    config = (adapters_dir / ADAPTER / CONFIG_FILE).read_text()
-    config = config.rstrip().rstrip("}") + ', "route_scope": "first_turn"}'
-    response = httpx.put(f"{server.url}/v1/adapters/{name}", headers=admin_headers(), files={
-        CONFIG_FILE: (CONFIG_FILE, config.encode()),
-        WEIGHTS_FILE: (WEIGHTS_FILE, (adapters_dir / ADAPTER / WEIGHTS_FILE).read_bytes())},
-        timeout=120)
-    assert response.status_code == 200, response.text
-    assert response.json()["route_scope"] == "first_turn"
 
 
 def rendered(tokenizer, messages) -> list[int]:
@@ -52,61 +41,51 @@ def chat(server, model: str, messages, **extra) -> dict:
     return response.json()
 
 
-@pytest.mark.parametrize("route", ["engine", "api"])
 def test_a_conversations_later_turns_reuse_the_prefix_cache_and_answer_as_transformers(
-        routed_server, route, adapters_dir, tokenizer, hf_model):
-    server, name = routed_server, f"{ADAPTER}-first-turn-{route}"
-    upload_first_turn_copy(server, adapters_dir, name)
+        routed_server, adapters_dir, tokenizer, hf_model):
+    """On both routes (routed_server)."""
+    server = routed_server
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTIONS[0]}]
     turn_one = len(rendered(tokenizer, messages))
     assert turn_one > KV_BLOCK
-    try:
-        for turn, question in enumerate(QUESTIONS, start=1):
-            if turn > 1:
-                messages.append({"role": "user", "content": question})
-            prompt = rendered(tokenizer, messages)
-            hits = metric(server.url, "vllm:prefix_cache_hits_total")
-            answer = chat(server, name, messages)
-            hit = metric(server.url, "vllm:prefix_cache_hits_total") - hits
-            assert answer["prompt_token_ids"] == prompt
-            expected = reference_greedy(hf_model, adapters_dir / ADAPTER, prompt, MAX_TOKENS,
-                                        route_tokens=turn_one)
-            assert answer["choices"][0]["token_ids"] == expected, turn
-            if turn > 1:
-                # Turn 1's whole blocks at least: [soft prompt; system prompt; question].
-                assert hit >= KV_BLOCK, (turn, hit)
-                # The adapter's own scope, or any adapter's asked for by the request.
-                asked = chat(server, ADAPTER, messages,
-                             vllm_xargs={"ptmoe_route_scope": "first_turn"})
-                assert asked["choices"][0]["token_ids"] == expected
-            messages.append({"role": "assistant",
-                             "content": answer["choices"][0]["message"]["content"]})
-        routing = httpx.post(f"{server.url}/v1/routing", json={
-            "model": name, "messages": messages[:-1]}, timeout=60).json()["data"][0]
-        assert routing["route_scope"] == "first_turn" and routing["routed_tokens"] == turn_one
-        whole = httpx.post(f"{server.url}/v1/routing", json={
-            "model": ADAPTER, "messages": messages[:-1]}, timeout=60).json()["data"][0]
-        assert whole["route_scope"] == "prompt"
-        assert whole["routed_tokens"] == whole["prompt_tokens"] > turn_one
-    finally:
-        httpx.delete(f"{server.url}/v1/adapters/{name}", params={"purge": "true"},
-                     headers=admin_headers(), timeout=60)
+    for turn, question in enumerate(QUESTIONS, start=1):
+        if turn > 1:
+            messages.append({"role": "user", "content": question})
+        prompt = rendered(tokenizer, messages)
+        hits = metric(server.url, "vllm:prefix_cache_hits_total")
+        answer = chat(server, FIRST_TURN, messages)
+        hit = metric(server.url, "vllm:prefix_cache_hits_total") - hits
+        assert answer["prompt_token_ids"] == prompt
+        expected = reference_greedy(hf_model, adapters_dir / ADAPTER, prompt, MAX_TOKENS,
+                                    route_tokens=turn_one)
+        assert answer["choices"][0]["token_ids"] == expected, turn
+        if turn > 1:
+            # Turn 1's whole blocks at least: [soft prompt; system prompt; question].
+            assert hit >= KV_BLOCK, (turn, hit)
+            # The adapter's own scope, or any adapter's asked for by the request.
+            asked = chat(server, ADAPTER, messages, vllm_xargs={"ptmoe_route_scope": "first_turn"})
+            assert asked["choices"][0]["token_ids"] == expected
+        messages.append({"role": "assistant",
+                         "content": answer["choices"][0]["message"]["content"]})
+    card = httpx.get(f"{server.url}/v1/adapters/{FIRST_TURN}", headers=admin_headers()).json()
+    assert card["route_scope"] == "first_turn"
+    routing = httpx.post(f"{server.url}/v1/routing", json={
+        "model": FIRST_TURN, "messages": messages[:-1]}, timeout=60).json()["data"][0]
+    assert routing["route_scope"] == "first_turn" and routing["routed_tokens"] == turn_one
+    whole = httpx.post(f"{server.url}/v1/routing", json={
+        "model": ADAPTER, "messages": messages[:-1]}, timeout=60).json()["data"][0]
+    assert whole["route_scope"] == "prompt"
+    assert whole["routed_tokens"] == whole["prompt_tokens"] > turn_one
 
 
 def test_a_later_turns_prompt_logprobs_are_transformers_routed_on_turn_one(
         server, adapters_dir, tokenizer, hf_model):
     """Sharper than greedy tokens: every prompt position's logprob, on the turn-1 routing and
     not on the whole prompt's."""
-    name = f"{ADAPTER}-first-turn-logprobs"
-    upload_first_turn_copy(server, adapters_dir, name)
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTIONS[0]},
                 {"role": "assistant", "content": "Yes, we do."},
                 {"role": "user", "content": QUESTIONS[1]}]
-    try:
-        body = chat(server, name, messages, prompt_logprobs=0)
-    finally:
-        httpx.delete(f"{server.url}/v1/adapters/{name}", params={"purge": "true"},
-                     headers=admin_headers(), timeout=60)
+    body = chat(server, FIRST_TURN, messages, prompt_logprobs=0)
     prompt = body["prompt_token_ids"]
     served = [lp[str(t)]["logprob"] for t, lp in zip(prompt, body["prompt_logprobs"])]
     turn_one = len(rendered(tokenizer, messages[:2]))
@@ -118,11 +97,10 @@ def test_a_later_turns_prompt_logprobs_are_transformers_routed_on_turn_one(
 
 
 def test_an_explicit_route_token_count_wins_and_an_unknown_scope_is_refused(
-        server, adapters_dir, tokenizer, hf_model, client):
+        server, adapters_dir, hf_model, client):
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTIONS[0]},
                 {"role": "assistant", "content": "Yes."}, {"role": "user", "content": QUESTIONS[1]}]
-    answer = chat(server, ADAPTER, messages, vllm_xargs={"ptmoe_route_scope": "first_turn",
-                                                          "ptmoe_route_tokens": 9})
+    answer = chat(server, FIRST_TURN, messages, vllm_xargs={"ptmoe_route_tokens": 9})
     assert answer["choices"][0]["token_ids"] == reference_greedy(
         hf_model, adapters_dir / ADAPTER, answer["prompt_token_ids"], MAX_TOKENS, route_tokens=9)
     for request in (
@@ -144,25 +122,20 @@ def test_an_explicit_route_token_count_wins_and_an_unknown_scope_is_refused(
 
 def test_the_responses_api_routes_a_previous_responses_conversation_on_its_first_turn(
         server, client, adapters_dir, tokenizer, hf_model):
-    name = f"{ADAPTER}-first-turn-responses"
-    upload_first_turn_copy(server, adapters_dir, name)
-    try:
-        first = client.responses.create(model=name, input=QUESTIONS[0], instructions=SYSTEM,
-                                        max_output_tokens=MAX_TOKENS, temperature=0)
-        hits = metric(server.url, "vllm:prefix_cache_hits_total")
-        # Instructions are not carried over from a previous response (OpenAI's rule): given
-        # again, as the conversation's system prompt.
-        second = client.responses.create(model=name, input=QUESTIONS[1], instructions=SYSTEM,
-                                         previous_response_id=first.id,
-                                         max_output_tokens=MAX_TOKENS, temperature=0)
-        hit = metric(server.url, "vllm:prefix_cache_hits_total") - hits
-    finally:
-        httpx.delete(f"{server.url}/v1/adapters/{name}", params={"purge": "true"},
-                     headers=admin_headers(), timeout=60)
+    question = "What time is breakfast served?"
+    first = client.responses.create(model=FIRST_TURN, input=QUESTIONS[0], instructions=SYSTEM,
+                                    max_output_tokens=MAX_TOKENS, temperature=0)
+    hits = metric(server.url, "vllm:prefix_cache_hits_total")
+    # Instructions are not carried over from a previous response (OpenAI's rule): given
+    # again, as the conversation's system prompt.
+    second = client.responses.create(model=FIRST_TURN, input=question, instructions=SYSTEM,
+                                     previous_response_id=first.id,
+                                     max_output_tokens=MAX_TOKENS, temperature=0)
+    hit = metric(server.url, "vllm:prefix_cache_hits_total") - hits
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTIONS[0]}]
     turn_one = len(rendered(tokenizer, messages))
     messages += [{"role": "assistant", "content": first.output_text},
-                 {"role": "user", "content": QUESTIONS[1]}]
+                 {"role": "user", "content": question}]
     expected = reference_greedy(hf_model, adapters_dir / ADAPTER, rendered(tokenizer, messages),
                                 MAX_TOKENS, route_tokens=turn_one)
     assert second.output_text == tokenizer.decode(expected, skip_special_tokens=True)
@@ -173,16 +146,10 @@ def test_a_prompt_turn_one_is_no_prefix_of_is_routed_whole_and_counted(
         server, adapters_dir, hf_model):
     """A prompt cut on the left (truncate_prompt_tokens) no longer starts with turn 1's: the
     router reads all of it, and the fallback is counted."""
-    name = f"{ADAPTER}-first-turn-fallback"
-    upload_first_turn_copy(server, adapters_dir, name)
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTIONS[0]},
                 {"role": "assistant", "content": "Yes."}, {"role": "user", "content": QUESTIONS[1]}]
     fallbacks = metric(server.url, "ptmoe_route_scope_fallback_total")
-    try:
-        answer = chat(server, name, messages, truncate_prompt_tokens=100)
-    finally:
-        httpx.delete(f"{server.url}/v1/adapters/{name}", params={"purge": "true"},
-                     headers=admin_headers(), timeout=60)
+    answer = chat(server, FIRST_TURN, messages, truncate_prompt_tokens=100)
     prompt = answer["prompt_token_ids"]
     assert len(prompt) == 100
     assert answer["choices"][0]["token_ids"] == reference_greedy(

@@ -10,8 +10,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import (API_ROUTE_QUEUE_LIMIT, BASE, E2E_ADAPTERS, SHIPPED, admin_headers,
-                      shared_admin_key_file)
+from conftest import API_ROUTE_QUEUE_LIMIT, BASE, STORE, admin_headers, shared_admin_key_file
 from helpers import reference_greedy, reference_prompt_logprobs
 
 PROMPT = "Once upon a time, there was a little"
@@ -37,9 +36,9 @@ def test_models_lists_the_base_model_and_every_adapter_in_the_store(client, serv
     client.completions.create(model="dense", prompt="Hi", max_tokens=1)  # resident: its card
     listed = client.models.list()
     models = {m.id: m for m in listed.data}
-    assert set(models) == {BASE, *SHIPPED, *E2E_ADAPTERS}
+    assert set(models) == {BASE, *STORE}
     in_store = httpx.get(f"{server.url}/v1/models").json()["adapters_in_store"]
-    assert in_store == len(SHIPPED) + len(E2E_ADAPTERS)
+    assert in_store == len(STORE)
     card = models["dense"].model_dump()
     assert card["parent"] == BASE and card["owned_by"] == "ptmoe_serve"
     assert card["adapter"]["num_experts"] == 3 and card["adapter"]["top_k"] == 3
@@ -297,8 +296,8 @@ def test_metrics_hold_vllms_series_and_the_adapters_own(client, server):
     assert metric_value(server, "ptmoe_prompt_tokens_total", adapter="dense") >= 4
     assert metric_value(server, "ptmoe_e2e_request_latency_seconds_count", adapter="dense") >= 4
     assert metric_value(server, "ptmoe_time_to_first_token_seconds_count", adapter="dense") >= 4
-    assert metric_value(server, "ptmoe_adapters_in_store") == len(E2E_ADAPTERS) + len(SHIPPED)
-    assert 1 <= metric_value(server, "ptmoe_adapters_resident") <= len(E2E_ADAPTERS) + len(SHIPPED)
+    assert metric_value(server, "ptmoe_adapters_in_store") == len(STORE)
+    assert 1 <= metric_value(server, "ptmoe_adapters_resident") <= len(STORE)
     # A name that does not exist never becomes a label.
     assert not any(s.labels.get("adapter") == "missing" for s in metric_samples(server))
 

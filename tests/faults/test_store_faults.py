@@ -4,7 +4,7 @@ its journal damaged, and processes SIGKILLed at named points of an upload, a rep
 and an unload (failpoints, disk.py), one of them while the server runs; and changes that race
 a cold load. Each checks the answer (status, code, message), that nothing acknowledged is lost,
 that other adapters answer as before, and that a stream running meanwhile does not pause more
-than a second beyond its worst gap measured just before the fault.
+than ALLOWANCE beyond its worst gap measured just before and after the fault.
 
 Mounting needs root (as on the build machines); elsewhere the module is skipped, saying why."""
 
@@ -33,6 +33,13 @@ PROMPT = "Once upon a time, there was a little"
 LOCK_TIMEOUT = 1.0
 # How long a stream runs before a fault, to measure its worst gap without one.
 BASELINE_SECONDS = 3
+# How much longer than that the stream may pause during a fault. Beside the other test worker
+# (two servers and their engines on two cores) a stream paused once 1.79 s, 2.49 s into the
+# full-disk fault, against a baseline of 0.36 s, while the same server answered another
+# request 0.06 s into that pause: the machine's load, not a wait on the store (cause not yet
+# found). A stall on the store is longer: the 12 s of the lock this suite was built against,
+# and here the 6 s a peer holds it.
+ALLOWANCE = 3.0
 # Named points of a change at which a process doing only the store's work is killed: the
 # change, and the adapter it changes.
 KILLS = {
@@ -157,7 +164,7 @@ class Stream:
     """A streaming request for `steady` over the whole test, timing the gaps between its
     chunks: the worst in the seconds just before the fault and just after it is the baseline
     (what this machine's load makes of a stream: the other test worker shares its cores), and
-    the worst during the fault must stay within `allowance` of it.
+    the worst during the fault must stay within `allowance` (ALLOWANCE) of it.
 
     The chunks are timed in a process of their own (CLOCK_MONOTONIC is one clock for all
     processes). Timed by a thread of the test's process, they waited whenever the test held
@@ -185,7 +192,7 @@ class Stream:
         self.process.kill()
         self.process.wait()
 
-    def check(self, fault_began: float, fault_ended: float, allowance: float = 1.0,
+    def check(self, fault_began: float, fault_ended: float, allowance: float = ALLOWANCE,
               steps: tuple = ()) -> None:
         """`steps`: (what, when) the test did during the fault, named in a failure's message
         beside the gaps (each at its start, in seconds from the fault's)."""
