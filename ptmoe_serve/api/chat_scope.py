@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import functools
 
-from vllm.exceptions import VLLMValidationError
-
 from ptmoe_serve.adapters.registry import AdapterRegistry
-from ptmoe_serve.engine.client import CHAT_ROUTING, ChatRouting
+from ptmoe_serve.engine.client import CHAT_ROUTING, ChatRouting, requested_scope
 from ptmoe_serve.metrics import Metrics
-from ptmoe_serve.routing.scope import ROUTE_SCOPE, check_scope, first_turn, routed_length
+from ptmoe_serve.routing.scope import first_turn, routed_length
 
 # How turn 1 is rendered: as the prompt that asks for its answer, whatever the request asks of
 # its own last message.
@@ -51,12 +49,7 @@ def scoped_chat_rendering(preprocess_chat, registry: AdapterRegistry, metrics: M
 
 def _scope(request, registry: AdapterRegistry) -> str | None:
     """The request's scope; None for a model that is not a resident adapter."""
-    asked = (getattr(request, "vllm_xargs", None) or {}).get(ROUTE_SCOPE)
-    if asked is not None:
-        try:
-            check_scope(asked, f"vllm_xargs.{ROUTE_SCOPE}")
-        except ValueError as e:
-            raise VLLMValidationError(str(e), parameter="vllm_xargs") from None
+    asked = requested_scope(getattr(request, "vllm_xargs", None))
     entry = registry.find(getattr(request, "model", None) or "")
     if entry is None:
         return None

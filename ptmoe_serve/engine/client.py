@@ -58,6 +58,18 @@ class ChatRouting:
     scope: RouteScope  # the scope applied: "prompt" where first_turn fell back to it
 
 
+def requested_scope(vllm_xargs: Mapping | None) -> RouteScope | None:
+    """The scope a request asks for itself (`vllm_xargs.ptmoe_route_scope`), or None; a 400
+    naming the field where it is no scope."""
+    asked = (vllm_xargs or {}).get(ROUTE_SCOPE)
+    if asked is None:
+        return None
+    try:
+        return check_scope(asked, f"vllm_xargs.{ROUTE_SCOPE}")
+    except ValueError as e:
+        raise VLLMValidationError(str(e), parameter="vllm_xargs") from None
+
+
 # The last chat prompt the request rendered, with what its router reads (set by the server's
 # chat renderer, api/chat_scope.py).
 CHAT_ROUTING: ContextVar[ChatRouting | None] = ContextVar("chat_routing", default=None)
@@ -192,11 +204,7 @@ class AdapterEngineClient:
         """What the router reads: the request's own count; else, for a chat, what its scope
         says; else the whole prompt."""
         extra = params.extra_args or {}
-        if ROUTE_SCOPE in extra:  # a chat's renderer read it already; a completion's is checked
-            try:
-                check_scope(extra[ROUTE_SCOPE], f"vllm_xargs.{ROUTE_SCOPE}")
-            except ValueError as e:
-                raise VLLMValidationError(str(e), parameter="vllm_xargs") from None
+        requested_scope(extra)  # a chat's renderer read it already; a completion's is checked
         value = extra.get(ROUTE_TOKENS)
         if value is None:
             chat = CHAT_ROUTING.get()
