@@ -138,15 +138,23 @@ def test_the_responses_api_routes_a_previous_responses_conversation_on_its_first
     # again, as the conversation's system prompt.
     second = client.responses.create(model=FIRST_TURN, input=question, instructions=SYSTEM,
                                      previous_response_id=first.id,
-                                     max_output_tokens=RESPONSE_TOKENS, temperature=0)
+                                     max_output_tokens=RESPONSE_TOKENS, temperature=0,
+                                     include=["message.output_text.logprobs"], top_logprobs=0)
     hit = metric(server.url, "vllm:prefix_cache_hits_total") - hits
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTIONS[0]}]
     turn_one = len(rendered(tokenizer, messages))
     messages += [{"role": "assistant", "content": first.output_text},
                  {"role": "user", "content": question}]
-    expected = reference_greedy(hf_model, adapters_dir / ADAPTER, rendered(tokenizer, messages),
-                                RESPONSE_TOKENS, route_tokens=turn_one)
+    prompt = rendered(tokenizer, messages)
+    expected = reference_greedy(hf_model, adapters_dir / ADAPTER, prompt, RESPONSE_TOKENS,
+                                route_tokens=turn_one)
     assert second.output_text == tokenizer.decode(expected, skip_special_tokens=True)
+    # Sharper than the text: each answer token's logprob, as transformers scores it after
+    # [P; prompt; the answer before it], P routed on turn 1's prompt.
+    served = [token.logprob for token in second.output[0].content[0].logprobs]
+    scored = reference_prompt_logprobs(hf_model, adapters_dir / ADAPTER, prompt + expected,
+                                       route_tokens=turn_one)[-len(expected):]
+    assert served[:len(expected)] == pytest.approx(scored[:len(served)], abs=2e-3)
     assert hit >= KV_BLOCK
 
 
