@@ -14,6 +14,7 @@ from ptmoe_serve.adapters.format import CONFIG_FILE, WEIGHTS_FILE
 
 ADAPTER = "top1"  # probability scaling: its soft prompt moves with every routed token
 FIRST_TURN = "top1-first-turn"  # the same weights, route_scope "first_turn" (conftest)
+NONE_SCALED = "french"  # router_scaling "none", route_scope "prompt"
 MAX_TOKENS = 6
 # The Responses API gives no prompt logprobs: answers long enough that the soft prompt shows.
 RESPONSE_TOKENS = 24
@@ -156,6 +157,39 @@ def test_the_responses_api_routes_a_previous_responses_conversation_on_its_first
                                        route_tokens=turn_one)[-len(expected):]
     assert served[:len(expected)] == pytest.approx(scored[:len(served)], abs=2e-3)
     assert hit >= KV_BLOCK
+
+
+def kept_experts(server, model: str, messages) -> list[int]:
+    """The experts the router keeps for this chat, as /v1/routing shows them."""
+    routing = httpx.post(f"{server.url}/v1/routing", json={"model": model, "messages": messages},
+                         timeout=60).json()["data"][0]
+    return [i for i, weight in enumerate(routing["expert_weights"]) if weight]
+
+
+def test_prompts_that_keep_the_same_experts_share_a_none_scaled_adapters_cached_prefix(
+        routed_server, adapters_dir, tokenizer, hf_model):
+    """Under `router_scaling: "none"` the soft prompt is fixed by which experts the router
+    keeps: another conversation's turn 1 over the same system prompt, and a later turn routed
+    on its whole prompt (`french`'s scope is `prompt`), reuse the cached [P; system prompt] when
+    their router keeps the same experts. On both routes (routed_server)."""
+    server = routed_server
+    first = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTIONS[0]}]
+    other = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTIONS[2]}]
+    later = [*first, {"role": "assistant", "content": "Yes, we do."},
+             {"role": "user", "content": QUESTIONS[1]}]
+    # What the test stands on: one routing for all three (a 200-token system prompt dominates
+    # the mean embedding).
+    assert kept_experts(server, NONE_SCALED, first) == kept_experts(server, NONE_SCALED, other) \
+        == kept_experts(server, NONE_SCALED, later)
+    chat(server, NONE_SCALED, first)
+    for messages in (other, later):
+        hits = metric(server.url, "vllm:prefix_cache_hits_total")
+        answer = chat(server, NONE_SCALED, messages)
+        hit = metric(server.url, "vllm:prefix_cache_hits_total") - hits
+        prompt = rendered(tokenizer, messages)
+        assert answer["choices"][0]["token_ids"] == reference_greedy(
+            hf_model, adapters_dir / NONE_SCALED, prompt, MAX_TOKENS)
+        assert hit >= KV_BLOCK, hit
 
 
 def test_a_prompt_turn_one_is_no_prefix_of_is_routed_whole_and_counted(

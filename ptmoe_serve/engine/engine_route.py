@@ -3,8 +3,9 @@ adapter goes to the engine as its token ids and a routing key, and the engine's 
 the soft prompts of each step (vllm_model.py). Each adapter version is written into the
 workers' banks once, when it becomes resident (a request that comes first waits for it); the
 key names that version, so no cache can serve an older one. Once written, the entry keeps of an
-adapter only its router, for showing a prompt's routing (`routing`); the resident set keeps a
-decoded copy for its host tier, unless it has none (adapters/residency.py)."""
+adapter only its router, for showing a prompt's routing (`routing`) and for naming the experts
+a "none"-scaled adapter keeps (`_experts`); the resident set keeps a decoded copy for its host
+tier, unless it has none (adapters/residency.py)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from ptmoe_serve.engine.vllm_model import MODALITY, AdapterRef, pack_adapters
 from ptmoe_serve.adapters.bank import BankShape
 from ptmoe_serve.adapters.registry import AdapterEntry
 from ptmoe_serve.base_model import load_input_embeddings
+from ptmoe_serve.routing.reference import kept_experts
 from ptmoe_serve.routing.route import ExpertRouting, Route, RoutedRequest
 
 logger = logging.getLogger(__name__)
@@ -51,7 +53,18 @@ class EngineRoute(Route):
             written = self._start_write([entry])
         await asyncio.shield(written)
         return {"prompt_token_ids": request.token_ids,
-                "multi_modal_data": {MODALITY: ref.to_key(request.route_tokens)}}
+                "multi_modal_data": {MODALITY: ref.to_key(request.route_tokens,
+                                                          self._experts(request))}}
+
+    def _experts(self, request: RoutedRequest) -> list[int] | None:
+        """Under `router_scaling: "none"` the soft prompt is fixed by which experts the router
+        keeps, not by the tokens it reads: the key names those experts, so every prompt that
+        keeps them shares the soft prompt's KV blocks and whatever follows it (a system
+        prompt, across conversations), and the workers mix them without routing."""
+        if request.entry.adapter.config.router_scaling != "none":
+            return None
+        routed = torch.tensor(request.token_ids[: request.route_tokens])
+        return kept_experts(request.entry.adapter, self._embeddings()[routed])
 
     def routing(self, entry: AdapterEntry, token_ids: list[int]) -> ExpertRouting:
         return ExpertRouting.of(entry, self._embeddings()[torch.tensor(token_ids)])
@@ -85,7 +98,8 @@ class EngineRoute(Route):
             entry.adapter = entry.adapter.routing_only()
 
     def _embeddings(self) -> torch.Tensor:
-        # Only `routing` (/v1/routing) needs the table in this process: read it on first use.
+        # Only `routing` (/v1/routing) and the keys of "none"-scaled adapters need the table
+        # in this process: read it on first use.
         if self._table is None:
             self._table = load_input_embeddings(self.model_dir)
         return self._table

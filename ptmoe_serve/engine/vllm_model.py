@@ -56,10 +56,12 @@ class AdapterRef:
     name: str
     version: int
 
-    def to_key(self, route_tokens: int) -> dict:
-        """The request's key; the router reads the prompt's first `route_tokens` tokens."""
+    def to_key(self, route_tokens: int, experts: list[int] | None = None) -> dict:
+        """The request's key; the router reads the prompt's first `route_tokens` tokens, or,
+        where the API process already knows which `experts` it keeps (an adapter whose
+        `router_scaling` is "none"), they stand for those tokens."""
         return {**self._row_fields(), "name": self.name, "version": self.version,
-                "route_tokens": route_tokens}
+                "route_tokens": route_tokens, "experts": experts}
 
     def _row_fields(self) -> dict[str, int]:
         return {"num_experts": self.shape.num_experts, "prompt_length": self.shape.prompt_length,
@@ -132,7 +134,7 @@ class PtMoeDummyInputs(BaseDummyInputsBuilder[PtMoeProcessingInfo]):
 class PtMoeProcessor(BaseMultiModalProcessor[PtMoeProcessingInfo]):
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
         return {name: MultiModalFieldConfig.batched(MODALITY, keep_on_cpu=True)
-                for name in ("ptmoe_key", "ptmoe_prompt_ids")}
+                for name in ("ptmoe_key", "ptmoe_prompt_ids", "ptmoe_experts")}
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         return []
@@ -141,22 +143,26 @@ class PtMoeProcessor(BaseMultiModalProcessor[PtMoeProcessingInfo]):
         key = inputs.mm_data_items[MODALITY].get(0)
         ref = AdapterRef.from_key(key)
         prompt = list(inputs.prompt)
-        routed = prompt[: key["route_tokens"]]
+        experts = key.get("experts")
+        # The router's input: the routed prompt tokens, or none where the experts are given.
+        routed = prompt[: key["route_tokens"]] if experts is None else []
         length = ref.shape.prompt_length
         fields = BatchFeature({
             "ptmoe_key": torch.tensor([ref.row()]),
             "ptmoe_prompt_ids": torch.tensor([routed or [0]]),
+            "ptmoe_experts": torch.tensor([[-1] if experts is None else experts]),
         })
         kwargs = MultiModalKwargsItems.from_hf_inputs(fields, self._get_mm_fields_config(fields, {}))
         # The soft prompt is fixed by the adapter's name and version and the routed prompt
-        # tokens, and by nothing else: they key vLLM's encoder and prefix caches, so that a
-        # replaced adapter never answers from the cache, and an adapter evicted and read back
-        # into another slot keeps its cached prefixes. Prompts that share their routed tokens
-        # share the soft prompt and its KV blocks (vLLM's block hashes chain the tokens after
-        # it).
-        digest = hashlib.sha256(
-            f"{ref.name}@{ref.version}|".encode()
-            + torch.tensor(routed, dtype=torch.int64).numpy().tobytes()).hexdigest()
+        # tokens (or the kept experts that stand for them), and by nothing else: they key
+        # vLLM's encoder and prefix caches, so that a replaced adapter never answers from the
+        # cache, and an adapter evicted and read back into another slot keeps its cached
+        # prefixes. Prompts with the same key share the soft prompt and its KV blocks (vLLM's
+        # block hashes chain the tokens after it): under "none" scaling, every prompt whose
+        # router keeps the same experts.
+        fixed_by = (f"experts:{','.join(map(str, experts))}".encode() if experts is not None
+                    else torch.tensor(routed, dtype=torch.int64).numpy().tobytes())
+        digest = hashlib.sha256(f"{ref.name}@{ref.version}|".encode() + fixed_by).hexdigest()
         return mm_input(prompt_token_ids=[0] * length + prompt, mm_kwargs=kwargs,
                         mm_hashes={MODALITY: [digest]},
                         mm_placeholders={MODALITY: [PlaceholderRange(offset=0, length=length)]})
@@ -188,12 +194,14 @@ class PtMoeLlamaForCausalLM(LlamaForCausalLM, SupportsMultiModal):
         # Batched fields arrive stacked when all items have one shape, else as lists.
         keys = [k.tolist() for k in kwargs["ptmoe_key"]]
         prompts = list(kwargs["ptmoe_prompt_ids"])
+        experts = [e.tolist() for e in kwargs["ptmoe_experts"]]
         weight = self.model.embed_tokens.weight
         # The fused kernels read embedding rows from the table itself: the whole table, so
         # on one rank only; across ranks vLLM's embedding layer gathers the rows.
         fused = weight.is_cuda and get_tensor_model_parallel_world_size() == 1
         return route_keys(self.ptmoe_banks, keys, prompts, self.config.hidden_size,
-                          self.embed_input_ids, weight if fused else None, weight.dtype)
+                          self.embed_input_ids, weight if fused else None, weight.dtype,
+                          experts)
 
     def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
         # Llama's own comes first in the method order and knows nothing of soft prompts.
@@ -204,12 +212,13 @@ class PtMoeLlamaForCausalLM(LlamaForCausalLM, SupportsMultiModal):
 def route_keys(banks: dict[BankShape, AdapterBank], keys: list[list[int]],
                prompts: list[torch.Tensor], hidden_size: int,
                embed: Callable[[torch.Tensor], torch.Tensor],
-               table: torch.Tensor | None = None, dtype: torch.dtype = torch.float32
-               ) -> list[torch.Tensor]:
+               table: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
+               experts: list[list[int]] | None = None) -> list[torch.Tensor]:
     """The routing step over a worker's banks, for requests as the worker receives them
-    (rows of KEY_FIELDS)."""
+    (rows of KEY_FIELDS; each request's kept experts, or [-1] to route on its prompt)."""
+    kept = [None if e == [-1] else e for e in experts] if experts else None
     return route_step([AdapterRef.target(row, banks) for row in keys], prompts, hidden_size,
-                      embed, table, dtype)
+                      embed, table, dtype, kept)
 
 
 def pack_adapters(entries: Sequence[AdapterEntry]

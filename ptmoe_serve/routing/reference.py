@@ -30,15 +30,29 @@ def route_reference(adapter: PtMoeAdapter, token_embeddings: torch.Tensor) -> Ro
 def gate_reference(adapter: PtMoeAdapter, token_embeddings: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """One prompt's expert weights and router probabilities (reads the router only)."""
-    config = adapter.config
-    x = token_embeddings.to(torch.float32).mean(dim=0)
-    probabilities = torch.softmax(adapter.router_weight @ x + adapter.router_bias, dim=0)
-    # Highest probability first; on a tie the lower expert index wins.
-    ranked = sorted(range(config.num_experts), key=lambda i: -probabilities[i].item())
+    probabilities = _router_probabilities(adapter, token_embeddings)
     weights = torch.zeros_like(probabilities)
-    for i in ranked[: config.top_k]:
-        weights[i] = probabilities[i] if config.router_scaling == "probability" else 1.0
+    for i in _top_k(adapter, probabilities):
+        weights[i] = probabilities[i] if adapter.config.router_scaling == "probability" else 1.0
     return weights, probabilities
+
+
+def kept_experts(adapter: PtMoeAdapter, token_embeddings: torch.Tensor) -> list[int]:
+    """The experts the router keeps for these token embeddings, in index order: under
+    `router_scaling: "none"` they alone fix the soft prompt, (sum of their A_i) B."""
+    return sorted(_top_k(adapter, _router_probabilities(adapter, token_embeddings)))
+
+
+def _router_probabilities(adapter: PtMoeAdapter, token_embeddings: torch.Tensor
+                          ) -> torch.Tensor:
+    x = token_embeddings.to(torch.float32).mean(dim=0)
+    return torch.softmax(adapter.router_weight @ x + adapter.router_bias, dim=0)
+
+
+def _top_k(adapter: PtMoeAdapter, probabilities: torch.Tensor) -> list[int]:
+    # Highest probability first; on a tie the lower expert index wins.
+    ranked = sorted(range(adapter.config.num_experts), key=lambda i: -probabilities[i].item())
+    return ranked[: adapter.config.top_k]
 
 
 def expert_weights(
@@ -66,8 +80,14 @@ def route_batch(
     """Each row of the batch may use a different adapter (the tensors are gathered per row)."""
     logits = torch.einsum("bnh,bh->bn", router_weight, mean_embeddings) + router_bias
     weights, probabilities = expert_weights(logits, top_k, scale_by_probability)
-    mixed_a = torch.einsum("bn,bntr->btr", weights, experts_a)
-    return Routing(torch.bmm(mixed_a, shared_b), weights, probabilities)
+    return Routing(mix_experts(weights, experts_a, shared_b), weights, probabilities)
+
+
+def mix_experts(weights: torch.Tensor, experts_a: torch.Tensor, shared_b: torch.Tensor
+                ) -> torch.Tensor:
+    """(sum_i w_i A_i) B for each row: weights [B, N], experts_a [B, N, T, R], shared_b
+    [B, R, H] -> [B, T, H]."""
+    return torch.bmm(torch.einsum("bn,bntr->btr", weights, experts_a), shared_b)
 
 
 def segment_means(embeddings: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

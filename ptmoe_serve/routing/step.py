@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ptmoe_serve.adapters.bank import AdapterBank, BankShape
-from ptmoe_serve.routing.reference import Routing, route_batch, segment_means
+from ptmoe_serve.routing.reference import Routing, mix_experts, route_batch, segment_means
 
 # For the test suite alone: PTMOE_TEST_ZERO_SOFT_PROMPTS=1 in the environment makes every soft
 # prompt zeros in each process that routes (the API process, vLLM's workers), so a run of the
@@ -27,27 +27,36 @@ ZERO_SOFT_PROMPTS = os.environ.get("PTMOE_TEST_ZERO_SOFT_PROMPTS") == "1"
 def route_step(targets: Sequence[tuple[AdapterBank | None, BankShape, int]],
                prompts: Sequence[torch.Tensor], hidden_size: int,
                embed: Callable[[torch.Tensor], torch.Tensor],
-               table: torch.Tensor | None = None, dtype: torch.dtype = torch.float32
-               ) -> list[torch.Tensor]:
+               table: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
+               kept: Sequence[list[int] | None] | None = None) -> list[torch.Tensor]:
     """Soft prompts [T, H] in `dtype`, one per target (bank, its shape, slot), in order.
     `prompts` are the token ids each router reads; `embed` looks ids up in the model's
-    embedding table, or `table` is that table for the fused kernels. Each soft prompt is a
-    view into its group's one tensor. No bank, or a negative slot (vLLM's profiling run),
-    routes to zeros."""
+    embedding table, or `table` is that table for the fused kernels. A request whose `kept`
+    experts are given is not routed: its soft prompt is (sum of those A_i) B, as its
+    adapter's router, under `router_scaling: "none"`, chose them. Each soft prompt is a view
+    into its group's one tensor. No bank, or a negative slot (vLLM's profiling run), routes
+    to zeros."""
+    kept = kept or [None] * len(targets)
     device = prompts[0].device if table is None else table.device
     prompts = [p.to(device) for p in prompts]
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     means = None if table is not None else segment_means(embed(torch.cat(prompts)), lengths)
-    groups: dict[tuple[int, BankShape], list[int]] = {}
+    groups: dict[tuple[int, BankShape, bool], list[int]] = {}
     for i, (bank, shape, _) in enumerate(targets):
-        groups.setdefault((id(bank), shape), []).append(i)
+        groups.setdefault((id(bank), shape, kept[i] is not None), []).append(i)
     out: list[torch.Tensor] = [None] * len(targets)  # type: ignore[list-item]
-    for rows in groups.values():
+    for (_, _, fixed), rows in groups.items():
         bank, shape, _ = targets[rows[0]]
         slots = torch.tensor([targets[i][2] for i in rows], device=device)
         if bank is None or bool(slots[0] < 0) or ZERO_SOFT_PROMPTS:
             soft = torch.zeros(len(rows), shape.prompt_length, hidden_size, dtype=dtype,
                                device=device)
+        elif fixed:
+            weights = torch.zeros(len(rows), shape.num_experts, device=device)
+            for j, i in enumerate(rows):
+                weights[j, kept[i]] = 1.0
+            soft = mix_experts(weights, bank.tensors["experts_a"].index_select(0, slots),
+                               bank.tensors["shared_b"].index_select(0, slots)).to(dtype)
         elif table is not None:
             from ptmoe_serve.routing.kernels import route_fused
 

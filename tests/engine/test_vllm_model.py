@@ -39,7 +39,7 @@ def test_the_workers_step_routes_every_request_by_its_key():
     from ptmoe_serve.adapters.bank import BankShape
     from ptmoe_serve.adapters.registry import AdapterRegistry
     from ptmoe_serve.engine.vllm_model import AdapterRef, route_keys
-    from ptmoe_serve.routing.reference import route_reference
+    from ptmoe_serve.routing.reference import kept_experts, route_reference
 
     vocab, hidden = 40, 16
     table = torch.randn(vocab, hidden)
@@ -70,6 +70,15 @@ def test_the_workers_step_routes_every_request_by_its_key():
         for g_, e in zip(got, expected):
             assert g_.dtype == torch.bfloat16
             torch.testing.assert_close(g_, e.to(torch.bfloat16))
+    # The "none"-scaled adapter's requests keyed by the experts its router keeps, as the API
+    # process names them: mixed without routing, the same soft prompts.
+    experts = [kept_experts(e.adapter, table[ids]) if e.adapter.config.router_scaling == "none"
+               else [-1] for e, ids in requests]
+    assert [x for x in experts if x != [-1]]
+    for fused_table in (None, table):
+        got = route_keys(banks, keys, prompts, hidden, embed, fused_table, experts=experts)
+        for g_, e in zip(got, expected):
+            torch.testing.assert_close(g_, e, rtol=1e-5, atol=1e-5)
     profile = route_keys(banks, [[1, 9, 1, -1]], [torch.tensor([0])], hidden, embed)
     assert torch.equal(profile[0], torch.zeros(9, hidden))
     assert BankShape(1, 9, 1) not in banks
