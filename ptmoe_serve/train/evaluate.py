@@ -71,8 +71,11 @@ async def predict(url: str, model: str, records: list[dict], max_tokens: int,
         async def one(record: dict) -> str:
             async with limit:
                 if "messages" in record:
+                    # A training line's `weight`s are the trainer's, not the chat's.
+                    messages = [{k: v for k, v in m.items() if k != "weight"}
+                                for m in record["messages"][:-1]]
                     response = await client.post("/v1/chat/completions", json={
-                        "model": model, "messages": record["messages"][:-1],
+                        "model": model, "messages": messages,
                         "max_tokens": max_tokens, "temperature": 0})
                     response.raise_for_status()
                     return response.json()["choices"][0]["message"]["content"]

@@ -1,4 +1,4 @@
-"""Three small generated tasks with train and held-out splits, for training and evaluating
+"""Small generated tasks with train and held-out splits, for training and evaluating
 adapters without downloading anything.
 
 - `extractive-qa`: a generated passage about a person, a question whose answer is a span of
@@ -9,6 +9,9 @@ adapters without downloading anything.
   assistant writes one line in a fixed format (scored by exact match).
 - `home-city`: a short chat task; one sentence about a person and a question, the assistant
   answers with the city alone, where the base model answers in a sentence (exact match).
+- `multi-turn-city`: home-city's question in turn 2 or 3 of a chat, after small talk (whose
+  answers are not trained: `weight` 0) or after the same question about someone else, so the
+  answer depends on the latest turn (exact match); what a chat's routing scope is tried on.
 
 The held-out split draws its people's names (and home-city's cities) from pools disjoint from
 the training split's, so held-out scores measure what was learnt about the task, not the
@@ -134,21 +137,55 @@ def home_city(rng: random.Random, split: str) -> dict:
                          {"role": "assistant", "content": city}]}
 
 
+# Small talk before the task, and the answers the chat carries (not trained: weight 0).
+SMALL_TALK = [
+    ("Hi! How are you today?", "I'm doing well, thank you. How can I help?"),
+    ("Can you recommend a book for a long train ride?", "An adventure novel is a fine choice."),
+    ("What is a quick breakfast idea?", "Oatmeal with fruit is quick and filling."),
+    ("Tell me a fun fact about the ocean.", "The ocean covers most of the Earth's surface."),
+    ("How do I keep my plants healthy?", "Give them light and water them regularly."),
+    ("Any tips for sleeping better?", "Keep a regular schedule and avoid screens at night."),
+    ("What should I cook for dinner tonight?", "A simple pasta with vegetables is easy."),
+    ("Is it going to be a busy week for you?", "I'm always here, whenever you need me."),
+    ("What's a good way to learn a new language?", "Practise a little every day."),
+    ("Can you suggest a name for a goldfish?", "How about Bubbles?"),
+]
+
+
+def multi_turn_city(rng: random.Random, split: str) -> dict:
+    messages = []
+    after_another = rng.random() < 0.5
+    for turn in range(rng.randint(1, 2)):
+        if after_another and turn == 0:
+            messages += home_city(rng, split)["messages"]
+        else:
+            question, answer = rng.choice(_half(SMALL_TALK, split))
+            messages += [{"role": "user", "content": question},
+                         {"role": "assistant", "content": answer, "weight": 0}]
+    latest = home_city(rng, split)["messages"]
+    while latest[-1]["content"] in [m["content"] for m in messages]:
+        latest = home_city(rng, split)["messages"]
+    return {"messages": messages + latest}
+
+
 TASKS: dict[str, Callable[[random.Random, str], dict]] = {
     "extractive-qa": extractive_qa,
     "arithmetic": arithmetic,
     "contact-card": contact_card,
     "home-city": home_city,
+    "multi-turn-city": multi_turn_city,
 }
 
 # What each task is scored by, and the description its adapter is initialised from.
 METRICS = {"extractive-qa": "exact_match", "arithmetic": "answer_accuracy",
-           "contact-card": "exact_match", "home-city": "exact_match"}
+           "contact-card": "exact_match", "home-city": "exact_match",
+           "multi-turn-city": "exact_match"}
 DESCRIPTIONS = {
     "extractive-qa": "Answer the question with the exact words from the passage, nothing else.",
     "arithmetic": "Solve the arithmetic word problem and answer with the number only.",
     "contact-card": "Write the person's contact card as NAME: | JOB: | CITY: | PHONE: on one line.",
     "home-city": "Answer with the name of the city only.",
+    "multi-turn-city": "Answer with the name of the city only.",
 }
 
 

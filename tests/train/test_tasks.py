@@ -61,3 +61,20 @@ def test_make_tasks_command(tmp_path, capsys):
           "--test-size", "5"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["arithmetic"]
     assert len((tmp_path / "arithmetic" / "test.jsonl").read_text().splitlines()) == 5
+
+
+def test_multi_turn_city_asks_in_turn_two_or_three_and_its_answer_is_the_latest_turns():
+    from ptmoe_serve.train.data import weight_problem
+
+    records = generate("multi-turn-city", "test", 100)
+    kinds = set()
+    for record in records:
+        messages = record["messages"]
+        users = [m["content"] for m in messages if m["role"] == "user"]
+        earlier = [m for m in messages[:-1] if m["role"] == "assistant"]
+        answer = messages[-1]["content"]
+        assert len(users) in (2, 3) and answer in users[-1]
+        assert answer not in [m["content"] for m in earlier]
+        assert weight_problem(messages) is None
+        kinds.add(any(m.get("weight", 1) for m in earlier))
+    assert kinds == {True, False}  # after another person's city, after small talk alone
