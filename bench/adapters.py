@@ -17,13 +17,14 @@ from ptmoe_serve.base_model import load_input_embeddings
 
 def write_ptmoe_adapters(folder: Path, model_dir: Path, base_name: str, count: int,
                          prompt_length: int, num_experts: int, rank: int,
-                         seed: int = 0, prefix: str = "ptmoe") -> list[Path]:
+                         seed: int = 0, prefix: str = "ptmoe",
+                         router_scaling: str = "probability") -> list[Path]:
     """`count` adapters `<prefix><i>`, each initialised from random tokens' embeddings, random
-    routers."""
+    routers, top-1."""
     table = load_input_embeddings(model_dir)
     config = AdapterConfig.v1(base_name, hidden_size=table.shape[1], num_experts=num_experts,
                               prompt_length=prompt_length, rank=rank, top_k=1,
-                              router_scaling="probability")
+                              router_scaling=router_scaling)
     g = torch.Generator().manual_seed(seed)
     folders = []
     for i in range(count):

@@ -17,7 +17,9 @@ settings (bench.systems: compiled, prefix caching on):
 - `vllm-lora`: vLLM's own server with N LoRA adapters of the size the other benchmarks match;
 - `ptmoe-prompt`, `ptmoe-first_turn`: this server with N PT-MoE adapters (T=40, the paper's
   shape), routing each chat on its whole prompt or on turn 1's (`route_scope`, asked per
-  request with `vllm_xargs.ptmoe_route_scope`).
+  request with `vllm_xargs.ptmoe_route_scope`); their `router_scaling` is `--router-scaling`
+  (under "none" the soft prompt is keyed by the experts kept, so turn 1 of conversations that
+  keep the same experts shares the system prompt's KV).
 
     python -m bench.conversations --adapters 1 64 --out bench/results/conversations.json
 """
@@ -160,6 +162,8 @@ def main() -> None:
     parser.add_argument("--answer-tokens", type=int, default=16)
     parser.add_argument("--adapters", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
+    parser.add_argument("--router-scaling", choices=["probability", "none"],
+                        default="probability", help="the PT-MoE adapters'")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--out", type=Path, default=Path("bench/results/conversations.json"))
     args = parser.parse_args()
@@ -172,7 +176,7 @@ def main() -> None:
     began = time.time()
     with tempfile.TemporaryDirectory() as work:
         config = systems.SystemConfig(model_dir, DEFAULT_MODEL_NAME, Path(work), dtype=args.dtype,
-                                      max_model_len=2048)
+                                      max_model_len=2048, router_scaling=args.router_scaling)
         for name in args.systems:
             for n in ([1] if name == "vllm" else args.adapters):
                 with started(name, config, n) as (endpoint, extra):
@@ -185,7 +189,9 @@ def main() -> None:
                       f"{summary['ttft_later_turns_p50']:.3f} s", flush=True)
     report = {"command": "python -m bench.conversations " + " ".join(sys.argv[1:]),
               "machine": machine(), "versions": versions(), "model": DEFAULT_MODEL_NAME,
-              "dtype": args.dtype, "seconds": time.time() - began,
+              "dtype": args.dtype, "router_scaling": args.router_scaling,
+              "date": time.strftime("%Y-%m-%d", time.gmtime(began)),
+              "seconds": time.time() - began,
               "system_prompt_tokens": len(tokenizer.encode(system)),
               "conversations": args.conversations, "turns": args.turns,
               "answer_tokens": args.answer_tokens, "results": results}

@@ -49,6 +49,7 @@ class SystemConfig:
     prompt_lengths: tuple[int, ...] = (40,)  # T of the adapters, one bank each
     num_experts: int = 2
     rank: int = 36
+    router_scaling: str = "probability"  # the PT-MoE adapters'
     lora_rank: int = 1
     lora_targets: tuple[str, ...] = ("q_proj",)
     max_model_len: int = 1024
@@ -115,6 +116,7 @@ def ptmoe_store(config: SystemConfig, num_adapters: int) -> dict[int, list[Path]
             # Initialised from T token embeddings, an adapter's rank is at most T.
             write_ptmoe_adapters(store, config.model_dir, config.base_name, num_adapters,
                                  length, config.num_experts, min(config.rank, length),
+                                 router_scaling=config.router_scaling,
                                  prefix=f"t{length}-")
     return folders
 
