@@ -60,8 +60,10 @@ class EngineRoute(Route):
         """Under `router_scaling: "none"` the soft prompt is fixed by which experts the router
         keeps, not by the tokens it reads: the key names those experts, so every prompt that
         keeps them shares the soft prompt's KV blocks and whatever follows it (a system
-        prompt, across conversations), and the workers mix them without routing."""
-        if request.entry.adapter.config.router_scaling != "none":
+        prompt, across conversations), and the workers mix them without routing. So it is
+        with one expert (plain prompt tuning, a PEFT import): its weight is 1 either way."""
+        config = request.entry.adapter.config
+        if config.router_scaling != "none" and config.num_experts > 1:
             return None
         routed = torch.tensor(request.token_ids[: request.route_tokens])
         return kept_experts(request.entry.adapter, self._embeddings()[routed])

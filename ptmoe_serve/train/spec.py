@@ -40,10 +40,13 @@ class AdapterShape(BaseModel):
     top_k: int = Field(1, ge=1, le=MAX_EXPERTS, description="experts each prompt uses")
     router_scaling: Literal["probability", "none"] = Field(
         "probability", description="kept experts weighted by their router probability, or 1")
+    # first_turn: on the multi-turn task it scored within 2 points of prompt, each trained
+    # under its own scope (BENCHMARKS.md, "Conversations"), and a chat's later turns come
+    # from the prefix cache.
     route_scope: RouteScope = Field(
-        "prompt", description="what the router reads of a chat: the whole prompt, or turn 1's "
-                              "(first_turn: a conversation's later turns reuse the prefix "
-                              "cache); a completion is routed on its whole prompt")
+        "first_turn", description="what the router reads of a chat: turn 1's prompt (a "
+                                  "conversation's later turns reuse the prefix cache), or the "
+                                  "whole prompt; a completion is routed on its whole prompt")
 
     @model_validator(mode="after")
     def _top_k_within_experts(self) -> AdapterShape:

@@ -47,11 +47,12 @@ def test_the_workers_step_routes_every_request_by_its_key():
     entries = [registry.add("a", random_adapter(seed=1), version=1),
                registry.add("b", random_adapter(seed=2, num_experts=3, top_k=2), version=1),
                registry.add("c", random_adapter(seed=3, prompt_length=7, rank=5,
-                                                router_scaling="none"), version=1)]
+                                                router_scaling="none"), version=1),
+               registry.add("d", random_adapter(seed=4, num_experts=1, top_k=1), version=1)]
     banks = {e.bank.shape: e.bank for e in entries}
     g = torch.Generator().manual_seed(0)
-    requests = [(entries[i % 3], torch.randint(0, vocab, (1 + 3 * i,), generator=g))
-                for i in range(7)]
+    requests = [(entries[i % 4], torch.randint(0, vocab, (1 + 3 * i,), generator=g))
+                for i in range(9)]
     # Each request's key as the input processor turns it into the worker's row.
     keys = [AdapterRef.from_key(AdapterRef(e.bank.shape, e.slot, e.name, 1).to_key(3)).row()
             for e, _ in requests]
@@ -70,10 +71,10 @@ def test_the_workers_step_routes_every_request_by_its_key():
         for g_, e in zip(got, expected):
             assert g_.dtype == torch.bfloat16
             torch.testing.assert_close(g_, e.to(torch.bfloat16))
-    # The "none"-scaled adapter's requests keyed by the experts its router keeps, as the API
-    # process names them: mixed without routing, the same soft prompts.
-    experts = [kept_experts(e.adapter, table[ids]) if e.adapter.config.router_scaling == "none"
-               else [-1] for e, ids in requests]
+    # The "none"-scaled and the one-expert adapters' requests keyed by the experts their
+    # router keeps, as the API process names them: mixed without routing, the same soft prompts.
+    experts = [kept_experts(e.adapter, table[ids]) if e.name in ("c", "d") else [-1]
+               for e, ids in requests]
     assert [x for x in experts if x != [-1]]
     for fused_table in (None, table):
         got = route_keys(banks, keys, prompts, hidden, embed, fused_table, experts=experts)

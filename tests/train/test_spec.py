@@ -32,10 +32,11 @@ def test_an_adapter_shape_is_checked_once_for_every_front_door():
         JobAdapter(top_k=3)
     with pytest.raises(ValidationError, match="num_experts"):
         AdapterShape(num_experts=1000)
-    # The paper's shape by default, and the config an adapter of it is written with.
+    # The paper's shape by default, routed on a chat's first turn (chosen on the multi-turn
+    # task), and the config an adapter of it is written with.
     assert AdapterShape().adapter_config("base", 576) == AdapterConfig.v1(
         "base", hidden_size=576, num_experts=2, prompt_length=40, rank=36, top_k=1,
-        router_scaling="probability")
+        router_scaling="probability", route_scope="first_turn")
     with pytest.raises(ValidationError, match="parameters; the limit is"):
         AdapterShape(prompt_length=100_000, rank=4096).adapter_config("base", 576)
 
