@@ -64,6 +64,8 @@ bench-full: model
 	$(PY) -m bench.fleet --work build/bench
 	$(PY) -m bench.fine_tune
 	$(PY) -m bench.conversations --conversations 32 --turns 6 --system-tokens 1000 --answer-tokens 16 --adapters 1 64
+	$(PY) -m bench.conversations --systems vllm ptmoe-prompt ptmoe-first_turn --router-scaling none --adapters 1 64 --dtype float32 --out bench/results/conversations_unscaled.json
+	$(PY) -m bench.scope_quality --out bench/results/scope_quality.json
 
 # Train the shipped task adapters and their baselines (PT, LoRA) and score them all through
 # the servers (about an hour here); writes adapters/<task> and bench/results/quality.json.
