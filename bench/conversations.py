@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import json
 import random
-import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -42,7 +41,7 @@ from transformers import AutoTokenizer
 from bench import systems
 from bench.loadgen import percentile
 from bench.residency import metric
-from bench.run import machine, versions
+from bench.provenance import provenance
 from ptmoe_serve.base_model import DEFAULT_MODEL_NAME, default_cache_dir, ensure_default_model
 
 SYSTEMS = ("vllm", "vllm-lora", "ptmoe-prompt", "ptmoe-first_turn")
@@ -187,10 +186,8 @@ def main() -> None:
                 print(f"{name} N={n}: {summary['output_tokens_per_second']:.1f} tok/s, hit rate "
                       f"turns>=2 {summary['hit_rate_later_turns']:.3f}, TTFT turns>=2 p50 "
                       f"{summary['ttft_later_turns_p50']:.3f} s", flush=True)
-    report = {"command": "python -m bench.conversations " + " ".join(sys.argv[1:]),
-              "machine": machine(), "versions": versions(), "model": DEFAULT_MODEL_NAME,
+    report = {**provenance(), "model": DEFAULT_MODEL_NAME,
               "dtype": args.dtype, "router_scaling": args.router_scaling,
-              "date": time.strftime("%Y-%m-%d", time.gmtime(began)),
               "seconds": time.time() - began,
               "system_prompt_tokens": len(tokenizer.encode(system)),
               "conversations": args.conversations, "turns": args.turns,

@@ -23,9 +23,9 @@ import openai
 from transformers import AutoTokenizer
 
 from bench.loadgen import run_workload
-from bench.run import machine, versions
 from bench.server_process import start_server, stop_server
 from bench.workload import CORPUS, WorkloadSpec, make_workload
+from bench.provenance import provenance
 from ptmoe_serve.adapters.format import CONFIG_FILE, WEIGHTS_FILE
 from ptmoe_serve.base_model import default_cache_dir
 from ptmoe_serve.train.evaluate import exact_match
@@ -151,9 +151,8 @@ def main() -> None:
     per_step_loaded = (during[-1][1] - during[0][1]) / max(1, during[-1][0] - during[0][0]) \
         if len(during) > 1 else None
     result = {
-        "command": "python -m bench.fine_tune " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
-        "machine": machine(), "versions": versions(),
+        **provenance("python -m bench.fine_tune " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None)),
         "job": {"examples": len(train), "steps": alone[-1][0], "seconds": round(seconds, 1),
                 "seconds_per_step": round(per_step_alone, 2),
                 "seconds_per_step_under_load": per_step_loaded and round(per_step_loaded, 2),

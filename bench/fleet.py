@@ -28,7 +28,6 @@ import itertools
 import json
 import random
 import shutil
-import sys
 import time
 from collections import OrderedDict, defaultdict
 from dataclasses import asdict, dataclass, field
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+from bench.provenance import provenance
 
 POLICIES = ("round-robin", "least-loaded", "lora-affinity", "resident-affinity")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -354,14 +354,14 @@ def main() -> None:
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
-    command = "python -m bench.fleet " + " ".join(sys.argv[1:])
+    recorded = provenance()
     if "simulation" in args.parts:
         base = FleetSpec(replicas=0, cap=args.cap, adapters=args.adapters,
                          duration=args.duration, warmup=args.duration / 5, seed=args.seed)
-        results["simulation"] = {"command": command, **simulation_part(
+        results["simulation"] = {**recorded, **simulation_part(
             args.replicas, measured_cold_load_ms(), base)}
     if "real" in args.parts:
-        results["real"] = {"command": command, **real_part(args)}
+        results["real"] = {**recorded, **real_part(args)}
     args.out.write_text(json.dumps(results, indent=1) + "\n")
 
 

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from bench.adapters import write_ptmoe_adapters
 from bench.loadgen import percentile
 from bench.server_process import start_server, stop_server
+from bench.provenance import provenance
 from ptmoe_serve.adapters.format import CONFIG_FILE, WEIGHTS_FILE
 from ptmoe_serve.base_model import DEFAULT_MODEL_NAME, default_cache_dir, ensure_default_model
 
@@ -137,8 +138,8 @@ def main() -> None:
             result = asyncio.run(run(server.url, admin_key, library, args.loads, args.traffic))
         finally:
             stop_server(server)
-    result["command"] = "python -m bench.hotload " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out")
+    result = {**provenance("python -m bench.hotload " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out")), **result}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

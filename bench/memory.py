@@ -21,6 +21,7 @@ import psutil
 
 from bench.startup import linked_store, start_once
 from bench.systems import SystemConfig
+from bench.provenance import provenance
 from ptmoe_serve.base_model import DEFAULT_MODEL_NAME, default_cache_dir, ensure_default_model
 
 MIB = 1024**2
@@ -100,7 +101,7 @@ def main() -> None:
                                         bound) for bound in ("on", "off")}
     api_bytes = (api_full["api_process_rss_gib"] - api_empty["api_process_rss_gib"]) * 1024**3
     report = {
-        "command": " ".join(["python -m bench.memory", *sys.argv[1:]]),
+        **provenance(),
         "adapters": args.adapters,
         "api_process_mib": {"empty": api_empty["api_process_rss_gib"] * 1024,
                             "full": api_full["api_process_rss_gib"] * 1024},

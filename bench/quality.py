@@ -20,6 +20,7 @@ from pathlib import Path
 
 from bench.server_process import start_server, stop_server
 from bench.systems import GIB, SystemConfig, vllm_command
+from bench.provenance import provenance
 from ptmoe_serve.base_model import DEFAULT_MODEL_NAME, default_cache_dir, ensure_default_model
 from ptmoe_serve.train.evaluate import evaluate_models, read_records
 from ptmoe_serve.train.tasks import DESCRIPTIONS, METRICS, TASKS, write_task
@@ -135,9 +136,9 @@ def main() -> None:
     print(table(results))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "command": "python -m bench.quality " + " ".join(
+        **provenance("python -m bench.quality " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-            if k not in ("work", "out", "ship", "tasks")),
+            if k not in ("work", "out", "ship", "tasks"))),
         "results": results, "training": timings, "table": table(results)}, indent=2) + "\n")
     if args.ship:
         for task in args.tasks:

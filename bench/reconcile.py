@@ -17,13 +17,13 @@ import asyncio
 import json
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from bench.provenance import provenance
 
 from ptmoe_serve.adapters.config import AdapterConfig
 from ptmoe_serve.adapters.format import PtMoeAdapter, write_adapter
@@ -117,8 +117,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
         results = [measure(count, Path(work)) for count in args.adapters]
-    report = {"command": " ".join(["python -m bench.reconcile", *sys.argv[1:]]),
-              "results": results}
+    report = {**provenance(), "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

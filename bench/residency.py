@@ -39,6 +39,7 @@ from bench.loadgen import percentile, run_workload
 from bench.server_process import start_server, stop_server
 from bench.systems import SystemConfig, _engine_args, _vllm_args, ptmoe_store, vllm_command
 from bench.workload import CORPUS, WorkloadSpec, make_workload
+from bench.provenance import provenance
 from ptmoe_serve.base_model import DEFAULT_MODEL_NAME, default_cache_dir, ensure_default_model
 
 PROMPT = "Tell me a short story about a robot who learns to paint."
@@ -308,7 +309,7 @@ def main() -> None:
         admin_key = secrets.token_urlsafe(16)
         key_file = work / "admin.key"
         key_file.write_text(admin_key)
-        report = {"command": "python -m bench.residency " + " ".join(sys.argv[1:])}
+        report = provenance()
         if "fractions" in args.parts:
             report["fractions"] = fractions_part(config, args, admin_key, key_file)
         if "peers" in args.parts:

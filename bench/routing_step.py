@@ -17,6 +17,7 @@ from dataclasses import astuple
 from pathlib import Path
 
 import torch
+from bench.provenance import provenance
 
 from ptmoe_serve.adapters.config import AdapterConfig
 from ptmoe_serve.adapters.format import PtMoeAdapter
@@ -105,9 +106,9 @@ def main() -> None:
                                     args.repeats))
                 print(json.dumps(rows[-1]), flush=True)
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
-    report = {"command": "python -m bench.routing_step " + " ".join(
+    report = {**provenance("python -m bench.routing_step " + " ".join(
                   f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                  for k, v in vars(args).items() if k != "out"),
+                  for k, v in vars(args).items() if k != "out")),
               "device": name, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

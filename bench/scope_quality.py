@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,8 +26,8 @@ from pathlib import Path
 import openai
 
 from bench.fine_tune import ADMIN, BASE, FINAL, jsonl, wait_until
-from bench.run import machine, versions
 from bench.server_process import start_server, stop_server
+from bench.provenance import provenance
 from ptmoe_serve.adapters.format import CONFIG_FILE, WEIGHTS_FILE
 from ptmoe_serve.base_model import default_cache_dir
 from ptmoe_serve.train.evaluate import exact_match, predict
@@ -135,9 +134,7 @@ def main() -> None:
         finally:
             stop_server(server)
 
-    report = {"command": "python -m bench.scope_quality " + " ".join(sys.argv[1:]),
-              "machine": machine(), "versions": versions(), "dtype": args.dtype,
-              "date": time.strftime("%Y-%m-%d", time.gmtime(began)),
+    report = {**provenance(), "dtype": args.dtype,
               "seconds": round(time.time() - began, 1), "task": TASK,
               "train_lines": len(train), "job": job, "results": results,
               "first_turn_behind_prompt": round(behind, 4), "chosen": chosen}

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -26,6 +25,7 @@ from tqdm import tqdm
 
 from bench.server_process import start_server, stop_server
 from bench.systems import SystemConfig, ptmoe_store
+from bench.provenance import provenance
 from ptmoe_serve.base_model import DEFAULT_MODEL_NAME, default_cache_dir, ensure_default_model
 
 GIB = 1024**3
@@ -126,7 +126,7 @@ def main() -> None:
                                     Path(scratch) / f"empty-{i}.log"))
             full.append(start_once(store, model_dir, Path(scratch) / f"full-{i}.log",
                                    probe=f"t40-{args.adapters - 1}"))
-    report = {"command": " ".join(["python -m bench.startup", *sys.argv[1:]]),
+    report = {**provenance(),
               "hidden_size": hidden_size(model_dir), "without": empty, "with": full,
               "write_seconds": written}
     # The target: from launching the process to /health, full store against empty. The

@@ -213,3 +213,28 @@ def test_the_conversation_benchmark_reads_turn_one_apart_from_the_later_turns(to
     assert summary["hit_rate_later_turns"] == (1024 + 1152) / 2600
     assert summary["output_tokens_per_second"] == 96 / 4.0
     assert summary["ttft_turn_1_p99"] == 3.0 and summary["ttft_later_turns_p99"] == 0.9
+
+
+def test_a_results_file_records_the_machine_the_versions_and_the_commit():
+    import subprocess
+
+    from bench.provenance import CPU_FLAGS, provenance
+
+    record = provenance("python -m bench.run --preset quick")
+    assert record["command"] == "python -m bench.run --preset quick"
+    machine, versions = record["machine"], record["versions"]
+    assert machine["processor"] and machine["cpus"] >= 1 and machine["memory_gib"] > 1
+    assert set(machine["cpu_flags"]) <= set(CPU_FLAGS)
+    assert versions["torch"] and versions["transformers"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout
+    assert head.startswith(versions["ptmoe_serve"].removesuffix("-dirty"))
+
+
+def test_every_benchmark_that_writes_a_results_file_records_its_provenance():
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parent.parent / "bench"
+    writers = [p for p in bench.glob("*.py") if "write_text(json.dumps" in p.read_text()]
+    assert len(writers) >= 10
+    assert [p.name for p in writers if "provenance(" not in p.read_text()] == []
