@@ -9,7 +9,7 @@ CONSTRAINTS := $(wildcard constraints-$(ENGINE).txt)
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install model serve test test-any-order test-fast bench bench-full quality clean
+.PHONY: install model serve test test-any-order test-fast bench bench-full figures quality clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -d $(VENV) || python3 -m venv $(VENV)
@@ -66,6 +66,10 @@ bench-full: model
 	$(PY) -m bench.conversations --conversations 32 --turns 6 --system-tokens 1000 --answer-tokens 16 --adapters 1 64
 	$(PY) -m bench.conversations --systems vllm ptmoe-prompt ptmoe-first_turn --router-scaling none --adapters 1 64 --dtype float32 --out bench/results/conversations_unscaled.json
 	$(PY) -m bench.scope_quality --out bench/results/scope_quality.json
+
+# Which cited results files describe today's code (reads files and git's history; runs nothing).
+figures: install
+	$(PY) -m bench.figures
 
 # Train the shipped task adapters and their baselines (PT, LoRA) and score them all through
 # the servers (about an hour here); writes adapters/<task> and bench/results/quality.json.

@@ -40,9 +40,12 @@ from transformers import AutoTokenizer
 
 from bench import systems
 from bench.loadgen import percentile
-from bench.residency import metric
 from bench.provenance import provenance
+from bench.residency import metric
 from ptmoe_serve.base_model import DEFAULT_MODEL_NAME, default_cache_dir, ensure_default_model
+
+# What this benchmark's figures depend on (bench/figures.py: a file is stale once they change).
+MEASURES = ("server", "bench/conversations.py", "bench/systems.py", "bench/adapters.py")
 
 SYSTEMS = ("vllm", "vllm-lora", "ptmoe-prompt", "ptmoe-first_turn")
 TOPICS = ["check-in", "parking", "breakfast", "late checkout", "pets", "the spa", "airport "

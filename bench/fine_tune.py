@@ -23,13 +23,16 @@ import openai
 from transformers import AutoTokenizer
 
 from bench.loadgen import run_workload
+from bench.provenance import provenance
 from bench.server_process import start_server, stop_server
 from bench.workload import CORPUS, WorkloadSpec, make_workload
-from bench.provenance import provenance
 from ptmoe_serve.adapters.format import CONFIG_FILE, WEIGHTS_FILE
 from ptmoe_serve.base_model import default_cache_dir
 from ptmoe_serve.train.evaluate import exact_match
 from ptmoe_serve.train.tasks import DESCRIPTIONS, generate
+
+# What this benchmark's figures depend on (bench/figures.py: a file is stale once they change).
+MEASURES = ("server", "trainer", "bench/fine_tune.py")
 
 BASE = "SmolLM2-135M-Instruct"
 ADMIN = "bench-admin-key"

@@ -37,6 +37,9 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from bench.provenance import provenance
 
+# What this benchmark's figures depend on (bench/figures.py: a file is stale once they change).
+MEASURES = ("server", "bench/fleet.py")
+
 POLICIES = ("round-robin", "least-loaded", "lora-affinity", "resident-affinity")
 RESULTS = Path(__file__).resolve().parent / "results"
 # The endpoint picker's weights in deploy/kubernetes/inference-gateway.yaml.

@@ -25,10 +25,13 @@ from tqdm import tqdm
 
 from bench.adapters import write_ptmoe_adapters
 from bench.loadgen import percentile
-from bench.server_process import start_server, stop_server
 from bench.provenance import provenance
+from bench.server_process import start_server, stop_server
 from ptmoe_serve.adapters.format import CONFIG_FILE, WEIGHTS_FILE
 from ptmoe_serve.base_model import DEFAULT_MODEL_NAME, default_cache_dir, ensure_default_model
+
+# What this benchmark's figures depend on (bench/figures.py: a file is stale once they change).
+MEASURES = ("server", "bench/hotload.py", "bench/adapters.py")
 
 PROMPT = "Tell me a short story about a robot who learns to paint."
 

@@ -19,10 +19,13 @@ from pathlib import Path
 
 import psutil
 
+from bench.provenance import provenance
 from bench.startup import linked_store, start_once
 from bench.systems import SystemConfig
-from bench.provenance import provenance
 from ptmoe_serve.base_model import DEFAULT_MODEL_NAME, default_cache_dir, ensure_default_model
+
+# What this benchmark's figures depend on (bench/figures.py: a file is stale once they change).
+MEASURES = ("server", "trainer", "bench/memory.py", "bench/startup.py")
 
 MIB = 1024**2
 # How long an idle worker is given after it says it runs (its look for orphans included).
@@ -34,6 +37,7 @@ import json, sys, psutil
 from pathlib import Path
 from ptmoe_serve.adapters import journal
 from ptmoe_serve.adapters.store import AdapterStore
+
 root, lines, batch, bound = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 if bound == "off":
     journal.MAX_UNTAKEN_LINES = 10**12

@@ -18,14 +18,17 @@ import shutil
 import time
 from pathlib import Path
 
+from bench.provenance import provenance
 from bench.server_process import start_server, stop_server
 from bench.systems import GIB, SystemConfig, vllm_command
-from bench.provenance import provenance
 from ptmoe_serve.base_model import DEFAULT_MODEL_NAME, default_cache_dir, ensure_default_model
 from ptmoe_serve.train.evaluate import evaluate_models, read_records
-from ptmoe_serve.train.tasks import DESCRIPTIONS, METRICS, TASKS, write_task
 from ptmoe_serve.train.spec import TrainSettings
+from ptmoe_serve.train.tasks import DESCRIPTIONS, METRICS, TASKS, write_task
 from ptmoe_serve.train.trainer import train
+
+# What this benchmark's figures depend on (bench/figures.py: a file is stale once they change).
+MEASURES = ("server", "trainer", "bench/quality.py", "bench/systems.py")
 
 # Each method's trainer settings beyond the shared ones; its name is its folder and the suffix
 # of its served name.

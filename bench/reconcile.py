@@ -31,6 +31,9 @@ from ptmoe_serve.adapters.manager import AdapterManager
 from ptmoe_serve.adapters.registry import AdapterRegistry
 from ptmoe_serve.adapters.store import AdapterStore, folder_stamp
 
+# What this benchmark's figures depend on (bench/figures.py: a file is stale once they change).
+MEASURES = ("server", "bench/reconcile.py")
+
 HIDDEN = 16
 IDLE_LOOKS = 50
 # A look within this long of a change to the store folder lists it again (store.py).

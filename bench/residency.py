@@ -36,11 +36,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench.adapters import lora_parameters, write_lora_adapters
 from bench.loadgen import percentile, run_workload
+from bench.provenance import provenance
 from bench.server_process import start_server, stop_server
 from bench.systems import SystemConfig, _engine_args, _vllm_args, ptmoe_store, vllm_command
 from bench.workload import CORPUS, WorkloadSpec, make_workload
-from bench.provenance import provenance
 from ptmoe_serve.base_model import DEFAULT_MODEL_NAME, default_cache_dir, ensure_default_model
+
+# What this benchmark's figures depend on (bench/figures.py: a file is stale once they change).
+MEASURES = ("server", "bench/residency.py", "bench/systems.py", "bench/loadgen.py",
+            "bench/workload.py", "bench/adapters.py")
 
 PROMPT = "Tell me a short story about a robot who learns to paint."
 # Cold-start measurement: adapters read one at a time (the traffic never asked them).

@@ -27,6 +27,9 @@ from ptmoe_serve.routing.reference import route_reference
 from ptmoe_serve.routing.api_route import ApiRoute
 from ptmoe_serve.routing.route import RoutedRequest
 
+# What this benchmark's figures depend on (bench/figures.py: a file is stale once they change).
+MEASURES = ("ptmoe_serve/routing", "ptmoe_serve/adapters/bank.py", "bench/routing_step.py")
+
 VOCAB = 49152
 
 

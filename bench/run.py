@@ -31,6 +31,10 @@ from bench.provenance import provenance
 from bench.workload import CORPUS, WorkloadSpec, instruction_ids, make_workload
 from ptmoe_serve.base_model import DEFAULT_MODEL_NAME, default_cache_dir, ensure_default_model
 
+# What this benchmark's figures depend on (bench/figures.py: a file is stale once they change).
+MEASURES = ("server", "bench/run.py", "bench/systems.py", "bench/loadgen.py", "bench/workload.py",
+            "bench/adapters.py")
+
 
 @dataclass(frozen=True)
 class Preset:

@@ -26,12 +26,15 @@ from pathlib import Path
 import openai
 
 from bench.fine_tune import ADMIN, BASE, FINAL, jsonl, wait_until
-from bench.server_process import start_server, stop_server
 from bench.provenance import provenance
+from bench.server_process import start_server, stop_server
 from ptmoe_serve.adapters.format import CONFIG_FILE, WEIGHTS_FILE
 from ptmoe_serve.base_model import default_cache_dir
 from ptmoe_serve.train.evaluate import exact_match, predict
 from ptmoe_serve.train.tasks import DESCRIPTIONS, generate
+
+# What this benchmark's figures depend on (bench/figures.py: a file is stale once they change).
+MEASURES = ("server", "trainer", "bench/scope_quality.py", "bench/fine_tune.py")
 
 TASK = "multi-turn-city"
 SCOPES = ("prompt", "first_turn")

@@ -23,10 +23,13 @@ import httpx
 import psutil
 from tqdm import tqdm
 
+from bench.provenance import provenance
 from bench.server_process import start_server, stop_server
 from bench.systems import SystemConfig, ptmoe_store
-from bench.provenance import provenance
 from ptmoe_serve.base_model import DEFAULT_MODEL_NAME, default_cache_dir, ensure_default_model
+
+# What this benchmark's figures depend on (bench/figures.py: a file is stale once they change).
+MEASURES = ("server", "bench/startup.py", "bench/systems.py")
 
 GIB = 1024**3
 READY = re.compile(r"with (\d+) adapters .* ready in ([\d.]+) s")

@@ -238,3 +238,45 @@ def test_every_benchmark_that_writes_a_results_file_records_its_provenance():
     writers = [p for p in bench.glob("*.py") if "write_text(json.dumps" in p.read_text()]
     assert len(writers) >= 10
     assert [p.name for p in writers if "provenance(" not in p.read_text()] == []
+
+
+def test_the_figures_checker_finds_a_missing_a_stale_and_an_uncited_figure(tmp_path):
+    import subprocess
+
+    from bench.figures import citations, judge, uncited_tables
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                       cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "server.py").write_text("fast = True\n")
+    (tmp_path / "bench" / "speed.py").write_text('MEASURES = ("code", "bench/speed.py")\n')
+    (tmp_path / "bench" / "results" / "speed.json").write_text(
+        json.dumps({"command": "python -m bench.speed --rounds 3", "results": []}))
+    (tmp_path / "README.md").write_text("1.2x the peer (`bench/results/speed.png`).\n")
+    (tmp_path / "BENCHMARKS.md").write_text(
+        "# Benchmarks\n## Speed\n| a | b |\n| --- | --- |\n| 1 | 2 |\n"
+        "From `bench/results/speed.json` and `bench/results/gone.json`.\n"
+        "```bash\n# a comment, not a heading\n```\n"
+        "## Hand-timed\n| a |\n| --- |\n| 3 |\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "measured")
+    cited = citations(tmp_path)
+    assert sorted(cited) == ["bench/results/gone.json", "bench/results/speed.json"]
+    assert cited["bench/results/speed.json"].places == ["README.md:1", "BENCHMARKS.md:6"]
+    assert judge(cited["bench/results/gone.json"], tmp_path).problems == ["missing"]
+    fresh = judge(cited["bench/results/speed.json"], tmp_path)
+    assert fresh.benchmark == "speed" and fresh.problems == []
+    assert uncited_tables(tmp_path) == ["BENCHMARKS.md:10 Hand-timed"]
+    # A change to what the benchmark measures makes its figures stale; a change elsewhere not.
+    (tmp_path / "notes.txt").write_text("unrelated\n")
+    git("add", ".")
+    git("commit", "-q", "-m", "unrelated")
+    assert judge(cited["bench/results/speed.json"], tmp_path).problems == []
+    (tmp_path / "code" / "server.py").write_text("fast = False\n")
+    git("commit", "-q", "-am", "slower")
+    stale = judge(cited["bench/results/speed.json"], tmp_path).problems
+    assert len(stale) == 1 and stale[0].startswith("stale: what it measures changed in 1 commit since")
