@@ -65,6 +65,7 @@ bench-full: model
 	$(PY) -m bench.fine_tune
 	$(PY) -m bench.conversations --conversations 32 --turns 6 --system-tokens 1000 --answer-tokens 16 --adapters 1 64
 	$(PY) -m bench.conversations --systems vllm ptmoe-prompt ptmoe-first_turn --router-scaling none --adapters 1 64 --dtype float32 --out bench/results/conversations_unscaled.json
+	$(PY) -m bench.conversations --systems vllm ptmoe-first_turn --adapters 1 64 --dtype float32 --out bench/results/conversations_float32.json
 	$(PY) -m bench.scope_quality --out bench/results/scope_quality.json
 
 # Which cited results files describe today's code (reads files and git's history; runs nothing).
