@@ -123,9 +123,9 @@ def main() -> None:
             # The evidence's rule: first_turn unless it is more than 2 points behind prompt,
             # in answers (scores as floats put 4 answers of 200 a hair above 2 points).
             right = {s: round(results[s]["exact_match"] * len(questions)) for s in SCOPES}
-            behind = (right["prompt"] - right["first_turn"]) / len(questions)
-            chosen = "first_turn" if 100 * (right["prompt"] - right["first_turn"]) \
-                <= 2 * len(questions) else "prompt"
+            answers_behind = right["prompt"] - right["first_turn"]
+            behind = answers_behind / len(questions)
+            chosen = "first_turn" if 100 * answers_behind <= 2 * len(questions) else "prompt"
             if args.ship:
                 model = results[chosen]["model"]
                 args.ship.mkdir(parents=True, exist_ok=True)

@@ -65,6 +65,8 @@ class EngineRoute(Route):
         config = request.entry.adapter.config
         if config.router_scaling != "none" and config.num_experts > 1:
             return None
+        if config.top_k == config.num_experts:  # every expert kept: nothing to route
+            return list(range(config.num_experts))
         routed = torch.tensor(request.token_ids[: request.route_tokens])
         return kept_experts(request.entry.adapter, self._embeddings()[routed])
 

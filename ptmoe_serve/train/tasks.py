@@ -153,15 +153,13 @@ SMALL_TALK = [
 
 
 def multi_turn_city(rng: random.Random, split: str) -> dict:
-    messages = []
     after_another = rng.random() < 0.5
-    for turn in range(rng.randint(1, 2)):
-        if after_another and turn == 0:
-            messages += home_city(rng, split)["messages"]
-        else:
-            question, answer = rng.choice(_half(SMALL_TALK, split))
-            messages += [{"role": "user", "content": question},
-                         {"role": "assistant", "content": answer, "weight": 0}]
+    earlier_turns = rng.randint(1, 2)
+    messages = home_city(rng, split)["messages"] if after_another else []
+    for _ in range(earlier_turns - after_another):
+        question, answer = rng.choice(_half(SMALL_TALK, split))
+        messages += [{"role": "user", "content": question},
+                     {"role": "assistant", "content": answer, "weight": 0}]
     latest = home_city(rng, split)["messages"]
     while latest[-1]["content"] in [m["content"] for m in messages]:
         latest = home_city(rng, split)["messages"]
