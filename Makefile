@@ -42,30 +42,38 @@ test-any-order: model
 test-fast: model
 	$(PY) -m pytest -n 2 -m "not server" -p no:randomly
 
-# Throughput against the peers (all servers up at once, 3 alternating rounds), hot-loading,
-# the routing step alone.
-bench: model
-	$(PY) -m bench.run --preset quick
-	$(PY) -m bench.hotload --loads 100
-	$(PY) -m bench.routing_step --hidden 576 --resident 1 1000 --batch 1 8 64 256
+# The published figures, each results file written by one line below (BENCHMARKS.md).
+# float32: the dtype the CPUs of this kind all run at speed (without AVX-512's bfloat16
+# instructions bfloat16 is emulated, about 4x slower); DTYPE=bfloat16 on a GPU.
+DTYPE ?= float32
+BENCH_WORK ?= build/bench
 
-bench-full: model
-	$(PY) -m bench.run --preset full --out bench/results/run-full.json
-	$(PY) -m bench.hotload --loads 500
-	$(PY) -m bench.routing_step --hidden 576 --resident 1 1000 100000 --batch 1 8 64 256
+# The quick figures, README's headline among them: against vLLM's own server (3 alternating
+# rounds), hot-loading under traffic, the routing step alone.
+bench: model
+	$(PY) -m bench.run --preset quick --dtype $(DTYPE) --systems ptmoe,vllm,vllm-instruction --out bench/results/run-quick.json
+	$(PY) -m bench.hotload --loads 100 --dtype $(DTYPE) --out bench/results/hotload.json
+	$(PY) -m bench.routing_step --hidden 576 --resident 1 1000 100000 --batch 1 8 64 256 --out bench/results/routing_step.json
+
+# Every figure (hours on 2 cores); `make quality` writes the adapters' scores.
+bench-full: bench
+	$(PY) -m bench.run --preset quick --dtype $(DTYPE) --systems ptmoe,ptmoe-api,vllm --rounds 2 --out bench/results/run-api-route.json
+	$(PY) -m bench.run --preset quick --dtype $(DTYPE) --prompt-lengths 40 --systems ptmoe,vllm-lora,transformers --rounds 2 --out bench/results/run-peers.json
+	$(PY) -m bench.run --preset full --dtype $(DTYPE) --systems ptmoe,vllm,vllm-lora --adapters 1 256 4096 --arrival closed --requests 64 --out bench/results/run-matrix.json
 	$(PY) -m bench.routing_step --hidden 4096 8192 --resident 1 1000 --batch 1 8 64 256 --repeats 10 --out bench/results/routing_step_large.json
-	$(PY) -m bench.startup --adapters 100000 --work build/bench
-	$(PY) -m bench.startup --adapters 1000000 --distinct 1000 --work build/bench --out bench/results/startup_1000000.json
-	$(PY) -m bench.memory --adapters 1000000 --distinct 1000 --work build/bench
-	$(PY) -m bench.residency --adapters 10000 --work build/bench
-	$(PY) -m bench.residency --adapters 10000 --fractions 0.1 1.0 --requests 4096 --rounds 2 --output-tokens 16 --parts fractions --work build/bench --out bench/results/residency_cap1000.json
-	$(PY) -m bench.residency --adapters 100000 --fractions 0.01 1.0 --requests 1024 --rounds 2 --output-tokens 16 --parts fractions --work build/bench --out bench/results/residency_100000.json
-	$(PY) -m bench.reconcile --adapters 10000 100000
-	$(PY) -m bench.fleet --work build/bench
-	$(PY) -m bench.fine_tune
-	$(PY) -m bench.conversations --conversations 32 --turns 6 --system-tokens 1000 --answer-tokens 16 --adapters 1 64
-	$(PY) -m bench.conversations --systems vllm ptmoe-prompt ptmoe-first_turn --router-scaling none --adapters 1 64 --dtype float32 --out bench/results/conversations_unscaled.json
-	$(PY) -m bench.conversations --systems vllm ptmoe-first_turn --adapters 1 64 --dtype float32 --out bench/results/conversations_float32.json
+	$(PY) -m bench.replicas --cycles 10 --out bench/results/replicas.json
+	$(PY) -m bench.startup --adapters 100000 --work $(BENCH_WORK) --out bench/results/startup.json
+	$(PY) -m bench.startup --adapters 1000000 --distinct 1000 --work $(BENCH_WORK) --out bench/results/startup_1000000.json
+	$(PY) -m bench.memory --adapters 1000000 --distinct 1000 --work $(BENCH_WORK) --out bench/results/memory.json
+	$(PY) -m bench.reconcile --adapters 10000 100000 --out bench/results/reconcile.json
+	$(PY) -m bench.residency --adapters 10000 --parts fractions --work $(BENCH_WORK) --out bench/results/residency.json
+	$(PY) -m bench.residency --adapters 10000 --fractions 0.1 1.0 --requests 4096 --rounds 2 --output-tokens 16 --parts fractions --work $(BENCH_WORK) --out bench/results/residency_cap1000.json
+	$(PY) -m bench.residency --adapters 100000 --fractions 0.01 1.0 --requests 1024 --rounds 2 --output-tokens 16 --parts fractions --work $(BENCH_WORK) --out bench/results/residency_100000.json
+	$(PY) -m bench.residency --parts peers --rounds 2 --requests 128 --work $(BENCH_WORK) --out bench/results/residency_peers.json
+	$(PY) -m bench.fleet --work $(BENCH_WORK) --out bench/results/fleet.json
+	$(PY) -m bench.fine_tune --out bench/results/fine_tune.json
+	$(PY) -m bench.conversations --systems vllm vllm-lora ptmoe-prompt ptmoe-first_turn --adapters 1 64 --dtype $(DTYPE) --out bench/results/conversations.json
+	$(PY) -m bench.conversations --systems vllm ptmoe-prompt ptmoe-first_turn --router-scaling none --adapters 1 64 --dtype $(DTYPE) --out bench/results/conversations_unscaled.json
 	$(PY) -m bench.scope_quality --out bench/results/scope_quality.json
 
 # Which cited results files describe today's code (reads files and git's history; runs nothing).
@@ -75,7 +83,7 @@ figures: install
 # Train the shipped task adapters and their baselines (PT, LoRA) and score them all through
 # the servers (about an hour here); writes adapters/<task> and bench/results/quality.json.
 quality: model
-	$(PY) -m bench.quality --work build/quality --steps 80 --ship adapters
+	$(PY) -m bench.quality --work build/quality --steps 80 --ship adapters --out bench/results/quality.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache build

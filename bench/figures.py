@@ -2,15 +2,17 @@
 BENCHMARKS.md cite, the benchmark and the commit that wrote it, and whether the code it
 measures has changed since. It reads files and git's history; it runs no benchmark.
 
-A results file is written by the command it records (`command`, `python -m bench.<name>`); that
+A results file is written by the command it records (`command`, `python -m bench.<name>`), and
+by one line of the Makefile (`make bench` or `make bench-full`, `--out` naming the file); that
 benchmark declares the paths it measures (`MEASURES` in its module). The commit that wrote the
 file is the one it records (`versions.ptmoe_serve`, bench/provenance.py), or for a file written
 before files recorded it, the commit that last changed the file. A file is stale when a commit
 after that one changed a path its benchmark measures. A figure is a table or a section of the
 documents; one that cites no results file is listed too.
 
-    python -m bench.figures            # exit 1 where a cited file is missing, stale or
-                                       # records no command, or a table cites no file
+    python -m bench.figures            # exit 1 where a cited file is missing, stale, records
+                                       # no command or no Makefile line writes it, or a
+                                       # table cites no file
 """
 
 from __future__ import annotations
@@ -86,6 +88,16 @@ def uncited_tables(root: Path = ROOT) -> list[str]:
     return found
 
 
+def makefile_writers(root: Path = ROOT) -> dict[str, list[str]]:
+    """Each results file a Makefile line writes (its `--out`), and the benchmarks that do."""
+    writers: dict[str, list[str]] = {}
+    for line in (root / "Makefile").read_text().splitlines():
+        found = re.search(r"-m bench\.(\w+)\b.*--out (\S+)", line)
+        if found:
+            writers.setdefault(found[2], []).append(found[1])
+    return writers
+
+
 def measured_paths(benchmark: str, root: Path = ROOT) -> tuple[str, ...] | None:
     """The paths a benchmark module declares it measures (`MEASURES`), read without importing
     it; None where it declares none."""
@@ -114,6 +126,12 @@ def judge(citation: Citation, root: Path = ROOT) -> Verdict:
         verdict.problems.append("records no command")
         return verdict
     verdict.benchmark = command.split()[2].removeprefix("bench.")
+    writers = makefile_writers(root).get(citation.results, [])
+    if verdict.benchmark not in writers:
+        verdict.problems.append(f"no Makefile line runs bench.{verdict.benchmark} "
+                                f"--out {citation.results}")
+    elif len(writers) > 1:
+        verdict.problems.append(f"written by {len(writers)} Makefile lines")
     recorded = next((p["versions"].get("ptmoe_serve") for p in parts
                      if isinstance(p.get("versions"), dict)), None)
     if recorded and recorded.endswith("-dirty"):

@@ -95,7 +95,7 @@ async def run(url: str, admin_key: str, library: list[Path], loads: int, traffic
         finally:
             stop.set()
             await asyncio.gather(*workers, return_exceptions=True)
-        info = (await client.get(f"/v1/adapters/hot0")).json()
+        info = (await client.get("/v1/adapters/hot0")).json()
     return {
         "loads": loads,
         "background_streams": traffic,

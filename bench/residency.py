@@ -7,11 +7,13 @@ fraction of the store, beside vLLM's multi-LoRA server doing the same job.
    the whole store has the workload's adapters made resident beforehand; the others start
    cold and evict as they go.
 2. Peers: `--peer-adapters` adapters and a cap of `--peer-fraction` of them on this server and
-   on vLLM's own server with as many LoRA adapters (`--lora-rank` on the attention
-   projections), `--max-loras` the cap, its filesystem resolver loading an adapter the first
-   time a request names it: the same Zipf traffic, alternating; then, on each, the time to
-   first token of requests one at a time: an adapter's first request (read from disk), the
-   same adapter again (warm), and adapters evicted since, from the host tier
+   on two of vLLM's own servers with as many LoRA adapters, `--max-loras` the cap, the
+   filesystem resolver loading an adapter the first time a request names it: LoRA of the
+   matched size (rank 1 on `q_proj`, about a PT-MoE adapter's parameter count) and of the
+   common production shape (rank 8 on the attention projections, 27 times as many
+   parameters), each named as what it is. The same Zipf traffic, alternating; then, on each,
+   the time to first token of requests one at a time: an adapter's first request (read from
+   disk), the same adapter again (warm), and adapters evicted since, from the host tier
    (`--max-cpu-adapters`, vLLM's `--max-cpu-loras`).
 
     python -m bench.residency --adapters 10000 --fractions 0.01 0.1 1
@@ -49,7 +51,10 @@ MEASURES = ("server", "bench/residency.py", "bench/systems.py", "bench/loadgen.p
 PROMPT = "Tell me a short story about a robot who learns to paint."
 # Cold-start measurement: adapters read one at a time (the traffic never asked them).
 COLD_ADAPTERS = 64
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# The LoRA peers: the matched size for comparing compute, and the shape LoRA is commonly
+# trained in, whose files (and loads) are larger.
+LORA_PEERS = {"vllm-lora-matched": (1, ("q_proj",)),
+              "vllm-lora-production": (8, ("q_proj", "k_proj", "v_proj", "o_proj"))}
 
 
 def metric(url: str, name: str, **labels) -> float:
@@ -211,10 +216,10 @@ def fractions_part(config: SystemConfig, args, admin_key: str, key_file: Path) -
 def peers_part(config: SystemConfig, args, key_file: Path) -> dict:
     count, cap = args.peer_adapters, max(1, round(args.peer_fraction * args.peer_adapters))
     folders = ptmoe_store(config, count)[40]
-    lora_config = replace(config, lora_rank=args.lora_rank, lora_targets=LORA_TARGETS)
-    lora_folder = config.work_dir / f"lora-{count}"
-    loras = write_lora_adapters(lora_folder, config.model_dir, count, args.lora_rank,
-                                list(LORA_TARGETS))
+    loras = {}
+    for label, (rank, targets) in LORA_PEERS.items():
+        loras[label] = write_lora_adapters(config.work_dir / f"lora-{count}-{label}",
+                                           config.model_dir, count, rank, list(targets))
     spec = WorkloadSpec(count, args.requests, popularity="zipf", zipf_exponent=1.0,
                         concurrency=args.concurrency, output_tokens=args.output_tokens,
                         prompt_tokens=args.prompt_tokens, seed=1)
@@ -225,13 +230,14 @@ def peers_part(config: SystemConfig, args, key_file: Path) -> dict:
     # Adapters that push the cold ones out of the banks (into the host tier) afterwards.
     others = [i for i in range(count) if i not in cold][:cap]
     with ExitStack() as stack:
-        ptmoe_url = stack.enter_context(ptmoe_server(
+        systems = {"ptmoe": (stack.enter_context(ptmoe_server(
             config, folders[0].parent, cap, count, config.work_dir / "peer-ptmoe.log",
-            key_file))
-        lora_url = stack.enter_context(lora_server(
-            lora_config, lora_folder, cap, count, config.work_dir / "peer-lora.log"))
-        systems = {"ptmoe": (ptmoe_url, [f.name for f in folders]),
-                   "vllm-lora": (lora_url, [f.name for f in loras])}
+            key_file)), [f.name for f in folders])}
+        for label, (rank, targets) in LORA_PEERS.items():
+            url = stack.enter_context(lora_server(
+                replace(config, lora_rank=rank, lora_targets=targets),
+                loras[label][0].parent, cap, count, config.work_dir / f"peer-{label}.log"))
+            systems[label] = (url, [f.name for f in loras[label]])
         results = traffic_rounds(systems, workloads, spec, measure_residency=False)
         cold_results = {}
         for name, (url, names) in systems.items():
@@ -243,12 +249,15 @@ def peers_part(config: SystemConfig, args, key_file: Path) -> dict:
                 cold_results[name]["residency"] = {k: after[k] - before[k] for k in after}
     throughput = medians(results)
     return {"adapters": count, "cap": cap, "workload": spec.__dict__,
-            "lora": {"rank": args.lora_rank, "targets": list(LORA_TARGETS),
-                     "parameters": lora_parameters(loras[0]),
-                     "bytes": (loras[0] / "adapter_model.safetensors").stat().st_size},
+            "lora": {label: {"rank": rank, "targets": list(targets),
+                             "parameters": lora_parameters(loras[label][0]),
+                             "bytes": (loras[label][0] / "adapter_model.safetensors"
+                                       ).stat().st_size}
+                     for label, (rank, targets) in LORA_PEERS.items()},
             "ptmoe_bytes": (folders[0] / "adapter_model.safetensors").stat().st_size,
             "rounds": results, "median_output_tokens_per_second": throughput,
-            "ptmoe_over_lora": throughput["ptmoe"] / throughput["vllm-lora"],
+            "ptmoe_over": {label: throughput["ptmoe"] / throughput[label]
+                           for label in LORA_PEERS},
             "cold_start": cold_results}
 
 
@@ -291,7 +300,6 @@ def main() -> None:
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0])
     parser.add_argument("--peer-adapters", type=int, default=1000)
     parser.add_argument("--peer-fraction", type=float, default=0.1)
-    parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--prompt-tokens", type=int, default=64)

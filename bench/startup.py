@@ -3,6 +3,9 @@
 from the log's "ready in" line (the project's own start-up, after vLLM's), the memory of the
 server's processes once ready (the API process; the engine's, which hold the banks), and the
 time of /v1/models and of an adapter's first request (read from the store) and second.
+The run keeps vLLM's compile cache in a folder of its own, so its first start (the empty
+store) compiles the model, as a machine's first start with a configuration does; that start
+and one with `--enforce-eager` show what compiling costs at start-up.
 
     python -m bench.startup --adapters 100000 --work build/bench
 """
@@ -35,12 +38,14 @@ GIB = 1024**3
 READY = re.compile(r"with (\d+) adapters .* ready in ([\d.]+) s")
 
 
-def start_once(store: Path, model_dir: Path, log: Path, probe: str | None = None) -> dict:
+def start_once(store: Path, model_dir: Path, log: Path, probe: str | None = None,
+               extra: tuple[str, ...] = ()) -> dict:
     """One start over `store`; with `probe`, an adapter's name, then the time of /v1/models
     and of that adapter's first request (read from the store then)."""
     started = time.perf_counter()
     server = start_server(["--model", str(model_dir), "--adapters", str(store),
-                           "--watch-interval", "0", "--no-fine-tune-worker"], log, timeout=1800)
+                           "--watch-interval", "0", "--no-fine-tune-worker", *extra], log,
+                          env={"VLLM_CACHE_ROOT": str(log.parent / "vllm-cache")}, timeout=1800)
     healthy = time.perf_counter() - started
     api = psutil.Process(server.process.pid)
     engine_rss = sum(p.memory_info().rss for p in api.children(recursive=True))
@@ -120,9 +125,11 @@ def main() -> None:
             store = ptmoe_store(config, args.adapters)[40][0].parent
         written = time.perf_counter() - started
         (Path(scratch) / "empty").mkdir()
-        # The machine's first start fills vLLM's compile cache: aside. Then alternately, the
-        # start time varies from start to start.
-        start_once(Path(scratch) / "empty", model_dir, Path(scratch) / "warm-up.log")
+        # The first start fills this run's compile cache: the price of compiling, beside an
+        # eager start. Then alternately, the start time varies from start to start.
+        compiling = start_once(Path(scratch) / "empty", model_dir, Path(scratch) / "first.log")
+        eager = start_once(Path(scratch) / "empty", model_dir, Path(scratch) / "eager.log",
+                           extra=("--enforce-eager",))
         empty, full = [], []
         for i in range(args.repeats):
             empty.append(start_once(Path(scratch) / "empty", model_dir,
@@ -130,7 +137,8 @@ def main() -> None:
             full.append(start_once(store, model_dir, Path(scratch) / f"full-{i}.log",
                                    probe=f"t40-{args.adapters - 1}"))
     report = {**provenance(),
-              "hidden_size": hidden_size(model_dir), "without": empty, "with": full,
+              "hidden_size": hidden_size(model_dir), "first_start_compiling": compiling,
+              "eager_start": eager, "without": empty, "with": full,
               "write_seconds": written}
     # The target: from launching the process to /health, full store against empty. The
     # "ready in" line times the project's own start-up alone (reading the store's index).

@@ -256,6 +256,8 @@ def test_the_figures_checker_finds_a_missing_a_stale_and_an_uncited_figure(tmp_p
     (tmp_path / "bench" / "results" / "speed.json").write_text(
         json.dumps({"command": "python -m bench.speed --rounds 3", "results": []}))
     (tmp_path / "README.md").write_text("1.2x the peer (`bench/results/speed.png`).\n")
+    (tmp_path / "Makefile").write_text(
+        "bench:\n\t$(PY) -m bench.speed --rounds 3 --out bench/results/speed.json\n")
     (tmp_path / "BENCHMARKS.md").write_text(
         "# Benchmarks\n## Speed\n| a | b |\n| --- | --- |\n| 1 | 2 |\n"
         "From `bench/results/speed.json` and `bench/results/gone.json`.\n"
@@ -280,3 +282,7 @@ def test_the_figures_checker_finds_a_missing_a_stale_and_an_uncited_figure(tmp_p
     git("commit", "-q", "-am", "slower")
     stale = judge(cited["bench/results/speed.json"], tmp_path).problems
     assert len(stale) == 1 and stale[0].startswith("stale: what it measures changed in 1 commit since")
+    # A file no Makefile line writes: a figure that `make bench` does not reproduce.
+    (tmp_path / "Makefile").write_text("bench:\n\t$(PY) -m bench.speed --rounds 3\n")
+    assert judge(cited["bench/results/speed.json"], tmp_path).problems[0] == (
+        "no Makefile line runs bench.speed --out bench/results/speed.json")
