@@ -109,6 +109,10 @@ async def run(url: str, admin_key: str, library: list[Path], loads: int, traffic
         "adapter": {k: info[k] for k in ("num_experts", "prompt_length", "rank", "hidden_size",
                                          "num_parameters", "bytes_on_device")},
         "adapters_per_gib": 2**30 // info["bytes_on_device"],
+        # Every load's figures, in the order they ran.
+        "each_load": {"method": methods, "server_load_ms": server_ms, "call_round_trip_ms": call_ms,
+                      "call_to_first_token_ms": to_first_token_ms,
+                      "resident_first_token_ms": resident_ms},
     }
 
 

@@ -139,7 +139,9 @@ async def cold_starts(url: str, names: list[str], others: list[str]) -> dict:
             host.append(await first_token_seconds(client, name))
     return {"disk": summary_ms(disk), "warm": summary_ms(warm), "host": summary_ms(host),
             "disk_minus_warm_p50_ms": summary_ms(disk)["p50"] - summary_ms(warm)["p50"],
-            "host_minus_warm_p50_ms": summary_ms(host)["p50"] - summary_ms(warm)["p50"]}
+            "host_minus_warm_p50_ms": summary_ms(host)["p50"] - summary_ms(warm)["p50"],
+            "each_ms": {"disk": [1000 * v for v in disk], "warm": [1000 * v for v in warm],
+                        "host": [1000 * v for v in host]}}
 
 
 def pin_all(url: str, admin_key: str, names: list[str]) -> None:
