@@ -44,7 +44,7 @@ test-fast: model
 
 # The published figures, each results file written by one line below (BENCHMARKS.md).
 # float32: the dtype the CPUs of this kind all run at speed (without AVX-512's bfloat16
-# instructions bfloat16 is emulated, about 4x slower); DTYPE=bfloat16 on a GPU.
+# instructions bfloat16 is emulated, several times slower); DTYPE=bfloat16 on a GPU.
 DTYPE ?= float32
 BENCH_WORK ?= build/bench
 
@@ -62,8 +62,8 @@ bench-full: bench
 	$(PY) -m bench.run --preset full --dtype $(DTYPE) --systems ptmoe,vllm,vllm-lora --adapters 1 256 4096 --arrival closed --requests 64 --out bench/results/run-matrix.json
 	$(PY) -m bench.routing_step --hidden 4096 8192 --resident 1 1000 --batch 1 8 64 256 --repeats 10 --out bench/results/routing_step_large.json
 	$(PY) -m bench.replicas --cycles 10 --out bench/results/replicas.json
-	$(PY) -m bench.startup --adapters 100000 --work $(BENCH_WORK) --out bench/results/startup.json
-	$(PY) -m bench.startup --adapters 1000000 --distinct 1000 --work $(BENCH_WORK) --out bench/results/startup_1000000.json
+	$(PY) -m bench.startup --adapters 100000 --dtype $(DTYPE) --work $(BENCH_WORK) --out bench/results/startup.json
+	$(PY) -m bench.startup --adapters 1000000 --distinct 1000 --dtype $(DTYPE) --work $(BENCH_WORK) --out bench/results/startup_1000000.json
 	$(PY) -m bench.memory --adapters 1000000 --distinct 1000 --work $(BENCH_WORK) --out bench/results/memory.json
 	$(PY) -m bench.reconcile --adapters 10000 100000 --out bench/results/reconcile.json
 	$(PY) -m bench.residency --adapters 10000 --parts fractions --work $(BENCH_WORK) --out bench/results/residency.json

@@ -112,6 +112,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None,
                         help="where the store is written, and kept for later runs (as "
                              "bench.residency lays it out); default a temporary folder")
+    parser.add_argument("--dtype", default=None,
+                        help="the server's --dtype (default: the server's own, the model's)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/startup.json"))
     args = parser.parse_args()
     model_dir = args.model or ensure_default_model(default_cache_dir())
@@ -127,15 +129,17 @@ def main() -> None:
         (Path(scratch) / "empty").mkdir()
         # The first start fills this run's compile cache: the price of compiling, beside an
         # eager start. Then alternately, the start time varies from start to start.
-        compiling = start_once(Path(scratch) / "empty", model_dir, Path(scratch) / "first.log")
+        dtype = ("--dtype", args.dtype) if args.dtype else ()
+        compiling = start_once(Path(scratch) / "empty", model_dir, Path(scratch) / "first.log",
+                               extra=dtype)
         eager = start_once(Path(scratch) / "empty", model_dir, Path(scratch) / "eager.log",
-                           extra=("--enforce-eager",))
+                           extra=(*dtype, "--enforce-eager"))
         empty, full = [], []
         for i in range(args.repeats):
             empty.append(start_once(Path(scratch) / "empty", model_dir,
-                                    Path(scratch) / f"empty-{i}.log"))
+                                    Path(scratch) / f"empty-{i}.log", extra=dtype))
             full.append(start_once(store, model_dir, Path(scratch) / f"full-{i}.log",
-                                   probe=f"t40-{args.adapters - 1}"))
+                                   probe=f"t40-{args.adapters - 1}", extra=dtype))
     report = {**provenance(),
               "hidden_size": hidden_size(model_dir), "first_start_compiling": compiling,
               "eager_start": eager, "without": empty, "with": full,
