@@ -67,7 +67,6 @@ bench-full: bench
 	$(PY) -m bench.memory --adapters 1000000 --distinct 1000 --work $(BENCH_WORK) --out bench/results/memory.json
 	$(PY) -m bench.reconcile --adapters 10000 100000 --out bench/results/reconcile.json
 	$(PY) -m bench.residency --adapters 10000 --parts fractions --work $(BENCH_WORK) --out bench/results/residency.json
-	$(PY) -m bench.residency --adapters 10000 --fractions 0.1 1.0 --requests 4096 --rounds 2 --output-tokens 16 --parts fractions --work $(BENCH_WORK) --out bench/results/residency_cap1000.json
 	$(PY) -m bench.residency --adapters 100000 --fractions 0.01 1.0 --requests 1024 --rounds 2 --output-tokens 16 --parts fractions --work $(BENCH_WORK) --out bench/results/residency_100000.json
 	$(PY) -m bench.residency --parts peers --rounds 2 --requests 128 --work $(BENCH_WORK) --out bench/results/residency_peers.json
 	$(PY) -m bench.fleet --work $(BENCH_WORK) --out bench/results/fleet.json
