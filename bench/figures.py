@@ -8,11 +8,12 @@ benchmark declares the paths it measures (`MEASURES` in its module). The commit 
 file is the one it records (`versions.ptmoe_serve`, bench/provenance.py), or for a file written
 before files recorded it, the commit that last changed the file. A file is stale when a commit
 after that one changed a path its benchmark measures. A figure is a table or a section of the
-documents; one that cites no results file is listed too.
+documents; one that cites no results file is listed too, and so is a results file no document
+cites (a figure no one reads, or one left behind when its text went).
 
     python -m bench.figures            # exit 1 where a cited file is missing, stale, records
-                                       # no command or no Makefile line writes it, or a
-                                       # table cites no file
+                                       # no command or no Makefile line writes it, a table
+                                       # cites no file, or a results file is cited nowhere
 """
 
 from __future__ import annotations
@@ -88,6 +89,14 @@ def uncited_tables(root: Path = ROOT) -> list[str]:
     return found
 
 
+def uncited_results(root: Path = ROOT) -> list[str]:
+    """The results files in bench/results that no document cites."""
+    cited = citations(root)
+    return sorted(name for name in (str(p.relative_to(root))
+                                    for p in (root / "bench" / "results").glob("*.json"))
+                  if name not in cited)
+
+
 def makefile_writers(root: Path = ROOT) -> dict[str, list[str]]:
     """Each results file a Makefile line writes (its `--out`), and the benchmarks that do."""
     writers: dict[str, list[str]] = {}
@@ -142,6 +151,11 @@ def judge(citation: Citation, root: Path = ROOT) -> Verdict:
     if not verdict.written_at:
         verdict.problems.append("not committed")
         return verdict
+    if not _git(root, "rev-parse", "--verify", "--quiet", f"{verdict.written_at}^{{commit}}"):
+        # Without the commit there is nothing to compare with: a shallow clone, or a file
+        # written from a commit that never reached this history.
+        verdict.problems.append(f"written at {verdict.written_at}, a commit not in this history")
+        return verdict
     paths = measured_paths(verdict.benchmark, root)
     if paths is None:
         verdict.problems.append(f"bench.{verdict.benchmark} declares no MEASURES")
@@ -170,10 +184,13 @@ def main() -> None:
     uncited = uncited_tables()
     for place in uncited:
         print(f"a table that cites no results file: {place}")
+    unread = uncited_results()
+    for name in unread:
+        print(f"a results file no document cites: {name}")
     failing = [v for v in verdicts if v.problems]
     print(f"{len(verdicts)} results files cited, {len(failing)} failing; "
-          f"{len(uncited)} tables citing none")
-    sys.exit(1 if failing or uncited else 0)
+          f"{len(uncited)} tables citing none; {len(unread)} results files cited nowhere")
+    sys.exit(1 if failing or uncited or unread else 0)
 
 
 if __name__ == "__main__":

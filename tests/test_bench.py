@@ -243,7 +243,7 @@ def test_every_benchmark_that_writes_a_results_file_records_its_provenance():
 def test_the_figures_checker_finds_a_missing_a_stale_and_an_uncited_figure(tmp_path):
     import subprocess
 
-    from bench.figures import citations, judge, uncited_tables
+    from bench.figures import citations, judge, uncited_results, uncited_tables
 
     def git(*args):
         subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
@@ -273,6 +273,9 @@ def test_the_figures_checker_finds_a_missing_a_stale_and_an_uncited_figure(tmp_p
     fresh = judge(cited["bench/results/speed.json"], tmp_path)
     assert fresh.benchmark == "speed" and fresh.problems == []
     assert uncited_tables(tmp_path) == ["BENCHMARKS.md:10 Hand-timed"]
+    assert uncited_results(tmp_path) == []
+    (tmp_path / "bench" / "results" / "left-behind.json").write_text("{}")
+    assert uncited_results(tmp_path) == ["bench/results/left-behind.json"]
     # A change to what the benchmark measures makes its figures stale; a change elsewhere not.
     (tmp_path / "notes.txt").write_text("unrelated\n")
     git("add", ".")
@@ -282,6 +285,11 @@ def test_the_figures_checker_finds_a_missing_a_stale_and_an_uncited_figure(tmp_p
     git("commit", "-q", "-am", "slower")
     stale = judge(cited["bench/results/speed.json"], tmp_path).problems
     assert len(stale) == 1 and stale[0].startswith("stale: what it measures changed in 1 commit since")
+    # A commit this history lacks cannot be compared with: it fails rather than passes.
+    (tmp_path / "bench" / "results" / "speed.json").write_text(json.dumps(
+        {"command": "python -m bench.speed --rounds 3", "versions": {"ptmoe_serve": "0123abc"}}))
+    assert judge(cited["bench/results/speed.json"], tmp_path).problems == [
+        "written at 0123abc, a commit not in this history"]
     # A file no Makefile line writes: a figure that `make bench` does not reproduce.
     (tmp_path / "Makefile").write_text("bench:\n\t$(PY) -m bench.speed --rounds 3\n")
     assert judge(cited["bench/results/speed.json"], tmp_path).problems[0] == (
