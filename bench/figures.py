@@ -141,10 +141,15 @@ def judge(citation: Citation, root: Path = ROOT) -> Verdict:
                                 f"--out {citation.results}")
     elif len(writers) > 1:
         verdict.problems.append(f"written by {len(writers)} Makefile lines")
-    recorded = next((p["versions"].get("ptmoe_serve") for p in parts
-                     if isinstance(p.get("versions"), dict)), None)
+    versions = next((p["versions"] for p in parts if isinstance(p.get("versions"), dict)), {})
+    recorded = versions.get("ptmoe_serve")
     if recorded and recorded.endswith("-dirty"):
-        verdict.problems.append(f"written from uncommitted changes ({recorded})")
+        # A file that lists its checkout's changes is dirty only where they touch what its
+        # benchmark measures; one that does not list them is dirty throughout.
+        changed = versions.get("uncommitted")
+        measured = measured_paths(verdict.benchmark, root) or ()
+        if changed is None or any(_under(path, measured) for path in changed):
+            verdict.problems.append(f"written from uncommitted changes ({recorded})")
         recorded = recorded.removesuffix("-dirty")
     verdict.written_at = recorded or _git(root, "log", "-1", "--format=%h", "--",
                                           citation.results)
@@ -166,6 +171,10 @@ def judge(citation: Citation, root: Path = ROOT) -> Verdict:
         verdict.problems.append(f"stale: what it measures changed in {len(changes)} "
                                 f"commit{'s' * (len(changes) > 1)} since (newest {changes[0]})")
     return verdict
+
+
+def _under(path: str, measured: tuple[str, ...]) -> bool:
+    return any(path == m or path.startswith(m.rstrip("/") + "/") for m in measured)
 
 
 def _git(root: Path, *args: str) -> str:

@@ -2,7 +2,7 @@
 can be traced to its run: the command that repeats it, the date, the machine (the CPU's model
 and the instruction sets that set a CPU's speed here, cores, memory, the GPU), and the versions
 (vLLM, torch, transformers, PEFT, and the project's commit, marked dirty where the checkout had
-uncommitted changes). Every benchmark puts it at the top of its file."""
+uncommitted changes, and those changes' paths). Every benchmark puts it at the top of its file."""
 
 from __future__ import annotations
 
@@ -60,6 +60,9 @@ def versions() -> dict:
         except metadata.PackageNotFoundError:
             pass
     found["ptmoe_serve"] = commit()
+    if found["ptmoe_serve"] and found["ptmoe_serve"].endswith("-dirty"):
+        # Which files: bench.figures counts a run dirty only where they are ones it measures.
+        found["uncommitted"] = uncommitted()
     return found
 
 
@@ -72,6 +75,14 @@ def commit() -> str | None:
                               text=True, check=True, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def uncommitted() -> list[str]:
+    """The tracked paths with uncommitted changes, relative to the repository."""
+    done = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                          cwd=Path(__file__).resolve().parent, capture_output=True, text=True,
+                          timeout=10)
+    return sorted(line[3:].split(" -> ")[-1] for line in done.stdout.splitlines())
 
 
 def _read(path: str) -> str:

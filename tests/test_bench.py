@@ -229,6 +229,8 @@ def test_a_results_file_records_the_machine_the_versions_and_the_commit():
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                           check=True).stdout
     assert head.startswith(versions["ptmoe_serve"].removesuffix("-dirty"))
+    # A dirty checkout names its changed files; a clean one has none to name.
+    assert ("uncommitted" in versions) == versions["ptmoe_serve"].endswith("-dirty")
 
 
 def test_every_benchmark_that_writes_a_results_file_records_its_provenance():
@@ -285,6 +287,17 @@ def test_the_figures_checker_finds_a_missing_a_stale_and_an_uncited_figure(tmp_p
     git("commit", "-q", "-am", "slower")
     stale = judge(cited["bench/results/speed.json"], tmp_path).problems
     assert len(stale) == 1 and stale[0].startswith("stale: what it measures changed in 1 commit since")
+    # Uncommitted changes count where they touch what the benchmark measures, or where the
+    # file does not say which they were.
+    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=tmp_path,
+                          capture_output=True, text=True, check=True).stdout.strip()
+    dirty = [f"written from uncommitted changes ({head}-dirty)"]
+    for changed, expected in [(["notes.txt"], []), (["code/server.py"], dirty), (None, dirty)]:
+        versions = {"ptmoe_serve": f"{head}-dirty",
+                    **({} if changed is None else {"uncommitted": changed})}
+        (tmp_path / "bench" / "results" / "speed.json").write_text(json.dumps(
+            {"command": "python -m bench.speed --rounds 3", "versions": versions}))
+        assert judge(cited["bench/results/speed.json"], tmp_path).problems == expected, changed
     # A commit this history lacks cannot be compared with: it fails rather than passes.
     (tmp_path / "bench" / "results" / "speed.json").write_text(json.dumps(
         {"command": "python -m bench.speed --rounds 3", "versions": {"ptmoe_serve": "0123abc"}}))
