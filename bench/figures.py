@@ -135,6 +135,7 @@ def judge(citation: Citation, root: Path = ROOT) -> Verdict:
         verdict.problems.append("records no command")
         return verdict
     verdict.benchmark = command.split()[2].removeprefix("bench.")
+    paths = measured_paths(verdict.benchmark, root)
     writers = makefile_writers(root).get(citation.results, [])
     if verdict.benchmark not in writers:
         verdict.problems.append(f"no Makefile line runs bench.{verdict.benchmark} "
@@ -147,8 +148,7 @@ def judge(citation: Citation, root: Path = ROOT) -> Verdict:
         # A file that lists its checkout's changes is dirty only where they touch what its
         # benchmark measures; one that does not list them is dirty throughout.
         changed = versions.get("uncommitted")
-        measured = measured_paths(verdict.benchmark, root) or ()
-        if changed is None or any(_under(path, measured) for path in changed):
+        if changed is None or any(_under(path, paths or ()) for path in changed):
             verdict.problems.append(f"written from uncommitted changes ({recorded})")
         recorded = recorded.removesuffix("-dirty")
     verdict.written_at = recorded or _git(root, "log", "-1", "--format=%h", "--",
@@ -161,7 +161,6 @@ def judge(citation: Citation, root: Path = ROOT) -> Verdict:
         # written from a commit that never reached this history.
         verdict.problems.append(f"written at {verdict.written_at}, a commit not in this history")
         return verdict
-    paths = measured_paths(verdict.benchmark, root)
     if paths is None:
         verdict.problems.append(f"bench.{verdict.benchmark} declares no MEASURES")
         return verdict
