@@ -28,9 +28,11 @@ model: install
 serve: model
 	$(VENV)/bin/ptmoe-serve serve --model default --adapters adapters --host $(HOST) --port $(PORT)
 
-# Two pytest workers, sharing out the tests a server's group at a time (tests/conftest.py),
-# in the order the tests are written.
+# The published figures' check first (seconds: it reads files and git's history), then two
+# pytest workers, sharing out the tests a server's group at a time (tests/conftest.py), in
+# the order the tests are written.
 test: model
+	$(PY) -m bench.figures
 	$(PY) -m pytest -n 2 --dist loadgroup --no-loadscope-reorder -p no:randomly
 
 # The same, in an order pytest-randomly draws from SEED: the tests pass in any order.
