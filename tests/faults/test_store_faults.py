@@ -38,7 +38,7 @@ BASELINE_SECONDS = 3
 # full-disk fault, against a baseline of 0.36 s, while the same server answered another
 # request 0.06 s into that pause: the machine's load, not a wait on the store (cause not yet
 # found). A stall on the store is longer: the 12 s of the lock this suite was built against,
-# and here the 6 s a peer holds it.
+# and here a peer holds it to the test's end.
 ALLOWANCE = 3.0
 # Named points of a change at which a process doing only the store's work is killed: the
 # change, and the adapter it changes.
@@ -327,9 +327,10 @@ def test_a_peer_holding_the_lock_costs_a_bounded_wait_and_no_request_pauses(serv
     assert complete(server, "steady").status_code == 200  # warm
     stream = start_stream()
     time.sleep(BASELINE_SECONDS)
-    warm_before = timed_warm_request(server)  # under this machine's load, beside the stream
+    # The peer holds the lock until the test ends (killed below): a request that waited on it
+    # could not be answered while the peer lives.
     peer = subprocess.Popen([sys.executable, "-c", HOLD_LOCK,
-                             str(lab["store"] / STORE_LOCK), "6"], stdout=subprocess.PIPE,
+                             str(lab["store"] / STORE_LOCK), "600"], stdout=subprocess.PIPE,
                             text=True)
     try:
         assert peer.stdout.readline().strip() == "held"
@@ -341,21 +342,17 @@ def test_a_peer_holding_the_lock_costs_a_bounded_wait_and_no_request_pauses(serv
         assert "locked by another process" in error_of(busy)["message"]
         assert busy.headers["retry-after"] == "1"
         assert LOCK_TIMEOUT <= waited < LOCK_TIMEOUT + 3
-        # Not a wait on the lock (6 s held), nor on its timeout (1 s): as long as before it.
-        assert timed_warm_request(server) < warm_before + LOCK_TIMEOUT
+        # A request is not a change: answered while the peer still holds the lock. (Not timed:
+        # beside the other test worker one took 2.92 s against 0.41 s just before it, so the
+        # stream's gaps, checked below, are what show no request paused.)
+        assert complete(server, "steady", max_tokens=1).status_code == 200
+        assert peer.poll() is None, "the peer let go of the lock before the request was answered"
         ended = time.monotonic()
     finally:
         peer.kill()
         peer.wait()
     stream.check(began, ended)
     assert complete(server, "cold").status_code == 200  # refused unload: still served
-
-
-def timed_warm_request(server) -> float:
-    """Seconds a one-token request for the resident `steady` takes."""
-    began = time.monotonic()
-    assert complete(server, "steady", max_tokens=1).status_code == 200
-    return time.monotonic() - began
 
 
 def _hold_slots(server, names, stop: threading.Event, started):
