@@ -25,7 +25,7 @@ import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTS = ("README.md", "BENCHMARKS.md")
@@ -148,7 +148,8 @@ def judge(citation: Citation, root: Path = ROOT) -> Verdict:
         # A file that lists its checkout's changes is dirty only where they touch what its
         # benchmark measures; one that does not list them is dirty throughout.
         changed = versions.get("uncommitted")
-        if changed is None or any(_under(path, paths or ()) for path in changed):
+        if changed is None or any(PurePosixPath(path).is_relative_to(measured)
+                                  for path in changed for measured in paths or ()):
             verdict.problems.append(f"written from uncommitted changes ({recorded})")
         recorded = recorded.removesuffix("-dirty")
     verdict.written_at = recorded or _git(root, "log", "-1", "--format=%h", "--",
@@ -170,10 +171,6 @@ def judge(citation: Citation, root: Path = ROOT) -> Verdict:
         verdict.problems.append(f"stale: what it measures changed in {len(changes)} "
                                 f"commit{'s' * (len(changes) > 1)} since (newest {changes[0]})")
     return verdict
-
-
-def _under(path: str, measured: tuple[str, ...]) -> bool:
-    return any(path == m or path.startswith(m.rstrip("/") + "/") for m in measured)
 
 
 def _git(root: Path, *args: str) -> str:

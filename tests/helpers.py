@@ -6,6 +6,9 @@ import errno
 import json
 import os
 import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -192,3 +195,26 @@ def fill_volume(folder: Path, leave: int = 0) -> Path:
 
 def unmount(folder: Path) -> None:
     subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+_HOLD_LOCK = """
+import fcntl, signal, sys
+lock = open(sys.argv[1], "a+")
+fcntl.flock(lock, fcntl.LOCK_EX)
+print("held", flush=True)
+signal.pause()
+"""
+
+
+@contextmanager
+def lock_held_by_another_process(path: Path) -> Iterator[subprocess.Popen]:
+    """`path` locked (flock, as the store locks) by a process of its own for the whole block;
+    it is killed at the end, and a dead holder lets go."""
+    peer = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(path)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert peer.stdout.readline().strip() == "held"
+        yield peer
+    finally:
+        peer.kill()
+        peer.wait()

@@ -8,24 +8,14 @@ import time
 
 import pytest
 
+from helpers import lock_held_by_another_process
 from ptmoe_serve.disk import (StoreBusy, StoreFull, StoreReadOnly, classify, file_lock,
                               write_atomically)
-
-HOLD = """
-import fcntl, sys, time
-lock = open(sys.argv[1], "a+")
-fcntl.flock(lock, fcntl.LOCK_EX)
-print("held", flush=True)
-time.sleep(30)
-"""
 
 
 def test_a_lock_held_by_another_process_is_refused_after_the_timeout(tmp_path):
     path = tmp_path / "lock"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(path)], stdout=subprocess.PIPE,
-                              text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_by_another_process(path):
         began = time.monotonic()
         with pytest.raises(StoreBusy) as busy:
             with file_lock(path, timeout=0.3, what="the test store"):
@@ -33,9 +23,6 @@ def test_a_lock_held_by_another_process_is_refused_after_the_timeout(tmp_path):
         assert 0.3 <= time.monotonic() - began < 2
         assert "the test store is locked by another process" in str(busy.value)
         assert "--store-lock-timeout" in str(busy.value)
-    finally:
-        holder.kill()
-        holder.wait()
     with file_lock(path, timeout=0.3):  # a dead holder lets go
         pass
 

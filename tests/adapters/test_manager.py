@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from helpers import HOSTILE, hostile_folders, random_adapter
+from helpers import HOSTILE, hostile_folders, lock_held_by_another_process, random_adapter
 from ptmoe_serve.adapters.config import AdapterError
 from ptmoe_serve.adapters.format import CONFIG_FILE, WEIGHTS_FILE, write_adapter
 from ptmoe_serve.adapters.manager import AdapterManager, PathNotAllowed
@@ -410,9 +410,6 @@ def test_a_replace_through_a_replica_during_a_cold_loads_wait_is_what_gets_place
 def test_an_unload_the_store_refuses_leaves_the_adapter_served(roots):
     """A peer holds the store's lock: the unload answers StoreBusy after the timeout, and the
     adapter is still listed and resident here."""
-    import subprocess
-    import sys
-
     from ptmoe_serve.adapters.store import STORE_LOCK
     from ptmoe_serve.disk import StoreBusy
 
@@ -420,17 +417,9 @@ def test_an_unload_the_store_refuses_leaves_the_adapter_served(roots):
     write_adapter(random_adapter(), store / "kept")
     m = capped(store, library, 4, lock_timeout=0.2)
     make_resident(m, "kept")
-    hold = ("import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
-            "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(30)")
-    peer = subprocess.Popen([sys.executable, "-c", hold, str(store / STORE_LOCK)],
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        assert peer.stdout.readline().strip() == "held"
+    with lock_held_by_another_process(store / STORE_LOCK):
         with pytest.raises(StoreBusy, match="locked by another process"):
             asyncio.run(m.unload("kept", purge=True))
-    finally:
-        peer.kill()
-        peer.wait()
     assert "kept" in m.catalog and resident(m) == ["kept"] and (store / "kept").is_dir()
     asyncio.run(m.unload("kept", purge=True))  # and once the peer lets go, it goes
     assert "kept" not in m.catalog and not (store / "kept").exists()

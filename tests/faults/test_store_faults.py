@@ -21,8 +21,8 @@ import pytest
 
 from bench.server_process import start_server
 from conftest import TEXTS
-from helpers import (fill_volume, mount_tmpfs, random_adapter, stop_later,
-                     text_experts_adapter, unmount)
+from helpers import (fill_volume, lock_held_by_another_process, mount_tmpfs, random_adapter,
+                     stop_later, text_experts_adapter, unmount)
 from ptmoe_serve.adapters.format import CONFIG_FILE, WEIGHTS_FILE, adapter_files, write_adapter
 from ptmoe_serve.adapters.journal import JOURNAL
 from ptmoe_serve.adapters.store import STORE_LOCK
@@ -60,13 +60,6 @@ if action == "write":
     store.write(name, Path(sys.argv[4]).read_bytes(), Path(sys.argv[5]).read_bytes())
 else:
     store.record_unloaded(name, name if action == "purge" else None)
-"""
-HOLD_LOCK = """
-import fcntl, sys, time
-lock = open(sys.argv[1], "a+")
-fcntl.flock(lock, fcntl.LOCK_EX)
-print("held", flush=True)
-time.sleep(float(sys.argv[2]))
 """
 
 
@@ -327,17 +320,12 @@ def test_a_peer_holding_the_lock_costs_a_bounded_wait_and_no_request_pauses(serv
     assert complete(server, "steady").status_code == 200  # warm
     stream = start_stream()
     time.sleep(BASELINE_SECONDS)
-    # The peer holds the lock until the test ends (killed below): a request that waited on it
-    # could not be answered while the peer lives.
-    peer = subprocess.Popen([sys.executable, "-c", HOLD_LOCK,
-                             str(lab["store"] / STORE_LOCK), "600"], stdout=subprocess.PIPE,
-                            text=True)
-    try:
-        assert peer.stdout.readline().strip() == "held"
+    # The peer holds the lock through the block: a request that waited on it could not be
+    # answered while the peer lives.
+    with lock_held_by_another_process(lab["store"] / STORE_LOCK) as peer:
         began = time.monotonic()
-        asked = time.monotonic()
         busy = admin(server).delete("/v1/adapters/cold")
-        waited = time.monotonic() - asked
+        waited = time.monotonic() - began
         assert busy.status_code == 503 and error_of(busy)["code"] == "store_busy", busy.text
         assert "locked by another process" in error_of(busy)["message"]
         assert busy.headers["retry-after"] == "1"
@@ -348,9 +336,6 @@ def test_a_peer_holding_the_lock_costs_a_bounded_wait_and_no_request_pauses(serv
         assert complete(server, "steady", max_tokens=1).status_code == 200
         assert peer.poll() is None, "the peer let go of the lock before the request was answered"
         ended = time.monotonic()
-    finally:
-        peer.kill()
-        peer.wait()
     stream.check(began, ended)
     assert complete(server, "cold").status_code == 200  # refused unload: still served
 
